@@ -1,0 +1,46 @@
+"""cltrain: distributed training of cross-layer transcoders (see README.md)."""
+from setuptools import setup
+
+setup(
+    name="cltrain",
+    version="0.1.0",
+    description="Distributed training of cross-layer transcoders (CLTs) for circuit tracing",
+    python_requires=">=3.10",
+    # The repo keeps the design card's top-level layout (train/, kernels/, configs/); installed they
+    # live under one namespace, cltrain.*, so they never collide with other packages' "train"/"kernels".
+    packages=["cltrain", "cltrain.train", "cltrain.kernels", "cltrain.configs"],
+    package_dir={
+        "cltrain": "cltrain",
+        "cltrain.train": "train",
+        "cltrain.kernels": "kernels",
+        "cltrain.configs": "configs",
+    },
+    package_data={"cltrain.configs": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        # A range, so the local CPU build 2.13.0 satisfies it and nothing bigger is pulled.
+        "torch>=2.4,<2.15",
+        "deepspeed>=0.16",
+        "accelerate>=1.0",
+        "wandb>=0.18",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "webdataset>=0.2.100",
+        "triton>=3.0; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "transformers>=4.46",
+        "gguf>=0.10",
+        "numpy",
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    entry_points={
+        "console_scripts": [
+            "clt-harvest=cltrain.train.harvest:main",
+            "clt-train=cltrain.train.trainer:main",
+            "clt-eval=cltrain.train.evaluate:main",
+            "clt-export=cltrain.train.export:main",
+        ]
+    },
+)

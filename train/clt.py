@@ -1,0 +1,320 @@
+"""The cross-layer transcoder: parameters, activations, encode, decode and loss terms (DESIGN section 1).
+
+This module is the single definition of the CLT math. It knows nothing of ranks or kernels:
+- the feature-parallel layout (train/parallel.py) shards the feature rows from outside and sets
+  `CLT.reduce_partial` to an all-reduce over its group;
+- kernels (kernels/) replace `CLT.encode_impl` / `CLT.decode_impl`, functions with the signatures of
+  `reference_encode` / `reference_decode` below, which define their results.
+
+Shapes: B tokens, N layers, D model width, F features per layer.
+  W_enc [N, F, D], b_enc [N, F], log_threshold [N, F], b_dec [N, D]
+  W_dec[s] [F, N - s, D]  (slot j of source layer s writes target layer s + j; a per-layer
+  transcoder keeps only slot 0: [F, 1, D]) -- the circuit-tracer orientation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+ACTIVATIONS = ("jumprelu", "topk", "batchtopk")
+
+
+@dataclass
+class CLTConfig:
+    n_layers: int
+    d_model: int
+    n_features: int  # per layer; after feature sharding, the local count
+    per_layer: bool = False  # True: a per-layer transcoder (each source writes only its own layer)
+    activation: str = "jumprelu"
+    bandwidth: float = 2.0  # JumpReLU straight-through bandwidth eps, on normalized activations
+    threshold_init: float = 0.03
+    straight_through_to_preact: bool = False  # the January-2025 variant (see JumpReLU)
+    topk: int = 0  # k per token per layer for topk / batchtopk
+    batchtopk_threshold_momentum: float = 0.99  # EMA of BatchTopK's effective threshold, for export
+
+    def __post_init__(self):
+        for key in ("n_layers", "d_model", "n_features"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"CLTConfig.{key} must be positive, got {getattr(self, key)!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"CLTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not self.bandwidth > 0:
+            raise ValueError(f"CLTConfig.bandwidth must be > 0, got {self.bandwidth!r}")
+        if not self.threshold_init > 0:
+            raise ValueError(f"CLTConfig.threshold_init must be > 0, got {self.threshold_init!r}")
+        if self.activation != "jumprelu" and not 0 < self.topk <= self.n_features:
+            raise ValueError(
+                f"CLTConfig.topk must be in 1..n_features={self.n_features} for activation "
+                f"{self.activation!r}, got {self.topk!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# JumpReLU with straight-through gradients
+
+
+class JumpReLU(torch.autograd.Function):
+    """a = h * 1[h > theta], theta = exp(log_theta).
+
+    Gradients (rectangle kernel K(u) = 1[|u| < 1/2], bandwidth eps):
+      d a / d h         = 1[h > theta]                       (+ (theta/eps) K((h-theta)/eps) with
+                                                                straight_through_to_preact, the
+                                                                January-2025 variant: the jump's
+                                                                pseudo-derivative also reaches h)
+      d a / d theta     = -(theta/eps) K((h - theta)/eps)
+      d a / d log_theta = theta * d a / d theta
+    """
+
+    @staticmethod
+    def forward(ctx, h, log_theta, bandwidth: float, st_to_preact: bool):
+        theta = log_theta.exp()
+        ctx.save_for_backward(h, theta)
+        ctx.bandwidth, ctx.st_to_preact = bandwidth, st_to_preact
+        return h * (h > theta)
+
+    @staticmethod
+    def backward(ctx, grad_a):
+        h, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((h - theta).abs() < eps / 2).to(grad_a.dtype)
+        jump = grad_a * in_window * (theta / eps)  # the straight-through term, per token
+        grad_h = grad_log_theta = None
+        if ctx.needs_input_grad[0]:
+            grad_h = grad_a * (h > theta)
+            if ctx.st_to_preact:
+                grad_h = grad_h + jump
+        if ctx.needs_input_grad[1]:
+            grad_theta = -jump.reshape(-1, *theta.shape).sum(0)
+            grad_log_theta = grad_theta * theta
+        return grad_h, grad_log_theta, None, None
+
+
+def jumprelu(h, log_theta, bandwidth: float, st_to_preact: bool = False):
+    return JumpReLU.apply(h, log_theta, bandwidth, st_to_preact)
+
+
+def jumprelu_grad_mask(h, theta, bandwidth: float):
+    """Where JumpReLU's backward reads d loss / d a: active positions and the straight-through window.
+    Outside it the gradient of a is multiplied by zero, so a decode may skip computing it there."""
+    return (h > theta) | ((h - theta).abs() < bandwidth / 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference encode / decode: the definitions kernels are tested against
+
+EncodeFn = Callable[..., "Encoded"]
+DecodeFn = Callable[..., torch.Tensor]
+
+
+class Encoded(NamedTuple):
+    pre: torch.Tensor  # [B, N, F] pre-activations h
+    acts: torch.Tensor  # [B, N, F] activations a
+    grad_mask: torch.Tensor | None  # [B, N, F] bool: where a decode must produce d loss / d a (None: all)
+
+
+def reference_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact: bool) -> Encoded:
+    """JumpReLU encode: h = W_enc x + b_enc per layer, a = JumpReLU(h). x [B, N, D] -> [B, N, F]."""
+    pre = torch.einsum("bnd,nfd->bnf", x, W_enc) + b_enc
+    acts = jumprelu(pre, log_threshold, bandwidth, st_to_preact)
+    mask = jumprelu_grad_mask(pre.detach(), log_threshold.detach().exp(), bandwidth)
+    return Encoded(pre, acts, mask)
+
+
+def reference_decode(acts, W_dec: list[torch.Tensor], grad_mask=None) -> torch.Tensor:
+    """Dense decode without bias: y[:, s + j] += acts[:, s] @ W_dec[s][:, j, :].
+
+    acts [B, N, F], W_dec[s] [F, S_s, D] with S_s = N - s (CLT) or 1 (PLT) -> partial y_hat [B, N, D].
+    grad_mask is a hint for sparse implementations (see Encoded); the dense reference ignores it.
+    """
+    B, N, _ = acts.shape
+    D = W_dec[0].shape[-1]
+    y = acts.new_zeros(B, N, D)
+    for s, w in enumerate(W_dec):
+        n_slots = w.shape[1]
+        out = acts[:, s] @ w.reshape(w.shape[0], n_slots * D)  # [B, S*D]
+        y = y.index_add(1, torch.arange(s, s + n_slots, device=acts.device), out.view(B, n_slots, D))
+    return y
+
+
+def _identity(t):
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+class CLT(nn.Module):
+    def __init__(self, cfg: CLTConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        N, D, F = cfg.n_layers, cfg.d_model, cfg.n_features
+        self.W_enc = nn.Parameter(torch.empty(N, F, D))
+        self.b_enc = nn.Parameter(torch.zeros(N, F))
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(torch.empty(F, 1 if cfg.per_layer else N - s, D)) for s in range(N)])
+        self.b_dec = nn.Parameter(torch.zeros(N, D))
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((N, F), math.log(cfg.threshold_init)))
+        else:
+            self.log_threshold = None
+        # BatchTopK keeps a running estimate of the activation value where it cuts, per layer, so a
+        # trained BatchTopK CLT can be exported with JumpReLU thresholds.
+        self.register_buffer("batchtopk_threshold", torch.zeros(N))
+        self.reset_parameters(generator)
+        # Swappable from outside: kernels replace these, the feature-parallel layout sets reduce_partial.
+        self.encode_impl: EncodeFn = reference_encode
+        self.decode_impl: DecodeFn = reference_decode
+        self.reduce_partial: Callable[[torch.Tensor], torch.Tensor] = _identity
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        """Encoder U(-1/sqrt(F), 1/sqrt(F)); decoder U(-1/sqrt(N*D), 1/sqrt(N*D)); biases 0 (DESIGN 1)."""
+        N, D, F = self.cfg.n_layers, self.cfg.d_model, self.cfg.n_features
+        enc_bound, dec_bound = 1 / math.sqrt(F), 1 / math.sqrt(N * D)
+        self.W_enc.copy_(torch.rand(self.W_enc.shape, generator=generator) * 2 * enc_bound - enc_bound)
+        for w in self.W_dec:
+            w.copy_(torch.rand(w.shape, generator=generator) * 2 * dec_bound - dec_bound)
+
+    @property
+    def threshold(self) -> torch.Tensor | None:
+        return None if self.log_threshold is None else self.log_threshold.exp()
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[N, F]: norm of each feature's concatenated decoder vectors (all of its target slots)."""
+        return torch.stack([w.pow(2).sum(dim=(1, 2)).sqrt() for w in self.W_dec])
+
+    # -- forward pieces -------------------------------------------------------------------------------
+
+    def preactivations(self, x):
+        return torch.einsum("bnd,nfd->bnf", x, self.W_enc) + self.b_enc
+
+    def encode(self, x) -> Encoded:
+        cfg = self.cfg
+        if cfg.activation == "jumprelu":
+            return self.encode_impl(x, self.W_enc, self.b_enc, self.log_threshold, cfg.bandwidth,
+                                    cfg.straight_through_to_preact)
+        pre = self.preactivations(x)
+        if cfg.activation == "topk":
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(
+                -1, pre.topk(cfg.topk, dim=-1).indices, True)
+        else:  # batchtopk: the batch's B*k largest pre-activations per layer
+            B, N, F = pre.shape
+            flat = pre.detach().transpose(0, 1).reshape(N, B * F)
+            idx = flat.topk(min(cfg.topk * B, B * F), dim=-1).indices
+            keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
+            keep = keep.view(N, B, F).transpose(0, 1)
+            if self.training:
+                self._update_batchtopk_threshold(pre.detach(), keep)
+        acts = Fn.relu(pre) * keep
+        return Encoded(pre, acts, keep & (pre > 0))
+
+    @torch.no_grad()
+    def _update_batchtopk_threshold(self, pre, keep):
+        # The smallest kept positive activation per layer, averaged over training batches.
+        kept = torch.where(keep & (pre > 0), pre, torch.full_like(pre, float("inf")))
+        cut = kept.amin(dim=(0, 2))
+        cut = torch.where(torch.isfinite(cut), cut, self.batchtopk_threshold)
+        m = self.cfg.batchtopk_threshold_momentum
+        if bool((self.batchtopk_threshold == 0).all()):
+            self.batchtopk_threshold.copy_(cut)
+        else:
+            self.batchtopk_threshold.mul_(m).add_(cut, alpha=1 - m)
+
+    def decode(self, acts, grad_mask=None):
+        """acts [B, N, F] -> y_hat [B, N, D] (with b_dec). Under feature parallelism each rank decodes
+        its own features and reduce_partial sums the partial reconstructions over the group."""
+        partial = self.decode_impl(acts, list(self.W_dec), grad_mask)
+        return self.reduce_partial(partial) + self.b_dec
+
+    def forward(self, x):
+        enc = self.encode(x)
+        return enc, self.decode(enc.acts, enc.grad_mask)
+
+    # -- initialization from data ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, x, target_rate: float):
+        """Set each JumpReLU threshold so the feature fires on `target_rate` of the tokens in x [B, N, D]
+        (the pre-activation quantile, kept positive)."""
+        if self.log_threshold is None:
+            raise ValueError("calibrate_thresholds needs activation='jumprelu'")
+        if not 0 < target_rate < 1:
+            raise ValueError(f"target_rate must be in (0, 1), got {target_rate!r}")
+        q = torch.quantile(self.preactivations(x).float(), 1 - target_rate, dim=0)  # [N, F]
+        self.log_threshold.copy_(q.clamp_min(1e-4).log())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss terms (averaged over the tokens of a batch)
+
+
+@dataclass
+class LossWeights:
+    sparsity: float = 0.0  # lambda_s (the trainer ramps it)
+    preact: float = 3e-6  # lambda_p
+    sparsity_c: float = 4.0  # c
+    auxk: float = 0.0  # weight of the AuxK dead-feature loss (off by default)
+    auxk_k: int = 512
+
+
+def mse_loss(y_hat, y):
+    """sum_l ||y_hat_l - y_l||^2, averaged over tokens."""
+    return (y_hat - y).pow(2).sum(dim=(1, 2)).mean()
+
+
+def sparsity_loss(acts, dec_norms, lam: float, c: float):
+    """lambda_s * sum_{l,i} tanh(c * ||W_dec_{l,i}|| * a_{l,i}), averaged over tokens."""
+    if lam == 0:
+        return acts.new_zeros(())
+    return lam * torch.tanh(c * dec_norms * acts).sum(dim=(1, 2)).mean()
+
+
+def preact_loss(pre, threshold, dec_norms, lam: float):
+    """lambda_p * sum_{l,i} relu(theta_{l,i} - h_{l,i}) * ||W_dec_{l,i}||, averaged over tokens."""
+    if lam == 0 or threshold is None:
+        return pre.new_zeros(())
+    return lam * (Fn.relu(threshold - pre) * dec_norms).sum(dim=(1, 2)).mean()
+
+
+def auxk_loss(model: CLT, enc: Encoded, y_hat, y, dead: torch.Tensor | None, weight: float, k: int):
+    """AuxK (Gao et al. 2024): the k largest pre-activations among dead features [N, F] reconstruct the
+    residual error y - y_hat; normalized by the error's variance. Zero when off or nothing is dead."""
+    if weight == 0 or dead is None or not bool(dead.any()):
+        return y.new_zeros(())
+    pre = enc.pre.masked_fill(~dead, float("-inf"))
+    k = min(k, int(dead.sum(dim=-1).max()))
+    top = pre.topk(k, dim=-1)
+    aux_acts = torch.zeros_like(enc.pre).scatter(-1, top.indices, Fn.relu(top.values.nan_to_num(0, 0, 0)))
+    err = (y - y_hat).detach()
+    err_hat = model.reduce_partial(reference_decode(aux_acts, list(model.W_dec)))
+    denom = (err - err.mean(0)).pow(2).sum(dim=(1, 2)).mean().clamp_min(1e-12)
+    return weight * (err_hat - err).pow(2).sum(dim=(1, 2)).mean() / denom
+
+
+def loss_terms(model: CLT, enc: Encoded, y_hat, y, w: LossWeights, dead=None) -> dict[str, torch.Tensor]:
+    """The separate loss terms; the training loss is their sum. Under feature parallelism the
+    sparsity/pre-activation terms cover the local features only (their gradients are local)."""
+    norms = model.decoder_norms()
+    return {
+        "mse": mse_loss(y_hat, y),
+        "sparsity": sparsity_loss(enc.acts, norms, w.sparsity, w.sparsity_c),
+        "preact": preact_loss(enc.pre, model.threshold, norms, w.preact),
+        "auxk": auxk_loss(model, enc, y_hat, y, dead, w.auxk, w.auxk_k),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+
+@torch.no_grad()
+def batch_metrics(enc: Encoded, y_hat, y) -> dict[str, torch.Tensor]:
+    """Per-layer NMSE = E||y_hat - y||^2 / E||y - mean(y)||^2 and L0 (active features per token)."""
+    err = (y_hat - y).float().pow(2).sum(-1).mean(0)  # [N]
+    var = (y - y.mean(0)).float().pow(2).sum(-1).mean(0).clamp_min(1e-12)
+    return {"nmse": err / var, "l0": (enc.acts != 0).float().sum(-1).mean(0)}
