@@ -20,14 +20,16 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key and the value."""
 
 
-def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] = (),
+            return_hydra_config: bool = False) -> DictConfig:
     """Compose a config outside a Hydra job (tests, notebooks), as the console scripts would."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
 
 
 def _get(cfg, key: str):
