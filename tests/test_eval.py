@@ -1,0 +1,258 @@
+"""clt-eval: held-out metrics against a hand computation, the replacement model's code path (an oracle
+that reproduces each MLP exactly, a zero CLT that equals zero-ablation), and bad input."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cltrain.train import evaluate as ev
+from cltrain.train.clt import CLT, CLTConfig
+from cltrain.train.config import ConfigError, compose
+from cltrain.train.data import ActivationLoader, DatasetError
+from cltrain.train.model_io import clt_state, save_clt
+
+N, D, F = 3, 8, 16
+
+
+def make_clt(seed=0, **kw) -> CLT:
+    g = torch.Generator().manual_seed(seed)
+    clt = CLT(CLTConfig(n_layers=N, d_model=D, n_features=F, **kw), generator=g)
+    with torch.no_grad():
+        clt.b_enc.copy_(torch.randn(N, F, generator=g) * 0.3)
+        clt.b_dec.copy_(torch.randn(N, D, generator=g) * 0.1)
+        if clt.log_threshold is not None:
+            clt.log_threshold.copy_((torch.rand(N, F, generator=g) * 0.5 + 0.01).log())
+    return clt.eval()
+
+
+def save(tmp_path, clt, info, name="model", **override):
+    ds = {"model": info.model, "layers": info.layers, "n_layers": info.n_layers, "d_model": info.d_model,
+          "scale_x": info.scale_x, "scale_y": info.scale_y, "path": info.path, **override}
+    save_clt(tmp_path / name, clt_state(clt), clt.cfg, {"dataset": ds, "train": {}})
+    return tmp_path / name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Part 1: held-out shards
+
+
+def test_shard_metrics_match_hand_computation(tmp_path, make_dataset):
+    info = make_dataset(n_layers=N, d_model=D, n_tokens=640, shard_tokens=128)  # 5 shards
+    clt = make_clt()
+    model_dir = save(tmp_path, clt, info)
+    m = ev.evaluate(model_dir, heldout_shards=2, max_tokens=None, batch_tokens=96, replacement=False,
+                    out_dir=tmp_path / "eval", device="cpu", progress=False)
+
+    # by hand, on every held-out token at once
+    batches = list(ActivationLoader(info, 10_000, split="heldout", heldout_shards=2, epochs=1))
+    x, y = torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches])
+    assert m["tokens"] == x.shape[0] == 256
+    with torch.no_grad():
+        enc, y_hat = clt(x)
+    x64, y64, yh64 = x.double(), y.double(), y_hat.double()
+    nmse = ((yh64 - y64) ** 2).sum(-1).mean(0) / ((y64 - y64.mean(0)) ** 2).sum(-1).mean(0)
+    torch.testing.assert_close(torch.tensor(m["nmse"]["per_layer"], dtype=torch.float64), nmse, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(m["explained_variance"]["per_layer"], dtype=torch.float64), 1 - nmse,
+                               rtol=1e-5, atol=1e-7)
+    active = enc.acts != 0
+    torch.testing.assert_close(torch.tensor(m["l0"]["per_layer"]), active.float().sum(-1).mean(0))
+    rate = active.double().mean(0)
+    assert m["features"]["dead_count"] == int((rate == 0).sum())
+    assert m["features"]["dense_count"] == int((rate > 0.1).sum())
+    assert 0 < m["features"]["dense_count"] < N * F, "the test CLT should have some dense features"
+
+    on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert on_disk["nmse"] == m["nmse"] and on_disk["layers"] == [0, 1, 2]
+    for name in ev.PLOTS:
+        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    flat = ev.flat_metrics(m)
+    assert flat["eval/nmse/layer_2"] == m["nmse"]["per_layer"][2]
+    assert flat["eval/features/dead_fraction"] == m["features"]["dead_fraction"]
+
+
+def test_config_entry_point(tmp_path, make_dataset):
+    info = make_dataset(n_layers=N, d_model=D, n_tokens=256, shard_tokens=128)
+    model_dir = save(tmp_path, make_clt(), info)
+    base = [f"model_dir={model_dir}", "logger=none", "replacement.enabled=false", "progress=false",
+            "device=cpu", f"out_dir={tmp_path / 'e'}"]
+    m = ev.run(compose("eval", base))
+    assert m["tokens"] == 128 and (tmp_path / "e" / "metrics.json").is_file()
+    with pytest.raises(ConfigError, match="'split'"):
+        ev.run(compose("eval", base + ["split=test"]))
+    with pytest.raises(ConfigError, match="'model_dir'"):
+        ev.run(compose("eval", ["logger=none"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_names_the_file_or_key(tmp_path, make_dataset):
+    info = make_dataset(n_layers=N, d_model=D, n_tokens=256, shard_tokens=128)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+        ev.evaluate(tmp_path / "missing", replacement=False, write=False, progress=False)
+
+    # a checkpoint trained on other layers of the model
+    model_dir = save(tmp_path, make_clt(), info, name="other", layers=[4, 5, 6])
+    with pytest.raises(ConfigError, match=r"dataset\.json: key 'layers'"):
+        ev.evaluate(model_dir, replacement=False, write=False, progress=False)
+    # activations from another harvest (different normalization)
+    model_dir = save(tmp_path, make_clt(), info, name="scales", scale_x=[1.0, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="scale_x"):
+        ev.evaluate(model_dir, replacement=False, write=False, progress=False)
+    # a missing dataset folder
+    model_dir = save(tmp_path, make_clt(), info, name="nodata", path=str(tmp_path / "gone"))
+    with pytest.raises(DatasetError, match=str(tmp_path / "gone" / "dataset.json")):
+        ev.evaluate(model_dir, replacement=False, write=False, progress=False)
+    assert not (tmp_path / "other" / "eval").exists() and not (tmp_path / "nodata" / "eval").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Part 2: the replacement model
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_layer": True}, {"activation": "topk", "topk": 3},
+                                {"activation": "batchtopk", "topk": 3}],
+                         ids=["jumprelu", "plt", "topk", "batchtopk"])
+def test_layerwise_replacement_equals_clt_forward(kw):
+    """CLTReplacement, fed layer by layer as a forward pass would, reproduces CLT(s_x x) / s_y."""
+    clt = make_clt(**kw)
+    s_x, s_y = torch.tensor([[0.5], [2.0], [3.0]]), torch.tensor([[4.0], [0.25], [1.5]])
+    x_raw = torch.randn(2, 5, N, D) / s_x.view(1, 1, N, 1)
+    rep = ev.CLTReplacement(clt, s_x, s_y)
+    got = torch.stack([rep(t, x_raw[:, :, t]) for t in range(N)], 2)
+    with torch.no_grad():
+        _, y_norm = clt((x_raw * s_x.view(1, 1, N, 1)).reshape(10, N, D))
+    torch.testing.assert_close(got.reshape(10, N, D), y_norm / s_y.view(1, N, 1), rtol=1e-5, atol=1e-5)
+
+
+def tiny_lm(n_layer=3):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    # a large init so the MLPs matter to the logits (GPT-2's default 0.02 leaves them negligible)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=D, n_head=2, vocab_size=64, n_positions=32,
+                     initializer_range=0.5, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    # GPT-2's MLP reads ln_2(resid_mid) and its output is added to the residual stream
+    sites = [SimpleNamespace(layer=i, input_module=b.ln_2, output_module=b.mlp)
+             for i, b in enumerate(model.transformer.h)]
+    return model, sites
+
+
+def test_replacement_oracle_agrees_and_zero_clt_is_zero_ablation():
+    model, sites = tiny_lm()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(2)]
+
+    # each MLP replaced by its own recorded output, through the same hooks: a perfect replacement
+    oracle = ev.replacement_metrics(model, sites, batches, None, oracle=True, progress=False)
+    for mode in ("mode_a", "mode_b"):
+        assert oracle[mode]["top1_agreement"] == 1.0
+        assert abs(oracle[mode]["kl"]) < 1e-6
+        assert oracle[mode]["ce"] == pytest.approx(oracle["ce_original"], abs=1e-5)
+        assert oracle[mode]["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert oracle["zero_ablation"]["kl"] > 1e-4  # ablating the MLPs does change the model
+
+    # a zero CLT outputs exactly zero: the zero-ablation CE, nothing recovered
+    zero = make_clt()
+    with torch.no_grad():
+        for p in zero.parameters():
+            if p is not zero.log_threshold:
+                p.zero_()
+    ones = torch.ones(N, 1)
+    m = ev.replacement_metrics(model, sites, batches, ev.CLTReplacement(zero, ones, ones), progress=False)
+    for mode in ("mode_a", "mode_b"):
+        assert m[mode]["ce"] == pytest.approx(m["ce_zero_ablation"], abs=1e-5)
+        assert m[mode]["ce_recovered"] == pytest.approx(0.0, abs=1e-4)
+    assert m["ce_original"] == pytest.approx(oracle["ce_original"])
+
+
+def test_modes_a_and_b_differ_only_through_compounding():
+    """With a random CLT, mode (a) reads clean inputs and mode (b) its own: for a one-layer replacement
+    (the first covered layer sees identical inputs either way) they agree; over several layers they differ."""
+    model, sites = tiny_lm()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (2, 16), generator=g)]
+    clt = make_clt()
+    ones = torch.ones(N, 1)
+    m = ev.replacement_metrics(model, sites, batches, ev.CLTReplacement(clt, ones, ones), progress=False)
+    assert m["mode_a"]["kl"] != pytest.approx(m["mode_b"]["kl"], rel=1e-6)
+
+    one = CLT(CLTConfig(n_layers=1, d_model=D, n_features=F)).eval()
+    with torch.no_grad():
+        one.b_enc.fill_(0.2)
+    r = ev.replacement_metrics(model, sites[1:2], batches, ev.CLTReplacement(one, ones[:1], ones[:1]),
+                               progress=False)
+    assert r["mode_a"]["kl"] == pytest.approx(r["mode_b"]["kl"], rel=1e-5)
+    assert r["mode_a"]["kl"] > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma2"])
+def test_oracle_through_real_mlp_sites(name):
+    """The hooks work on each layout train/lm.py knows (Gemma-2's output module is the post-MLP norm)."""
+    from cltrain.train.lm import load_lm, mlp_sites
+
+    model, _ = load_lm(name)
+    sites = mlp_sites(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 12), generator=g)]
+    m = ev.replacement_metrics(model, sites[1:3], batches, None, oracle=True, progress=False)
+    for mode in ("mode_a", "mode_b"):
+        assert m[mode]["top1_agreement"] == 1.0 and abs(m[mode]["kl"]) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dataset(tmp_path_factory):
+    from cltrain.train.harvest import harvest
+
+    out = tmp_path_factory.mktemp("acts")
+    return harvest(compose("harvest", [
+        "base_model=tiny-gpt2", "max_tokens=1536", "context=64", "tokens_per_sample=64", "shard_tokens=512",
+        f"out_dir={out}", "shuffle_buffer=512", "device=cpu", "scale_tokens=512"]))
+
+
+def test_end_to_end_on_a_harvested_model(tmp_path, tiny_gpt2_dataset):
+    info = tiny_gpt2_dataset
+    clt = CLT(CLTConfig(n_layers=info.n_layers, d_model=info.d_model, n_features=32),
+              generator=torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    model_dir = save(tmp_path, clt, info, hooks=info.hooks)
+    overrides = [f"model_dir={model_dir}", "logger=none", "progress=false", "device=cpu",
+                 "replacement.n_sequences=4", "replacement.seq_len=32", "replacement.batch_size=2"]
+    m = ev.run(compose("eval", overrides))
+    rep = m["replacement"]
+    assert rep["model"] == "tiny-gpt2" and rep["replaced_layers"] == info.layers
+    # held-out text: the same source as the harvest, after the tokens it used
+    assert rep["text"] == {"source": "builtin", "skip_documents": 0, "skip_tokens": info.harvest["tokens_fed"]}
+    assert 0 < rep["tokens"] <= 4 * 31  # BOS positions are not scored
+    for mode in ("mode_a", "mode_b"):
+        assert 0 <= rep[mode]["top1_agreement"] <= 1 and rep[mode]["kl"] >= 0
+        assert rep[mode]["ce"] > 0
+    on_disk = json.loads((model_dir / "eval" / "metrics.json").read_text())
+    assert on_disk["replacement"]["mode_b"] == rep["mode_b"]
+
+    # the same checkpoint against a dataset of another base model
+    other = save(tmp_path, clt, info, name="other", model="tiny-llama")
+    with pytest.raises(ConfigError, match=r"dataset\.json: key 'model'"):
+        ev.run(compose("eval", [f"model_dir={other}"] + overrides[1:]))
+
+
+def test_frontier_plot(tmp_path):
+    for name, per_layer, l0, nmse in (("a", False, 10.0, 0.3), ("b", False, 20.0, 0.2), ("c", True, 12.0, 0.4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"per_layer": per_layer, "n_features": 64, "l0": {"total": l0}, "nmse": {"mean": nmse}}))
+    m = ev.run(compose("eval", [f"frontier=[{tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'c' / 'metrics.json'}]",
+                                f"out_dir={tmp_path / 'out'}", "logger=none"]))
+    assert (tmp_path / "out" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert m["frontier"] == str(tmp_path / "out" / "frontier.png")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        ev.plot_frontier([tmp_path / "bad.json"], tmp_path / "f.png")
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        ev.plot_frontier([tmp_path / "nothere"], tmp_path / "f.png")

