@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# clt-train under torchrun, one node or many (same command on every node).
+#   NPROC=8 launch/torchrun.sh data.path=/data/acts model.n_features=32768 parallel=fp2
+#   multi-node: NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> launch/torchrun.sh ...
+# Everything after the script name is a Hydra override for clt-train.
+set -euo pipefail
+NPROC=${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
+NPROC=$(( NPROC > 0 ? NPROC : 1 ))
+NNODES=${NNODES:-1}
+if [ "$NNODES" -gt 1 ]; then
+  : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
+  RDZV=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+else
+  RDZV=(--standalone)
+fi
+# Without a GPU each process runs gloo on CPU: give every rank its share of the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+exec torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m cltrain.train.trainer "$@"

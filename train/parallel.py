@@ -1,0 +1,265 @@
+"""The parallel layout (DESIGN section 3): world = data_parallel x feature_parallel.
+
+Applied to a CLT from outside; the CLT module itself stays rank-free:
+- `init_distributed` starts (or joins) the process group from the launcher's environment variables
+  (torchrun, the deepspeed launcher, accelerate, or SLURM's srun);
+- `Layout` builds the feature-parallel (FP) and data-parallel (DP) groups and hands DeepSpeed its
+  `mpu` view of them;
+- `shard_clt` keeps this rank's feature rows of a full CLT and installs the partial-sum all-reduce;
+  `gather_clt_state` reassembles the full weights for saving.
+
+Rank placement: rank = dp_rank * P + fp_rank, so an FP group is P consecutive ranks (one node, where
+its per-step all-reduce of B*N*D values is cheapest); a DP group takes one rank from each FP group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .clt import CLT
+
+# Parameters whose first feature-indexed dim is sharded: W_enc [N, F, D], b_enc / log_threshold [N, F]
+# (dim 1), and each W_dec[s] [F, S, D] (dim 0). b_dec [N, D] is replicated.
+_SHARD_DIM = {"W_enc": 1, "b_enc": 1, "log_threshold": 1}
+
+
+def _shard_dim(name: str) -> int | None:
+    if name.startswith("W_dec."):
+        return 0
+    return _SHARD_DIM.get(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment. torchrun, the deepspeed launcher
+    and accelerate set RANK/WORLD_SIZE/LOCAL_RANK; under a bare `srun` only SLURM_* exist, so map them
+    (MASTER_ADDR/MASTER_PORT must then come from the batch script, see launch/slurm.sbatch)."""
+    env = os.environ
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("config key 'device' = 'cuda' but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str = "auto", device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group the launcher set up (idempotent); returns (rank, world_size).
+
+    A single process without launcher variables gets a 1-process group on a free local port, so the
+    code path (DeepSpeed included) is the same for 1 and many processes."""
+    rank, world, local_rank = dist_env()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise RuntimeError(f"WORLD_SIZE={world} but the environment variable {key} is not set: "
+                               "launch with torchrun / deepspeed / accelerate, or export it (see launch/README.md)")
+    if backend == "auto":
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if backend == "nccl" else "cpu")
+    timeout = datetime.timedelta(seconds=int(os.environ.get("CLTRAIN_DIST_TIMEOUT", "600")))
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+                            device_id=device if backend == "nccl" else None)
+    return rank, world
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout and DeepSpeed's mpu view
+
+
+@dataclass
+class Layout:
+    world: int
+    rank: int
+    fp_size: int
+    dp_size: int
+    fp_rank: int
+    dp_rank: int
+    fp_group: object
+    dp_group: object
+    fp_ranks: list[int]
+    dp_ranks: list[int]
+
+    @classmethod
+    def build(cls, feature_parallel: int) -> "Layout":
+        """Create the groups (collective: every rank calls it with the same argument)."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        P = int(feature_parallel)
+        if world % P:
+            raise ValueError(f"config key 'parallel.feature_parallel' = {P} does not divide the world size "
+                             f"{world} (world = data_parallel x feature_parallel)")
+        dp = world // P
+        fp_group = dp_group = None
+        fp_ranks = dp_ranks = None
+        # new_group is collective over the whole world: every rank creates every group, in order.
+        for d in range(dp):
+            ranks = list(range(d * P, (d + 1) * P))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                fp_group, fp_ranks = g, ranks
+        for f in range(P):
+            ranks = list(range(f, world, P))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                dp_group, dp_ranks = g, ranks
+        return cls(world, rank, P, dp, rank % P, rank // P, fp_group, dp_group, fp_ranks, dp_ranks)
+
+    def mpu(self) -> "MPU":
+        return MPU(self)
+
+
+class MPU:
+    """DeepSpeed's model-parallel-unit interface: feature parallelism plays the model-parallel role, so
+    DeepSpeed all-reduces gradients and shards optimizer state over the DP group only and counts
+    feature-sharded parameters (p.model_parallel) once in the global grad norm."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def get_model_parallel_rank(self):
+        return self.layout.fp_rank
+
+    def get_model_parallel_world_size(self):
+        return self.layout.fp_size
+
+    def get_model_parallel_group(self):
+        return self.layout.fp_group
+
+    def get_data_parallel_rank(self):
+        return self.layout.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.layout.dp_size
+
+    def get_data_parallel_group(self):
+        return self.layout.dp_group
+
+    def get_data_parallel_group_ranks(self):
+        return list(self.layout.dp_ranks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The partial-reconstruction all-reduce
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: all-reduce(sum) over the FP group. Backward: identity -- the loss, hence d loss / d y_hat,
+    is identical on every rank of the group, and d y_hat / d partial_r = I."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        out = partial.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class PartialSum:
+    """CLT.reduce_partial for a feature-sharded CLT. While `timing` is set it adds its wall time to
+    `seconds` (the step-time split's "communication"), synchronizing CUDA around the collective so the
+    time is the collective's, not the queue's."""
+
+    def __init__(self, group):
+        self.group = group
+        self.seconds = 0.0
+        self.timing = False
+
+    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
+        if not self.timing:
+            return _SumOverGroup.apply(partial, self.group)
+        if partial.is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = _SumOverGroup.apply(partial, self.group)
+        if partial.is_cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shard / gather
+
+
+def feature_slice(n_features: int, fp_size: int, fp_rank: int) -> slice:
+    per = n_features // fp_size
+    return slice(fp_rank * per, (fp_rank + 1) * per)
+
+
+@torch.no_grad()
+def shard_clt(full: CLT, layout: Layout) -> CLT:
+    """This rank's CLT: features [r*F/P, (r+1)*F/P) of every layer, b_dec replicated, partial y_hat summed
+    over the FP group. With P = 1 the full CLT is returned as is (nothing to shard)."""
+    if layout.fp_size == 1:
+        return full
+    F = full.cfg.n_features
+    if F % layout.fp_size:
+        raise ValueError(f"config key 'model.n_features' = {F}: expected a multiple of "
+                         f"parallel.feature_parallel={layout.fp_size}")
+    if full.cfg.activation != "jumprelu":
+        # TopK / BatchTopK rank features across the whole layer: that would need a global top-k per token.
+        raise ValueError(f"config key 'model.activation' = {full.cfg.activation!r}: feature parallelism "
+                         "supports 'jumprelu' only (top-k needs all features of a layer on one rank)")
+    sl = feature_slice(F, layout.fp_size, layout.fp_rank)
+    local = CLT(dataclasses.replace(full.cfg, n_features=F // layout.fp_size))
+    src = dict(full.named_parameters())
+    for name, p in local.named_parameters():
+        dim = _shard_dim(name)
+        w = src[name] if dim is None else src[name].narrow(dim, sl.start, sl.stop - sl.start)
+        p.copy_(w)
+        p.model_parallel = dim is not None
+    local.batchtopk_threshold.copy_(full.batchtopk_threshold)
+    local.reduce_partial = PartialSum(layout.fp_group)
+    return local
+
+
+def gather_clt_state(local_state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """The full state dict from each FP rank's local one (collective over the FP group; every rank of
+    the group gets the result)."""
+    if layout.fp_size == 1:
+        return local_state
+    full = {}
+    for name, t in local_state.items():
+        dim = _shard_dim(name)
+        if dim is None:
+            full[name] = t
+            continue
+        parts = [torch.empty_like(t) for _ in range(layout.fp_size)]
+        dist.all_gather(parts, t.contiguous(), group=layout.fp_group)
+        full[name] = torch.cat(parts, dim=dim)
+    return full
