@@ -73,7 +73,7 @@ def main(argv=None):
         overrides = [f"model={model_group}", f"data.path={data_dir}", f"model.n_features={args.features}",
                      f"steps={args.steps}", f"batch_tokens={args.batch_tokens}", f"out_dir={run_dir}",
                      f"logger.run_name=demo-{name}", "logger.group=demo",
-                     f"checkpoint_every={max(1, args.steps // 2)}", "log_every=25"]
+                     f"checkpoint_every={max(1, args.steps // 2)}", "log_every=25", "resume=true"]
         if args.lambda_s is not None:
             overrides.append(f"model.loss.lambda_s={args.lambda_s}")
         print(command_line("clt-train", overrides))

