@@ -136,7 +136,7 @@ def reference_decode(acts, W_dec: list[torch.Tensor], grad_mask=None) -> torch.T
     for s, w in enumerate(W_dec):
         n_slots = w.shape[1]
         out = acts[:, s] @ w.reshape(w.shape[0], n_slots * D)  # [B, S*D]
-        y = y.index_add(1, torch.arange(s, s + n_slots, device=acts.device), out.view(B, n_slots, D))
+        y[:, s:s + n_slots] += out.view(B, n_slots, D)  # a slice add: index_add along dim 1 is ~100x slower on CPU
     return y
 
 

@@ -1,0 +1,407 @@
+"""Check and time every encode / decode implementation available here; write benchmarks/kernels.md.
+
+    python benchmarks/kernels.py [--quick] [--out benchmarks/kernels.md]
+
+One run measures everything it reports: the machine's ceilings (matmul TFLOP/s, copy GB/s), then per
+shape and implementation the error against the dense reference and the times of encode forward+
+backward, decode forward, decode forward+backward and (at the training shapes) a whole training step
+(forward, loss terms, backward, grad clipping, fused Adam), with the ratio to the dense reference.
+
+Activity: thresholds are calibrated on the batch so each feature fires on ~1% of tokens (the trained
+regime, "L0 in the low hundreds"). What the decode's activation gradient costs depends on the JumpReLU
+straight-through window (grad_mask = active | |h - theta| < eps/2), reported for two settings:
+  - eps = 2, the default: on normalized activations it covers nearly every position (measured and
+    printed), so the activation gradient is a dense product;
+  - a trained-like window: eps chosen so grad_mask holds ~2% of positions (active 1% + 1% just below
+    threshold), where the sampled product is used.
+Times are the best of `reps` runs after a warm-up, on a possibly shared machine (load average shown).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cltrain import kernels
+from cltrain.train.clt import CLT, CLTConfig, LossWeights, loss_terms, reference_decode
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+TARGET_ACTIVE = 0.01
+TRAINED_MASK = 0.02
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def load_avg() -> str:
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def ceilings(quick: bool) -> dict:
+    n = 8192 if CUDA else (1024 if quick else 2048)
+    a = torch.randn(n, n, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(n, n, device=DEVICE, dtype=DTYPE)
+    t = timed(lambda: a @ b, 3 if quick else 5)
+    tflops = 2 * n ** 3 / t / 1e12
+    src = torch.empty(64 * 2 ** 20 if not quick else 16 * 2 ** 20, device=DEVICE)
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), 5)
+    gbs = 2 * src.numel() * src.element_size() / t / 1e9  # read + write
+    return {"tflops": tflops, "gbs": gbs, "matmul_n": n}
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def impls_here() -> list[str]:
+    names = ["dense", "torch_sparse"]
+    if CUDA and kernels.triton_available():
+        names.append("triton")
+    return names
+
+
+def impl_fns(name):
+    if name == "dense":
+        return kernels.reference_encode, kernels.reference_decode
+    if name == "torch_sparse":
+        return kernels.torch_encode, kernels.torch_sparse_decode
+    return kernels.triton_encode, kernels.triton_decode
+
+
+class Shape:
+    def __init__(self, name, B, N, D, F, step: bool, reps: int):
+        self.name, self.B, self.N, self.D, self.F, self.step, self.reps = name, B, N, D, F, step, reps
+
+    def label(self):
+        return f"{self.name}: N={self.N}, D={self.D}, F={self.F}, B={self.B}"
+
+
+def window_eps(pre, theta, target_mask: float) -> float:
+    """Bandwidth eps such that active | |h - theta| < eps/2 covers ~target_mask of positions."""
+    diff = (pre - theta).flatten()
+    sample = diff[torch.randint(0, diff.numel(), (min(diff.numel(), 2_000_000),), device=diff.device)]
+    below = sample[sample <= 0].float()
+    active = (sample > 0).float().mean().item()
+    extra = max(target_mask - active, 1e-4) / max(1 - active, 1e-9)
+    return 2 * float(torch.quantile(-below[: 2 ** 24], extra))
+
+
+def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
+    B, N, D, F = sh.B, sh.N, sh.D, sh.F
+    log(f"\n== {sh.label()} ({DEVICE}, {DTYPE})")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    clt = CLT(CLTConfig(n_layers=N, d_model=D, n_features=F), generator=g)
+    x = torch.randn(B, N, D, generator=g)
+    y = torch.randn(B, N, D, generator=g)
+    with torch.no_grad():  # what eps = 2 gives at the default initialization (theta = 0.03)
+        pre0 = clt.preactivations(x)
+        theta0 = clt.threshold
+        init_active = (pre0 > theta0).float().mean().item()
+        init_mask = ((pre0 > theta0) | ((pre0 - theta0).abs() < 1.0)).float().mean().item()
+        clt.calibrate_thresholds(x, TARGET_ACTIVE)
+        theta = clt.threshold
+        active = (pre0 > theta).float().mean().item()
+        mask_eps2 = ((pre0 > theta) | ((pre0 - theta).abs() < 1.0)).float().mean().item()
+        eps_trained = window_eps(pre0, theta, TRAINED_MASK)
+        mask_trained = ((pre0 > theta) | ((pre0 - theta).abs() < eps_trained / 2)).float().mean().item()
+        del pre0
+    clt = clt.to(DEVICE, DTYPE)
+    x, y = x.to(DEVICE, DTYPE), y.to(DEVICE, DTYPE)
+    regimes = {"eps=2": 2.0, "trained-like": eps_trained}
+    lines += [f"### {sh.label()}", "",
+              f"Default init (theta = 0.03), eps = 2: {init_active:.1%} active, grad_mask (active | window) "
+              f"{init_mask:.1%}. Calibrated to {TARGET_ACTIVE:.0%} firing: {active:.2%} active; grad_mask "
+              f"{mask_eps2:.1%} with eps = 2, {mask_trained:.2%} with the trained-like eps = {eps_trained:.3g}.",
+              ""]
+    log(lines[-2])
+
+    # Leaves shared by every implementation (snapshots: the timed steps update clt in place).
+    enc_leaves = [p.detach().clone().requires_grad_() for p in (clt.W_enc, clt.b_enc, clt.log_threshold)]
+    enc_leaves.insert(0, x.clone().requires_grad_())
+    W_leaves = [w.detach().clone().requires_grad_() for w in clt.W_dec]
+    slots = sum(w.shape[1] for w in W_leaves)
+    dec_bytes = sum(w.numel() * w.element_size() for w in W_leaves)
+    enc_flops = 6 * B * N * F * D
+    dec_flops = 2 * B * F * D * slots
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ga = torch.randn(B, N, F, generator=gen).to(DEVICE, DTYPE)
+    dY = torch.randn(B, N, D, generator=gen).to(DEVICE, DTYPE)
+
+    def clear(ts):
+        for t in ts:
+            t.grad = None
+
+    # Reference results, and the activations / masks every implementation decodes.
+    acts_by_regime, ref = {}, {}
+    for regime, eps in regimes.items():
+        clear(enc_leaves)
+        e = kernels.reference_encode(*enc_leaves, eps, False)
+        torch.autograd.backward([e.acts, e.pre], [ga, ga])
+        acts_leaf = e.acts.detach().clone().requires_grad_()  # clone keeps the [N, B, F] layout
+        acts_by_regime[regime] = (acts_leaf, e.grad_mask)
+        clear([acts_leaf, *W_leaves])
+        out = kernels.reference_decode(acts_leaf, W_leaves, e.grad_mask)
+        out.backward(dY)
+        ref[regime] = (e.pre.detach(), e.acts.detach(), [t.grad for t in enc_leaves], out.detach(),
+                       acts_leaf.grad, [w.grad for w in W_leaves])
+        del e, out
+
+    configs = [("dense", "any", regimes["trained-like"])]
+    configs += [(n, r, eps) for n in impls_here() if n != "dense" for r, eps in regimes.items()]
+    checks = {}
+    for name, regime, eps in configs:
+        if name == "dense":
+            checks[(name, regime)] = "reference"
+            continue
+        encode, decode = impl_fns(name)
+        r_pre, r_acts, r_enc_grads, r_y, r_gacts, r_gW = ref[regime]
+        try:
+            clear(enc_leaves)
+            e = encode(*enc_leaves, eps, False)
+            torch.autograd.backward([e.acts, e.pre], [ga, ga])
+            errs = [rel_err(e.pre, r_pre), rel_err(e.acts, r_acts)]
+            errs += [rel_err(t.grad, r) for t, r in zip(enc_leaves, r_enc_grads)]
+            errs.append(float(not torch.equal(e.grad_mask, acts_by_regime[regime][1])))
+            acts_leaf, mask = acts_by_regime[regime]
+            clear([acts_leaf, *W_leaves])
+            out = decode(acts_leaf, W_leaves, mask)
+            out.backward(dY)
+            errs += [rel_err(out, r_y), rel_err(acts_leaf.grad[mask], r_gacts[mask])]
+            errs.append(max(rel_err(w.grad, r) for w, r in zip(W_leaves, r_gW)))
+            del e, out
+        except Exception as err:  # e.g. a sparse op this device/dtype lacks: report, don't time
+            checks[(name, regime)] = f"unsupported here ({type(err).__name__}: {str(err)[:80]})"
+            log(f"   check {name} / {regime}: {checks[(name, regime)]}")
+            continue
+        tol = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
+        worst = max(errs)
+        checks[(name, regime)] = f"{'ok' if worst <= tol else 'FAIL'} (max rel err {worst:.1e})"
+        log(f"   check {name} / {regime}: {checks[(name, regime)]}  {[f'{v:.1e}' for v in errs]}")
+    del ref
+    configs = [c for c in configs if not checks[c[:2]].startswith("unsupported")]
+
+    opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True) if sh.step else None
+    weights = LossWeights(sparsity=1e-3, preact=3e-6)
+
+    def components(name, eps, acts_leaf, mask):
+        encode, decode = impl_fns(name)
+
+        def enc_fb():
+            clear(enc_leaves)
+            e = encode(*enc_leaves, eps, False)
+            torch.autograd.backward([e.acts, e.pre], [ga, ga])
+
+        def dec_f():
+            with torch.no_grad():
+                decode(acts_leaf, W_leaves, mask)
+
+        def dec_fb():
+            clear([acts_leaf, *W_leaves])
+            decode(acts_leaf, W_leaves, mask).backward(dY)
+
+        def step():
+            clt.cfg.bandwidth = eps
+            kernels.install(clt, name)
+            opt.zero_grad(set_to_none=True)
+            e, y_hat = clt(x)
+            sum(loss_terms(clt, e, y_hat, y, weights).values()).backward()
+            torch.nn.utils.clip_grad_norm_(clt.parameters(), 1.0)
+            opt.step()
+
+        comps = {"enc_fb": enc_fb, "dec_f": dec_f, "dec_fb": dec_fb}
+        if sh.step:
+            comps["step"] = step
+        return comps
+
+    # Rounds interleave the implementations, so on a shared machine each sees the same load;
+    # every figure is the best of its rounds.
+    best = {(n, r): {} for n, r, _ in configs}
+    for rnd in range(sh.reps):
+        for name, regime, eps in configs:
+            acts_leaf, mask = acts_by_regime["trained-like" if regime == "any" else regime]
+            for comp, fn in components(name, eps, acts_leaf, mask).items():
+                t = timed(fn, 1, warmup=0)
+                row = best[(name, regime)]
+                row[comp] = min(row.get(comp, math.inf), t)
+        log(f"   round {rnd}: " + "; ".join(
+            f"{n}/{r}: " + ", ".join(f"{k} {v:.3g}" for k, v in best[(n, r)].items()) for n, r, _ in configs))
+    breakdown = step_breakdown(clt, opt, x, y, weights, regimes["trained-like"], sh.reps) if sh.step else None
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    del opt
+
+    dense = best[("dense", "any")]
+    for key, note in checks.items():
+        if note.startswith("unsupported"):
+            lines.append(f"- {key[0]} / {key[1]}: {note}")
+    lines += ["| impl | window | check vs dense | encode f+b | decode fwd | decode f+b | "
+              + ("step (tokens/s) | " if sh.step else "") + "x dense (enc / dec f+b"
+              + (" / step" if sh.step else "") + ") |",
+              "|---|---|---|---|---|---|" + ("---|" if sh.step else "") + "---|"]
+    for name, regime, _ in configs:
+        r = best[(name, regime)]
+        enc_tf = enc_flops / r["enc_fb"] / 1e12
+        if name == "dense":
+            dtf = 3 * dec_flops / r["dec_fb"] / 1e12
+            dec_note = f"{r['dec_fb']:.3g} s ({dtf:.3g} TFLOP/s, {dtf / ceil['tflops']:.0%})"
+            fwd_note = f"{r['dec_f']:.3g} s ({dec_flops / r['dec_f'] / 1e12:.3g} TFLOP/s)"
+        else:
+            gb = 3 * dec_bytes / r["dec_fb"] / 1e9
+            dec_note = f"{r['dec_fb']:.3g} s ({gb:.3g} GB/s, {gb / ceil['gbs']:.0%})"
+            fwd_note = f"{r['dec_f']:.3g} s ({dec_bytes / r['dec_f'] / 1e9:.3g} GB/s)"
+        cells = [name, regime, checks[(name, regime)],
+                 f"{r['enc_fb']:.3g} s ({enc_tf:.3g} TFLOP/s, {enc_tf / ceil['tflops']:.0%})",
+                 fwd_note, dec_note]
+        ratios = [dense["enc_fb"] / r["enc_fb"], dense["dec_fb"] / r["dec_fb"]]
+        if sh.step:
+            cells.append(f"{r['step']:.3g} s ({B / r['step']:.0f})")
+            ratios.append(dense["step"] / r["step"])
+        cells.append(" / ".join(f"{v:.2f}" for v in ratios))
+        lines.append("| " + " | ".join(cells) + " |")
+    if breakdown:
+        lines += ["", "Where a torch_sparse step (trained-like window) goes: " + "; ".join(
+            f"{k} {v:.3g} s" for k, v in breakdown.items()) + "."]
+    lines += ["", f"Best of {sh.reps} interleaved rounds. Decode GB/s counts the memory floor of a sparse "
+              "decode: W_dec read in the forward, read again for the activation gradient, its gradient "
+              f"written (3 x {dec_bytes / 1e9:.3g} GB at f+b, 1 x at fwd); TFLOP/s counts dense FLOPs "
+              f"(encode 6BNFD = {enc_flops / 1e9:.3g} GFLOP, dense decode 2BFD x {slots} slots = "
+              f"{dec_flops / 1e9:.3g} GFLOP per product). The step is forward, loss terms (MSE, sparsity, "
+              "pre-activation), backward, grad-norm clipping and Adam(fused=True).", ""]
+    del clt, x, y, enc_leaves, W_leaves, acts_by_regime
+
+
+def step_breakdown(clt, opt, x, y, weights, eps, reps) -> dict:
+    """Split a torch_sparse training step: encode + decode (+ MSE) forward/backward, the other loss
+    terms (sparsity, pre-activation: decoder norms and elementwise passes over [B, N, F]; defined in
+    train/clt.py), the decoder-norm computation alone, grad clipping, the fused Adam step."""
+    from cltrain.train.clt import mse_loss
+    clt.cfg.bandwidth = eps
+    kernels.install(clt, "torch_sparse")
+
+    def fb(all_terms):
+        opt.zero_grad(set_to_none=True)
+        e, y_hat = clt(x)
+        loss = sum(loss_terms(clt, e, y_hat, y, weights).values()) if all_terms else mse_loss(y_hat, y)
+        loss.backward()
+
+    def norms():
+        opt.zero_grad(set_to_none=True)
+        clt.decoder_norms().sum().backward()
+
+    t_mse = timed(lambda: fb(False), reps)
+    t_all = timed(lambda: fb(True), reps)
+    t_norms = timed(norms, reps)
+    fb(True)
+    t_clip = timed(lambda: torch.nn.utils.clip_grad_norm_(clt.parameters(), 1.0), reps)
+    t_adam = timed(opt.step, reps)
+    return {"encode + decode + MSE fwd/bwd": t_mse,
+            "sparsity + pre-activation terms fwd/bwd": t_all - t_mse,
+            "of which decoder_norms() fwd/bwd": t_norms,
+            "grad clipping": t_clip, "Adam(fused=True)": t_adam}
+
+
+def crossover(lines, log, reps):
+    """Activation-gradient cost for one source layer (s = 0, 12 slots) vs grad_mask density."""
+    from cltrain.kernels.torch_ops import _acts_grad, _sampled_pairs
+    B, N, D, F = 1024, 12, 768, 4096
+    g = torch.Generator().manual_seed(2)
+    dY_s = torch.randn(B, N * D, generator=g)
+    W2 = torch.randn(F, N * D, generator=g) / 100
+    out = torch.empty(B, F)
+    t_dense = timed(lambda: _acts_grad(out, dY_s, W2, None), reps)
+    cells = []
+    for d in (0.01, 0.02, 0.05, 0.1, 0.2):
+        m = torch.rand(B, F, generator=g) < d
+        pairs = _sampled_pairs(m[:, None], 1, 1.0)[0]
+        t = timed(lambda: _acts_grad(out, dY_s, W2, pairs), reps)
+        cells.append(f"{d:.0%}: {t:.3g} s")
+        log(f"   sampled {d:.0%}: {t:.3g} s (dense {t_dense:.3g} s)")
+    lines += ["### Activation gradient: sampled vs dense (torch_sparse, CPU, one source layer, "
+              "B=1024, F=4096, 12 slots x D=768)", "",
+              f"Dense product {t_dense:.3g} s; sampled at grad_mask density " + ", ".join(cells)
+              + f". The switch (`dense_grad_above`) is at {kernels.torch_ops.DENSE_GRAD_ABOVE:.0%}.", ""]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shape only, fewer repetitions")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("kernels.md")))
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    t_start = time.time()
+
+    def log(msg):
+        print(msg, flush=True)
+
+    lines = ["# Kernel benchmark", "",
+             f"Written by `python benchmarks/kernels.py{' --quick' if args.quick else ''}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
+             f"- device: {device_name()}; torch {torch.__version__}; dtype {DTYPE}",
+             f"- implementations timed: {', '.join(impls_here())}",
+             f"- load average at start (1/5/15 min): {load_avg()}"]
+    ceil = ceilings(args.quick)
+    lines += [f"- ceilings measured in this run: matmul {ceil['tflops']:.3g} TFLOP/s "
+              f"({ceil['matmul_n']}^3, {DTYPE}), copy {ceil['gbs']:.3g} GB/s (read + write)", ""]
+    log("\n".join(lines))
+    shapes = [Shape("small", 256, 4, 128, 512, step=True, reps=5)]
+    if not args.quick:
+        shapes.append(Shape("CPU default", 1024, 12, 768, 4096, step=True, reps=3))
+        if CUDA:
+            shapes.append(Shape("GPU", 4096, 12, 768, 4096, step=True, reps=5))
+    for sh in shapes:
+        run_shape(sh, ceil, lines, log)
+        if CUDA:
+            torch.cuda.empty_cache()
+        # written after every shape, so a run cut short still leaves what it measured
+        Path(args.out).write_text("\n".join(lines + ["(run in progress or cut short)", ""]))
+    if not CUDA and not args.quick:
+        crossover(lines, log, 2)
+    lines += [f"Load average at the end: {load_avg()}; total run {time.time() - t_start:.0f} s.", ""]
+    Path(args.out).write_text("\n".join(lines))
+    log(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

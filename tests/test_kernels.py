@@ -1,0 +1,371 @@
+"""kernels/: every implementation and every gradient against train/clt.py's references.
+
+CPU: torch paths in float64; Triton kernels under TRITON_INTERPRET=1 in float32 (the kernels compute
+in fp32 whatever the storage). CUDA (when present): the Triton kernels run natively, in float32 and in
+bf16 against their fp32 twins, with tolerances that follow from bf16's 8-bit mantissa.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+
+# The interpreter must be on before triton itself is imported (triton.language's own helpers, e.g.
+# tl.sum, are jit functions defined at import). If something in this process imported triton first,
+# the Triton tests run in a fresh subprocess instead (test_triton_in_fresh_process).
+TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+TRITON_IN_PROCESS = TRITON_IMPORTABLE and (
+    CUDA or "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1")
+if TRITON_IN_PROCESS and not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _import_triton_ops():
+    if not TRITON_IN_PROCESS:
+        return None
+    name = "cltrain.kernels.triton_ops"
+    mod = sys.modules.get(name)
+    if mod is None:
+        return importlib.import_module(name)
+    return mod if mod.INTERPRET == (not CUDA) else importlib.reload(mod)
+
+
+triton_ops = _import_triton_ops()
+
+from cltrain import kernels  # noqa: E402
+from cltrain.kernels import torch_encode, torch_sparse_decode  # noqa: E402
+from cltrain.kernels.torch_ops import encode_forward_twin  # noqa: E402
+from cltrain.train.clt import (CLT, CLTConfig, LossWeights, loss_terms, reference_decode,  # noqa: E402
+                               reference_encode)
+
+needs_triton = pytest.mark.skipif(
+    triton_ops is None, reason="triton is not importable" if not TRITON_IMPORTABLE else
+    "triton was imported before TRITON_INTERPRET could be set: see test_triton_in_fresh_process")
+needs_cuda = pytest.mark.skipif(not CUDA or triton_ops is None, reason="needs CUDA and triton")
+DEV = "cuda" if CUDA else "cpu"
+
+# Large blocks: the interpreter's cost is per block operation, not per element.
+ENC_BLOCKS = dict(block_b=64, block_f=64, block_d=32)
+DEC_BLOCK_D = 32
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _grid(shape, gen, scale=8.0):
+    """Random non-zero multiples of 1/scale in [-3/scale, 3/scale]: products and sums of a few dozen
+    of them are exact in float32, so a kernel's accumulation order cannot move a pre-activation
+    across a JumpReLU threshold or window edge (thresholds are placed off this grid)."""
+    mag = torch.randint(1, 4, shape, generator=gen).double()
+    sign = torch.randint(0, 2, shape, generator=gen).double() * 2 - 1
+    return mag * sign / scale
+
+
+def _close(actual, expected, rtol, what):
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rtol, f"{what}: max error {err:.3g} (relative to max |expected|) > {rtol:g}"
+
+
+@pytest.mark.skipif(not TRITON_IMPORTABLE or TRITON_IN_PROCESS, reason="Triton tests run in this process")
+def test_triton_in_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "triton and not fresh_process"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# install()
+
+
+def test_install_choices():
+    clt = CLT(CLTConfig(n_layers=2, d_model=8, n_features=16))
+    assert kernels.install(clt, "dense") == "dense"
+    assert clt.encode_impl is reference_encode and clt.decode_impl is reference_decode
+    assert kernels.install(clt, "torch_sparse") == "torch_sparse"
+    assert clt.encode_impl is torch_encode and clt.decode_impl is torch_sparse_decode
+    assert kernels.install(clt) == ("triton" if CUDA and kernels.triton_available() else "torch_sparse")
+    with pytest.raises(ValueError, match="'bogus'.*dense.*torch_sparse.*triton"):
+        kernels.install(clt, "bogus")
+
+
+@needs_triton
+def test_install_triton():
+    clt = CLT(CLTConfig(n_layers=2, d_model=8, n_features=16)).to(DEV)
+    assert kernels.install(clt, "triton") == "triton"
+    assert clt.encode_impl is triton_ops.triton_encode and clt.decode_impl is triton_ops.triton_decode
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode
+
+# (B, N, D, F, per_layer, act density, extra grad-mask density or None for no mask, case)
+DECODE_CASES = [
+    (37, 3, 20, 50, False, 0.1, 0.05, "ragged"),
+    (37, 3, 20, 50, False, 0.1, None, "no-mask"),
+    (23, 1, 20, 50, False, 0.2, 0.1, "N=1"),
+    (29, 4, 20, 36, True, 0.1, 0.05, "per-layer"),
+    (31, 3, 20, 50, False, 0.1, 0.05, "rows"),
+]
+SMALL = {  # the interpreter runs a Python loop per program: smaller sizes for Triton on CPU
+    "ragged": (13, 3, 20, 24), "no-mask": (13, 3, 20, 24), "N=1": (11, 1, 20, 24),
+    "per-layer": (12, 3, 20, 18), "rows": (12, 3, 20, 24)}
+
+
+def _decode_inputs(B, N, D, F, per_layer, density, mask_density, case, dtype, seed=0):
+    g = _gen(seed)
+    values = torch.rand(N, B, F, generator=g, dtype=torch.float64) + 0.1
+    acts = (values * (torch.rand(N, B, F, generator=g) < density)).transpose(0, 1)  # encode's layout
+    if case == "rows":  # all-inactive and all-active tokens, and a source layer with nothing active
+        acts[0] = 0
+        acts[1] = values[:, 1]
+        acts[:, 1] = 0
+        acts[2, 1, :3] = values[1, 2, :3]  # ...except one token, so the layer is not trivially empty
+        acts[3, 1] = 0
+    W = [torch.randn(F, 1 if per_layer else N - s, D, generator=g, dtype=torch.float64) for s in range(N)]
+    dY = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    mask = None
+    if mask_density is not None:
+        mask = (acts != 0) | (torch.rand(B, N, F, generator=g) < mask_density)
+    return acts.to(dtype), [w.to(dtype) for w in W], dY.to(dtype), mask
+
+
+def _check_decode(fn, acts, W, dY, mask, rtol, **kw):
+    acts_r = acts.detach().double().requires_grad_()
+    W_r = [w.detach().double().requires_grad_() for w in W]
+    y_r = reference_decode(acts_r, W_r)
+    grads_r = torch.autograd.grad(y_r, [acts_r, *W_r], dY.double())
+
+    acts_k = acts.detach().clone().requires_grad_()
+    W_k = [w.detach().clone().requires_grad_() for w in W]
+    y_k = fn(acts_k, W_k, mask, **kw)
+    grads_k = torch.autograd.grad(y_k, [acts_k, *W_k], dY)
+
+    _close(y_k, y_r, rtol, "y_hat")
+    where = torch.ones_like(acts, dtype=torch.bool) if mask is None else mask
+    assert torch.isfinite(grads_k[0]).all(), "grad acts: non-finite outside the mask"
+    _close(grads_k[0].cpu()[where.cpu()], grads_r[0][where.cpu()], rtol, "grad acts (in mask)")
+    for s, (gk, gr) in enumerate(zip(grads_k[1:], grads_r[1:])):
+        _close(gk, gr, rtol, f"grad W_dec[{s}]")
+
+
+@pytest.mark.parametrize("B,N,D,F,per_layer,density,mask_density,case", DECODE_CASES,
+                         ids=[c[-1] for c in DECODE_CASES])
+@pytest.mark.parametrize("acts_grad", ["sampled", "dense"])
+def test_torch_sparse_decode(B, N, D, F, per_layer, density, mask_density, case, acts_grad):
+    acts, W, dY, mask = _decode_inputs(B, N, D, F, per_layer, density, mask_density, case, torch.float64)
+    thr = 1.0 if acts_grad == "sampled" else 0.0
+    _check_decode(torch_sparse_decode, acts, W, dY, mask, 1e-12, dense_grad_above=thr)
+
+
+def test_torch_sparse_decode_all_active_and_float32():
+    acts, W, dY, mask = _decode_inputs(9, 2, 12, 10, False, 1.1, 0.0, "all", torch.float32)
+    assert bool((acts != 0).all())
+    _check_decode(torch_sparse_decode, acts, W, dY, mask, 1e-5, dense_grad_above=1.0)
+
+
+def test_torch_sparse_decode_bf16_cpu_upcasts():
+    acts, W, dY, mask = _decode_inputs(13, 3, 16, 24, False, 0.2, 0.05, "bf16", torch.bfloat16)
+    _check_decode(torch_sparse_decode, acts, W, dY, mask, 2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["ragged", "no-mask", "N=1", "per-layer", "rows"])
+@pytest.mark.parametrize("acts_grad", ["sampled", "dense"])
+def test_triton_decode(case, acts_grad):
+    _, _, _, _, per_layer, density, mask_density, _ = next(c for c in DECODE_CASES if c[-1] == case)
+    if case == "no-mask" and acts_grad == "sampled":
+        pytest.skip("without a mask the activation gradient is always dense")
+    B, N, D, F = SMALL[case]
+    acts, W, dY, mask = _decode_inputs(B, N, D, F, per_layer, density, mask_density, case, torch.float32)
+    acts, W, dY = acts.to(DEV), [w.to(DEV) for w in W], dY.to(DEV)
+    mask = None if mask is None else mask.to(DEV)
+    thr = 1.0 if acts_grad == "sampled" else 0.0
+    _check_decode(triton_ops.triton_decode, acts, W, dY, mask, 1e-5, dense_grad_above=thr,
+                  block_d=DEC_BLOCK_D)
+
+
+@pytest.mark.parametrize("impl", ["torch_sparse", "triton"])
+def test_decode_mixed_mask_density(impl):
+    """Layers on both sides of dense_grad_above in one call: dense product for some, sampled for others."""
+    if impl == "triton" and triton_ops is None:
+        pytest.skip("triton is not importable")
+    B, N, D, F = (13, 3, 20, 24) if impl == "triton" else (37, 3, 20, 50)
+    acts, W, dY, mask = _decode_inputs(B, N, D, F, False, 0.1, 0.05, "mixed", torch.float32)
+    mask[:, 1] = True
+    fn = torch_sparse_decode if impl == "torch_sparse" else triton_ops.triton_decode
+    kw = {} if impl == "torch_sparse" else {"block_d": DEC_BLOCK_D}
+    dev = DEV if impl == "triton" else "cpu"
+    _check_decode(fn, acts.to(dev), [w.to(dev) for w in W], dY.to(dev), mask.to(dev), 1e-5,
+                  dense_grad_above=0.5, **kw)
+
+
+@needs_cuda
+@pytest.mark.parametrize("acts_grad", ["sampled", "dense"])
+def test_triton_decode_bf16(acts_grad):
+    acts, W, dY, mask = _decode_inputs(300, 4, 200, 520, False, 0.02, 0.02, "bf16", torch.bfloat16)
+    acts, W, dY, mask = acts.cuda(), [w.cuda() for w in W], dY.cuda(), mask.cuda()
+    # bf16 output rounding (2^-8 relative) dominates: fp32 accumulation of the products is exact-ish.
+    _check_decode(triton_ops.triton_decode, acts, W, dY, mask, 1.5e-2,
+                  dense_grad_above=1.0 if acts_grad == "sampled" else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encode
+
+# (B, N, D, F, bandwidth, case)
+ENCODE_CASES = [
+    (37, 3, 20, 50, 0.5, "ragged"),
+    (17, 1, 24, 40, 0.5, "N=1"),
+    (21, 3, 20, 36, 2.0, "wide-window"),
+    (21, 3, 20, 36, 0.5, "rows"),
+]
+
+
+def _encode_inputs(B, N, D, F, bandwidth, case, dtype, seed=1):
+    g = _gen(seed)
+    x = _grid((B, N, D), g, 2.0)
+    W = _grid((N, F, D), g, 8.0)
+    b = _grid((N, F), g, 4.0)
+    # thresholds off the 1/16 grid of pre-activations (so are the window edges theta +- eps/2)
+    theta = (torch.randint(1, 16, (N, F), generator=g).double() + 0.5) / 16
+    if case == "rows":  # a layer active everywhere, one inactive (and outside the window) everywhere
+        b[0] = 64.0
+        b[1] = -64.0
+    return [t.to(dtype) for t in (x, W, b, theta.log())]
+
+
+def _check_encode(fn, inputs, bandwidth, st, use, rtol, **kw):
+    B, N, D = inputs[0].shape
+    F = inputs[1].shape[1]
+    g = _gen(7)
+    ga, gp = torch.randn(B, N, F, generator=g), torch.randn(B, N, F, generator=g)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ker_in = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = []
+    for f, args in ((reference_encode, ref_in), (fn, ker_in)):
+        extra = kw if f is fn else {}
+        enc = f(*args, bandwidth, st, **extra)
+        loss = 0
+        if use in ("acts", "both"):
+            loss = loss + (enc.acts * ga.to(enc.acts)).sum()
+        if use in ("pre", "both"):
+            loss = loss + (enc.pre * gp.to(enc.pre)).sum()
+        grads = torch.autograd.grad(loss, args, allow_unused=True)  # log_threshold: unused via pre
+        outs.append((enc, [torch.zeros_like(a) if g is None else g for a, g in zip(args, grads)]))
+    (e_r, g_r), (e_k, g_k) = outs
+    _close(e_k.pre, e_r.pre, rtol, "pre")
+    _close(e_k.acts, e_r.acts, rtol, "acts")
+    assert e_k.grad_mask.dtype == torch.bool and torch.equal(e_k.grad_mask.cpu(), e_r.grad_mask.cpu())
+    for name, a, b in zip(("x", "W_enc", "b_enc", "log_threshold"), g_k, g_r):
+        _close(a, b, rtol, f"grad {name}")
+    return e_r
+
+
+@pytest.mark.parametrize("B,N,D,F,bandwidth,case", ENCODE_CASES, ids=[c[-1] for c in ENCODE_CASES])
+@pytest.mark.parametrize("st", [False, True], ids=["st-off", "st-to-preact"])
+def test_torch_encode(B, N, D, F, bandwidth, case, st):
+    inputs = _encode_inputs(B, N, D, F, bandwidth, case, torch.float64)
+    e = _check_encode(torch_encode, inputs, bandwidth, st, "both", 1e-12)
+    if case == "rows":
+        assert bool(e.grad_mask[:, 0].all()) and not bool(e.grad_mask[:, 1].any())
+    else:  # the inputs exercise all three regions: active, in the window only, outside
+        m, a = e.grad_mask, e.acts != 0
+        assert bool(a.any()) and bool((m & ~a).any()) and (case == "wide-window" or bool((~m).any()))
+
+
+@pytest.mark.parametrize("use", ["acts", "pre"])
+def test_torch_encode_one_output_used(use):
+    inputs = _encode_inputs(19, 2, 20, 30, 0.5, "ragged", torch.float64)
+    _check_encode(torch_encode, inputs, 0.5, False, use, 1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("B,N,D,F,bandwidth,case", ENCODE_CASES, ids=[c[-1] for c in ENCODE_CASES])
+@pytest.mark.parametrize("st", [False, True], ids=["st-off", "st-to-preact"])
+def test_triton_encode(B, N, D, F, bandwidth, case, st):
+    inputs = [t.to(DEV) for t in _encode_inputs(B, N, D, F, bandwidth, case, torch.float32)]
+    _check_encode(triton_ops.triton_encode, inputs, bandwidth, st, "both", 1e-6, blocks=ENC_BLOCKS)
+
+
+@needs_triton
+@pytest.mark.parametrize("use", ["acts", "pre"])
+def test_triton_encode_one_output_used(use):
+    inputs = [t.to(DEV) for t in _encode_inputs(19, 2, 20, 30, 0.5, "ragged", torch.float32)]
+    _check_encode(triton_ops.triton_encode, inputs, 0.5, False, use, 1e-6, blocks=ENC_BLOCKS)
+
+
+@needs_cuda
+def test_triton_encode_bf16_forward_matches_twin():
+    g = _gen(3)
+    B, N, D, F = 300, 3, 256, 520
+    x = torch.randn(B, N, D, generator=g).bfloat16().cuda()
+    W = (torch.randn(N, F, D, generator=g) / math.sqrt(D)).bfloat16().cuda()
+    b = (torch.randn(N, F, generator=g) * 0.1).bfloat16().cuda()
+    lt = (torch.rand(N, F, generator=g) * 0.5 + 0.1).log().bfloat16().cuda()
+    enc = triton_ops.triton_encode(x, W, b, lt, 0.5, False)
+    pre, acts, mask = encode_forward_twin(x, W, b, lt, 0.5)
+    # bf16 storage of pre: 2^-8 relative; fp32 accumulation order: negligible next to it.
+    _close(enc.pre.float(), pre, 1e-2, "pre (bf16)")
+    _close(enc.acts.float(), acts, 1e-2, "acts (bf16)")
+    # the mask may differ only where the fp32 pre-activation is within bf16 rounding of an edge
+    flips = (enc.grad_mask != mask).float().mean().item()
+    assert flips < 1e-3, f"grad_mask differs at {flips:.2%} of positions"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole CLT forward + backward with install(clt, impl) against the dense references
+
+
+def _clt_grads(impl, cfg, dtype, device, x, y):
+    clt = CLT(cfg, generator=_gen(11)).double()
+    if cfg.activation == "jumprelu":  # in float64 for every impl, so all see the same thresholds
+        clt.calibrate_thresholds(x, 0.1)
+    clt.to(device=device, dtype=dtype)
+    assert kernels.install(clt, impl) == impl
+    enc, y_hat = clt(x.to(device, dtype))
+    terms = loss_terms(clt, enc, y_hat, y.to(device, dtype), LossWeights(sparsity=0.1, preact=1e-2))
+    sum(terms.values()).backward()
+    return y_hat.detach(), {n: p.grad for n, p in clt.named_parameters()}
+
+
+CLT_CASES = [
+    dict(n_layers=3, d_model=16, n_features=40, bandwidth=0.3),  # sparse window: sampled acts grad
+    dict(n_layers=3, d_model=16, n_features=40),  # eps = 2: the window is dense
+    dict(n_layers=3, d_model=16, n_features=40, per_layer=True, bandwidth=0.3,
+         straight_through_to_preact=True),
+    dict(n_layers=2, d_model=16, n_features=40, activation="topk", topk=4),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch_sparse", "triton"])
+@pytest.mark.parametrize("cfg", CLT_CASES, ids=["clt", "clt-eps2", "plt-st", "topk"])
+def test_clt_end_to_end(impl, cfg):
+    if impl == "triton" and triton_ops is None:
+        pytest.skip("triton is not importable")
+    dtype = torch.float64 if impl == "torch_sparse" else torch.float32
+    device = DEV if impl == "triton" else "cpu"
+    cfg = CLTConfig(**cfg)
+    g = _gen(5)
+    x = torch.randn(24, cfg.n_layers, cfg.d_model, generator=g, dtype=torch.float64) * 4
+    y = torch.randn(24, cfg.n_layers, cfg.d_model, generator=g, dtype=torch.float64)
+    y_ref, g_ref = _clt_grads("dense", cfg, torch.float64, "cpu", x, y)
+    y_k, g_k = _clt_grads(impl, cfg, dtype, device, x, y)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    _close(y_k, y_ref, rtol, "y_hat")
+    for name, gr in g_ref.items():
+        _close(g_k[name], gr, rtol, f"grad {name}")
