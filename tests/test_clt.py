@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cltrain.train.clt import (CLT, CLTConfig, LossWeights, batch_metrics, jumprelu, jumprelu_grad_mask,
+from cltrain.train.clt import (CLT, CLTConfig, LossWeights, RowNorm, batch_metrics, jumprelu, jumprelu_grad_mask,
                                loss_terms, mse_loss, preact_loss, reference_decode, sparsity_loss)
 
 
@@ -257,3 +257,30 @@ def test_adam_recovers_a_known_sparse_dictionary():
     assert first_nmse > 0.9
     assert m["nmse"].mean() < 0.1, m["nmse"]
     assert 1.5 <= m["l0"].mean() <= 2 * k, m["l0"]
+
+
+def test_fused_loss_terms_match_plain_autograd():
+    """The hand-written backward of the norm, sparsity and pre-activation terms equals autograd of the
+    plain formulas (float64, random inputs with both signs of theta - h)."""
+    g = torch.Generator().manual_seed(3)
+    B, N, F, S, D = 7, 3, 11, 4, 5
+    W = torch.randn(F, S, D, generator=g, dtype=torch.float64, requires_grad=True)
+    acts = torch.rand(B, N, F, generator=g, dtype=torch.float64).mul(torch.rand(B, N, F, generator=g) < 0.5)
+    acts.requires_grad_(True)
+    pre = torch.randn(B, N, F, generator=g, dtype=torch.float64, requires_grad=True)
+    theta = torch.rand(N, F, generator=g, dtype=torch.float64).requires_grad_(True)
+    norms_in = torch.rand(N, F, generator=g, dtype=torch.float64).add(0.1).requires_grad_(True)
+
+    def both(fused, plain, inputs):
+        out_f, out_p = fused(*inputs), plain(*inputs)
+        torch.testing.assert_close(out_f, out_p)
+        gf = torch.autograd.grad(out_f, inputs)
+        gp = torch.autograd.grad(out_p, inputs)
+        for a, b in zip(gf, gp):
+            torch.testing.assert_close(a, b)
+
+    both(lambda w: RowNorm.apply(w).pow(3).sum(), lambda w: w.pow(2).sum(dim=(1, 2)).sqrt().pow(3).sum(), (W,))
+    both(lambda a, n: sparsity_loss(a, n, 0.7, 4.0),
+         lambda a, n: 0.7 * torch.tanh(4.0 * n * a).sum(dim=(1, 2)).mean(), (acts, norms_in))
+    both(lambda h, t, n: preact_loss(h, t, n, 0.3),
+         lambda h, t, n: 0.3 * (torch.relu(t - h) * n).sum(dim=(1, 2)).mean(), (pre, theta, norms_in))

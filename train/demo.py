@@ -36,7 +36,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=24576, help="tokens to harvest (train + held out)")
     p.add_argument("--layers", default=None, help="first,last layer (default: all)")
     p.add_argument("--features", type=int, default=128, help="features per layer (CLT and PLT alike)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (short runs want a large one)")
     p.add_argument("--batch-tokens", type=int, default=256)
     p.add_argument("--lambda-s", type=float, default=None, help="final sparsity coefficient (default: configs)")
     p.add_argument("--eval-sequences", type=int, default=8, help="replacement-model sequences x 128 tokens")
@@ -71,7 +72,7 @@ def main(argv=None):
         stage(f"2/4 train the {name.upper()}: {args.features} features per layer, {args.steps} steps")
         run_dir = out / name
         overrides = [f"model={model_group}", f"data.path={data_dir}", f"model.n_features={args.features}",
-                     f"steps={args.steps}", f"batch_tokens={args.batch_tokens}", f"out_dir={run_dir}",
+                     f"steps={args.steps}", f"batch_tokens={args.batch_tokens}", f"optim.lr={args.lr}", f"out_dir={run_dir}",
                      f"logger.run_name=demo-{name}", "logger.group=demo",
                      f"checkpoint_every={max(1, args.steps // 2)}", "log_every=25", "resume=true"]
         if args.lambda_s is not None:
