@@ -36,10 +36,12 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=24576, help="tokens to harvest (train + held out)")
     p.add_argument("--layers", default=None, help="first,last layer (default: all)")
     p.add_argument("--features", type=int, default=128, help="features per layer (CLT and PLT alike)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (short runs want a large one)")
     p.add_argument("--batch-tokens", type=int, default=256)
-    p.add_argument("--lambda-s", type=float, default=None, help="final sparsity coefficient (default: configs)")
+    # 5 rather than the config's 1: with 128 features per layer and a 2-minute run, 1 leaves ~20% of
+    # the features firing on every token (measured: L0 25 vs 9.5 per layer at equal NMSE).
+    p.add_argument("--lambda-s", type=float, default=5.0, help="final sparsity coefficient")
     p.add_argument("--eval-sequences", type=int, default=8, help="replacement-model sequences x 128 tokens")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args(argv)
@@ -108,7 +110,7 @@ def main(argv=None):
               f"{s['top1_b']:11.3f}{s['ce_rec_a']:12.3f}{s['ce_rec_b']:12.3f}")
     print(f"\nactivations    {data_dir}\nCLT            {models['clt']}\nPLT            {models['plt']}\n"
           f"evaluations    {models['clt'] / 'eval'}, {models['plt'] / 'eval'}\nfrontier plot  {frontier}\n"
-          f"circuit-tracer {export_dir}\nW&B (offline)  ./wandb  (`wandb sync` to upload)\n"
+          f"circuit-tracer {export_dir}\nW&B (offline)  {out}/*/wandb, {out}/*/model/eval/wandb  (`wandb sync DIR`)\n"
           f"summary        {out / 'summary.json'}")
 
 
