@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cltrain import kernels
-from cltrain.train.clt import CLT, CLTConfig, LossWeights, loss_terms, reference_decode
+from cltrain.train.clt import CLT, CLTConfig, LossWeights, loss_terms
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -268,9 +268,6 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
         log(f"   round {rnd}: " + "; ".join(
             f"{n}/{r}: " + ", ".join(f"{k} {v:.3g}" for k, v in best[(n, r)].items()) for n, r, _ in configs))
     breakdown = step_breakdown(clt, opt, x, y, weights, regimes["trained-like"], sh.reps) if sh.step else None
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
-    del opt
 
     dense = best[("dense", "any")]
     for key, note in checks.items():
@@ -309,7 +306,6 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
               f"(encode 6BNFD = {enc_flops / 1e9:.3g} GFLOP, dense decode 2BFD x {slots} slots = "
               f"{dec_flops / 1e9:.3g} GFLOP per product). The step is forward, loss terms (MSE, sparsity, "
               "pre-activation), backward, grad-norm clipping and Adam(fused=True).", ""]
-    del clt, x, y, enc_leaves, W_leaves, acts_by_regime
 
 
 def step_breakdown(clt, opt, x, y, weights, eps, reps) -> dict:

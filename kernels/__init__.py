@@ -25,7 +25,6 @@ from .torch_ops import torch_encode, torch_sparse_decode
 IMPLEMENTATIONS = ("dense", "torch_sparse", "triton")
 
 
-
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

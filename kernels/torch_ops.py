@@ -183,14 +183,14 @@ class _TorchSparseDecode(torch.autograd.Function):
                 torch.addmm(y_s, _csr(crow, f_idx, values.to(W2.dtype), (B, F)), W2, out=y_s)
         ctx.nz = nz
         ctx.dense_grad_above = dense_grad_above
-        ctx.shape = (B, N, F, D)
         ctx.save_for_backward(grad_mask, *W_dec)
         return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         grad_mask, *W_dec = ctx.saved_tensors
-        B, N, F, D = ctx.shape
+        B, N, D = grad_y.shape
+        F = W_dec[0].shape[0]
         dY = _upcast(grad_y)
         need_acts = ctx.needs_input_grad[0]
         need_W = any(ctx.needs_input_grad[3:])

@@ -276,7 +276,7 @@ class _TritonDecode(torch.autograd.Function):
                 y, w, crow, f_idx, values, s, N, D, n_slots, w.stride(0), w.stride(1),
                 BLOCK_S=_block_s(n_slots), BLOCK_D=block_d)
         ctx.nz = nz
-        ctx.dense_grad_above, ctx.block_d, ctx.F = dense_grad_above, block_d, F
+        ctx.dense_grad_above, ctx.block_d = dense_grad_above, block_d
         ctx.save_for_backward(grad_mask, *W_dec)
         return y.to(torch.promote_types(acts.dtype, W_dec[0].dtype))
 
@@ -284,7 +284,7 @@ class _TritonDecode(torch.autograd.Function):
     def backward(ctx, grad_y):
         grad_mask, *W_dec = ctx.saved_tensors
         B, N, D = grad_y.shape
-        F, block_d = ctx.F, ctx.block_d
+        F, block_d = W_dec[0].shape[0], ctx.block_d
         dY = grad_y.contiguous()
         need_acts = ctx.needs_input_grad[0]
         acts_fm = ctx.nz.feature_major() if any(ctx.needs_input_grad[4:]) else None

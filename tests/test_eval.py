@@ -52,7 +52,7 @@ def test_shard_metrics_match_hand_computation(tmp_path, make_dataset):
     assert m["tokens"] == x.shape[0] == 256
     with torch.no_grad():
         enc, y_hat = clt(x)
-    x64, y64, yh64 = x.double(), y.double(), y_hat.double()
+    y64, yh64 = y.double(), y_hat.double()
     nmse = ((yh64 - y64) ** 2).sum(-1).mean(0) / ((y64 - y64.mean(0)) ** 2).sum(-1).mean(0)
     torch.testing.assert_close(torch.tensor(m["nmse"]["per_layer"], dtype=torch.float64), nmse, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.tensor(m["explained_variance"]["per_layer"], dtype=torch.float64), 1 - nmse,

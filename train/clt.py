@@ -116,9 +116,14 @@ class Encoded(NamedTuple):
     grad_mask: torch.Tensor | None  # [B, N, F] bool: where a decode must produce d loss / d a (None: all)
 
 
+def preactivations(x, W_enc, b_enc):
+    """h = W_enc x + b_enc per layer: x [B, N, D] -> [B, N, F]."""
+    return torch.einsum("bnd,nfd->bnf", x, W_enc) + b_enc
+
+
 def reference_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact: bool) -> Encoded:
     """JumpReLU encode: h = W_enc x + b_enc per layer, a = JumpReLU(h). x [B, N, D] -> [B, N, F]."""
-    pre = torch.einsum("bnd,nfd->bnf", x, W_enc) + b_enc
+    pre = preactivations(x, W_enc, b_enc)
     acts = jumprelu(pre, log_threshold, bandwidth, st_to_preact)
     mask = jumprelu_grad_mask(pre.detach(), log_threshold.detach().exp(), bandwidth)
     return Encoded(pre, acts, mask)
@@ -191,7 +196,7 @@ class CLT(nn.Module):
     # -- forward pieces -------------------------------------------------------------------------------
 
     def preactivations(self, x):
-        return torch.einsum("bnd,nfd->bnf", x, self.W_enc) + self.b_enc
+        return preactivations(x, self.W_enc, self.b_enc)
 
     def encode(self, x) -> Encoded:
         cfg = self.cfg
@@ -348,7 +353,9 @@ def auxk_loss(model: CLT, enc: Encoded, y_hat, y, dead: torch.Tensor | None, wei
     top = pre.topk(k, dim=-1)
     aux_acts = torch.zeros_like(enc.pre).scatter(-1, top.indices, Fn.relu(top.values.nan_to_num(0, 0, 0)))
     err = (y - y_hat).detach()
-    err_hat = model.reduce_partial(reference_decode(aux_acts, list(model.W_dec)))
+    # The model's own (sparse) decode: aux_acts hold at most k entries per token and layer, and their
+    # gradient is only read where they are positive (scatter of relu'd values).
+    err_hat = model.reduce_partial(model.decode_impl(aux_acts, list(model.W_dec), aux_acts > 0))
     denom = (err - err.mean(0)).pow(2).sum(dim=(1, 2)).mean().clamp_min(1e-12)
     return weight * (err_hat - err).pow(2).sum(dim=(1, 2)).mean() / denom
 

@@ -991,9 +991,7 @@ class ActivationLoader:
         return out[0], out[1], wid[idx]
 
     def _make_batch(self, parts: list[tuple]) -> Batch:
-        x = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        y = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        t = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+        x, y, t = (torch.cat(v) if len(parts) > 1 else v[0] for v in zip(*parts))
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
             x, y, t = (v.pin_memory().to(self.device, non_blocking=True) for v in (x, y, t))
         elif self.device.type != "cpu":

@@ -22,6 +22,7 @@ Two parts, both written to <out_dir>/metrics.json, PNG plots, and W&B (DESIGN se
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -355,12 +356,11 @@ def eval_token_batches(tokenizer, text: str | os.PathLike | None, n_sequences: i
 
 
 def _save_figure(fig, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buf.getvalue())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(e.errno, f"{path}: write failed ({e.strerror or e})") from e
 
 

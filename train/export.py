@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .clt import CLT
 from .config import CONFIG_DIR, ConfigError
-from .model_io import META, load_clt
+from .model_io import META, load_clt, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -215,22 +215,6 @@ def _check_free_space(parent: Path, needed: int, out_dir: Path):
                                     f"{free / 2**20:.1f} MiB free on that disk; nothing was written")
 
 
-def _replace_dir(stage: Path, out_dir: Path):
-    """Move the finished stage folder to out_dir, replacing an older export only at the very end."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    try:
-        os.replace(stage, out_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
            dtype: str = "float32", overwrite: bool = False, model_name: str | None = None,
            feature_input_hook: str | None = None, dataset: str | os.PathLike | None = None,
@@ -319,7 +303,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         text = yaml.safe_dump(config, sort_keys=False)
         try:
             (stage / CONFIG_FILE).write_text(text)
-            _replace_dir(stage, out_dir)
+            replace_dir(stage, out_dir)
         except OSError as e:
             raise OSError(e.errno, f"{out_dir / CONFIG_FILE}: write failed ({e.strerror or e}); "
                                    f"nothing was exported") from e

@@ -32,13 +32,14 @@ from typing import Iterator
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as st_save
 from tqdm import tqdm
 
 from .config import CONFIG_DIR, ConfigError, require_choice, require_positive_int
 from .data import DATASET_JSON, DTYPES, DatasetInfo, ShardWriter, _mix, all_finite, shard_name
 from .lm import TINY, hook_names, load_lm, mlp_sites, tiny_config
 from .model_io import atomic_write_bytes
+from .parallel import resolve_device
 from .text import describe, documents
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,6 @@ def merge(out_dir: str | os.PathLike, timeout: float = 0.0) -> DatasetInfo:
 # Harvest
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
 def _model_shape(cfg: DictConfig) -> tuple[int, int]:
     """(layer count, width) from the model's config alone (no weights): for --dry-run."""
     spec = str(cfg.base_model)
@@ -220,8 +213,7 @@ def _model_shape(cfg: DictConfig) -> tuple[int, int]:
             c = AutoConfig.from_pretrained(spec)
     c = getattr(c, "text_config", c)
     n = next(getattr(c, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(c, k))
-    d = next(getattr(c, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(c, k))
-    return n, d
+    return n, _width(c)
 
 
 def estimate(cfg: DictConfig, n_layers: int, d_model: int) -> dict:
@@ -292,14 +284,15 @@ def _clean_leftovers(cfg: DictConfig, out: Path, rank: int, size: int, prog: dic
         index = f.name[len(prefix):].split(".", 1)[0]
         if index.isdigit() and int(index) % size == rank:
             f.unlink(missing_ok=True)
-    for f in out.glob(f".carry-rank{rank:04d}-*"):
-        if f.name != prog["carry"]:
-            f.unlink(missing_ok=True)
+    for pattern in (f".carry-rank{rank:04d}-*", f"..carry-rank{rank:04d}-*"):  # carries, their temporary files
+        for f in out.glob(pattern):
+            if f.name != prog["carry"]:
+                f.unlink(missing_ok=True)
 
 
 def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
     _clean_leftovers(cfg, out, rank, size, prog)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(str(cfg.device), int(os.environ.get("LOCAL_RANK", 0)))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     model, tok = load_lm(cfg.base_model, dtype=torch.float32 if cfg.model_dtype == "fp32" else torch.bfloat16,
@@ -311,7 +304,7 @@ def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
     sites = sites[lo:hi + 1]
     if cfg.x_source == "normalized" and not all(s.input_is_norm for s in sites):
         raise ConfigError(f"config key 'x_source' = 'normalized': {cfg.base_model}'s MLPs have no norm before them")
-    d_model = _width(model)
+    d_model = _width(model.config)
     sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     meta = {"layers": list(range(lo, hi + 1)), "d_model": d_model, "hooks": hook_names(sites, cfg.x_source),
             "tokenizer": f"{type(tok).__name__}, vocabulary {len(tok)}", "bos_token_id": sep}
@@ -370,9 +363,7 @@ def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
         elif n - start:  # the shuffled remainder stays in the buffer, and on disk for a resume
             buf = [{k: v[start:].contiguous() for k, v in data.items()}]
             prog["carry"] = f".carry-rank{rank:04d}-{prog['flushes']:06d}.safetensors"
-            tmp = out / (prog["carry"] + ".tmp")
-            save_file(buf[0], str(tmp))
-            os.replace(tmp, out / prog["carry"])
+            atomic_write_bytes(out / prog["carry"], st_save(buf[0]))
         prog["seconds"] = prog.get("seconds", 0.0) + time.monotonic() - t_last  # model loading excluded
         t_last = time.monotonic()
         prog["flushes"] += 1
@@ -450,8 +441,8 @@ def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
             h.remove()
 
 
-def _width(model) -> int:
-    c = model.config
+def _width(c) -> int:
+    """The residual stream width from a model config."""
     return next(getattr(c, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(c, k))
 
 

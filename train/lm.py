@@ -60,14 +60,8 @@ LAYOUTS = (
     ("ln_1", "mlp", True),
     ("input_layernorm", "mlp", True),
 )
-_LAYOUT_NEEDS = {  # what each layout requires to be present on the block
-    0: ("pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp"),
-    1: ("mlp", "post_feedforward_layernorm"),
-    2: ("post_attention_layernorm", "mlp"),
-    3: ("ln_2", "mlp"),
-    4: ("ln_1", "mlp"),
-    5: ("input_layernorm", "mlp"),
-}
+# What each layout requires to be present on the block: its input and output modules, and an MLP.
+_LAYOUT_NEEDS = [tuple(dict.fromkeys((inp, out, "mlp"))) for inp, out, _ in LAYOUTS]
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,11 +24,33 @@ def atomic_write_bytes(path: Path, data: bytes):
     """Write to a temporary name in the same folder, then rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (e.g. disk full) leaves nothing behind
+        raise
+
+
+def replace_dir(stage: Path, dst: Path):
+    """Move a finished folder `stage` to `dst`, replacing an older `dst` only at the very end, so
+    readers see the old folder or the new one, never half of either."""
+    stage, dst = Path(stage), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    try:
+        os.replace(stage, dst)
+    except OSError:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def clt_state(clt: CLT) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from .clt import CLT, batch_metrics, loss_terms
 from .config import CONFIG_DIR, ConfigError, clt_config, loss_weights, validate_train
 from .data import DatasetError, DatasetInfo, loader_from_config
 from .metrics import FeatureStats, RunLogger, StepTimer, gpu_memory, peak_flops
-from .model_io import save_clt
+from .model_io import replace_dir, save_clt
 from .parallel import (Layout, PartialSum, dist_env, gather_clt_state, init_distributed, resolve_device,
                        shard_clt)
 
@@ -253,7 +253,8 @@ def train(cfg: DictConfig) -> Path:
     optimizer = make_optimizer(step_module.parameters(), cfg, device)
     engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, mpu=layout.mpu(),
                                            config=deepspeed_config(cfg, layout), dist_init_required=False)
-    if int(cfg.deepspeed.zero_stage) == 3:
+    zero3 = int(cfg.deepspeed.zero_stage) == 3
+    if zero3:
         # TrainStep calls the CLT's pieces, not CLT.forward, so ZeRO-3 must gather the CLT's parameters
         # for TrainStep's forward/backward: register them as its external parameters.
         for p in clt.parameters():
@@ -284,7 +285,6 @@ def train(cfg: DictConfig) -> Path:
                  + (f", resumed from {resume_from} at step {step}" if saved is not None else ""))
 
     meta_base = {"dataset": _dataset_meta(info)}
-    zero3 = int(cfg.deepspeed.zero_stage) == 3
 
     def write_model(folder: Path):
         """Gather the whole CLT (collective) and let rank 0 write it, in fp32 normalized space."""
@@ -309,6 +309,7 @@ def train(cfg: DictConfig) -> Path:
 
     partial_sum = clt.reduce_partial if isinstance(clt.reduce_partial, PartialSum) else None
     dp, B, accum, log_every = layout.dp_size, int(cfg.batch_tokens), int(cfg.grad_accum), int(cfg.log_every)
+    checkpoint_every = int(cfg.checkpoint_every)
     base_lr, warmup, decay = float(cfg.optim.lr), int(cfg.optim.warmup_steps), float(cfg.optim.decay_fraction)
     lam_final, lam_ramp = float(cfg.model.loss.lambda_s), float(cfg.model.loss.lambda_s_ramp_fraction)
     use_dead = float(cfg.model.loss.auxk) > 0
@@ -362,7 +363,7 @@ def train(cfg: DictConfig) -> Path:
                 logger.advance(1, loss=values["loss/total"], nmse=values["nmse/mean"], l0=values["l0/mean"])
             else:
                 logger.advance(1)
-            if step % int(cfg.checkpoint_every) == 0 or step == stop:
+            if step % checkpoint_every == 0 or step == stop:
                 last_ckpt = save(step)
         if last_ckpt is None:  # resumed at (or past) the stop: make sure the final checkpoint exists
             last_ckpt = ckpt.latest_checkpoint(ckpt_root) or save(step)
@@ -425,13 +426,9 @@ def _report(sums, accum: int, layout: Layout, stats: FeatureStats, timer: StepTi
 def _publish_model(src: Path, dst: Path):
     """Copy the final checkpoint's model folder to OUT/model without a moment where OUT/model is half."""
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, dst)
 
 
 # ----------------------------------------------------------------------------------------------------
