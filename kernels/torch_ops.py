@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from cltrain.train.clt import Encoded, jumprelu_grad_mask
+from cltrain.train.clt import Encoded, jumprelu_grad_mask, preact_gap
 
 # Mask density above which the acts gradient is computed as a dense product (see module docstring).
 DENSE_GRAD_ABOVE = 0.1
@@ -46,73 +46,137 @@ def _quiet_sparse():
 
 
 class _TorchEncode(torch.autograd.Function):
-    """pre = x W_enc^T + b_enc, acts = JumpReLU(pre), grad_mask: one autograd node instead of the
-    reference's three (einsum, add, JumpReLU), so the backward makes fewer passes over [B, N, F]."""
+    """pre = x W_enc^T + b_enc, acts = JumpReLU(pre), grad_mask and preact_gap in one autograd node
+    instead of the reference's several, so the backward makes few passes over [B, N, F].
+
+    d loss / d pre is non-zero on grad_mask (from acts) plus, from preact_gap with upstream gradient
+    q [N, F], -q wherever h < theta. Writing 1[h < theta] = 1 - 1[h >= theta], where h >= theta lies
+    inside grad_mask, it is a part S supported on grad_mask minus a per-feature constant:
+        dW_enc[n] = S_n^T x_n - q_n (sum_b x_n[b])^T      grad_b = sum_b S - B q
+    so when grad_mask is sparse the encoder's weight gradient is a sparse product and a rank-1
+    update, not a dense [F, B] x [B, D] matmul per layer."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact: bool):
+    def forward(ctx, x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact: bool,
+                dense_grad_above: float):
         # [N, B, F] in memory (the layout the reference einsum also returns), viewed as [B, N, F]:
         # each layer's slice acts[:, s] is then contiguous for the decode.
-        pre = torch.baddbmm(b_enc.unsqueeze(1), x.transpose(0, 1), W_enc.transpose(1, 2)).transpose(0, 1)
-        theta = log_threshold.exp()
-        active = pre > theta
+        pre = torch.baddbmm(b_enc.unsqueeze(1), x.transpose(0, 1), W_enc.transpose(1, 2))
+        theta = log_threshold.exp().unsqueeze(1)
+        diff = pre - theta
+        active = diff > 0
         acts = pre * active
-        mask = active | ((pre - theta).abs() < bandwidth / 2)
-        ctx.save_for_backward(x, W_enc, pre, theta)
-        ctx.bandwidth, ctx.st_to_preact = bandwidth, st_to_preact
-        ctx.mark_non_differentiable(mask)
-        return pre, acts, mask
+        gap = diff.clamp_max(0).sum(1).neg_()
+        mask = active.logical_or_(diff.abs_() < bandwidth / 2)  # active and diff are dead now
+        ctx.save_for_backward(x, W_enc, pre, theta, mask)
+        ctx.bandwidth, ctx.st_to_preact, ctx.dense_grad_above = bandwidth, st_to_preact, dense_grad_above
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to scan
+        mask_bnf = mask.transpose(0, 1)
+        ctx.mark_non_differentiable(mask_bnf)
+        return pre.transpose(0, 1), acts.transpose(0, 1), mask_bnf, gap
 
     @staticmethod
-    def backward(ctx, grad_pre, grad_acts, _grad_mask):
-        x, W_enc, pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        N, F = theta.shape
-        B = pre.shape[0]
-        # d loss / d pre, written straight into [N, B, F] memory so the two matmuls below read it
-        # contiguously (a [B, N, F]-contiguous upstream gradient would otherwise be copied twice).
-        gh = pre.new_empty(N, B, F)
-        gh_bnf = gh.transpose(0, 1)
-        grad_log_theta = None
-        if grad_acts is not None:
-            diff = pre - theta
-            torch.mul(grad_acts, diff > 0, out=gh_bnf)
-            if grad_pre is not None:
-                gh_bnf.add_(grad_pre)
-            if ctx.st_to_preact or ctx.needs_input_grad[3]:
-                window_grad = torch.where(diff.abs_() < eps / 2, grad_acts, 0)  # diff is dead now
-                if ctx.st_to_preact:
-                    gh_bnf.add_(window_grad * (theta / eps))
-                if ctx.needs_input_grad[3]:
-                    grad_log_theta = -window_grad.sum(0) * (theta * theta / eps)
-        else:
-            if grad_pre is None:
-                gh.zero_()
-            else:
-                gh_bnf.copy_(grad_pre)
-            if ctx.needs_input_grad[3]:
-                grad_log_theta = torch.zeros_like(theta)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(gh, W_enc).transpose(0, 1)
-        if ctx.needs_input_grad[1]:
-            grad_W = torch.bmm(gh.transpose(1, 2), x.transpose(0, 1))
-        if ctx.needs_input_grad[2]:
-            grad_b = gh.sum(1)
-        return grad_x, grad_W, grad_b, grad_log_theta, None, None
+    def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap):
+        x, W_enc, pre, theta, mask = ctx.saved_tensors
+        N, B, F = pre.shape
+        need_x, need_W, need_b, need_lt = ctx.needs_input_grad[:4]
+        if grad_pre is None and not need_x and mask.sum().item() <= ctx.dense_grad_above * mask.numel():
+            grad_W, grad_b, grad_lt = _encode_backward_sparse(
+                ctx, x, pre, theta, mask, grad_acts, grad_gap)
+            return None, grad_W, grad_b, grad_lt, None, None, None
+        gh, grad_theta = _encode_dense_grad_pre(ctx, pre, theta, grad_pre, grad_acts, grad_gap)
+        grad_x = torch.bmm(gh, W_enc).transpose(0, 1) if need_x else None
+        grad_W = torch.bmm(gh.transpose(1, 2), x.transpose(0, 1)) if need_W else None
+        grad_b = gh.sum(1) if need_b else None
+        grad_lt = grad_theta * theta.squeeze(1) if need_lt else None
+        return grad_x, grad_W, grad_b, grad_lt, None, None, None
 
 
-def torch_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact: bool) -> Encoded:
-    """Fused JumpReLU encode in plain PyTorch; same results and gradients as `reference_encode`."""
-    pre, acts, mask = _TorchEncode.apply(x, W_enc, b_enc, log_threshold, bandwidth, st_to_preact)
-    return Encoded(pre, acts, mask)
+def _jump(ctx, diff, theta, grad_acts):
+    """d loss / d pre from the acts (straight-through term included when configured), and the jump
+    term's contribution to d loss / d theta, at the given pre - theta values."""
+    eps = ctx.bandwidth
+    window_grad = torch.where(diff.abs() < eps / 2, grad_acts, 0)
+    gh = grad_acts * (diff > 0)
+    if ctx.st_to_preact:
+        gh = gh + window_grad * (theta / eps)
+    return gh, -window_grad * (theta / eps)
+
+
+def _encode_dense_grad_pre(ctx, pre, theta, grad_pre, grad_acts, grad_gap):
+    """d loss / d pre as a dense [N, B, F] tensor, and d loss / d theta [N, F]."""
+    N, B, F = pre.shape
+    diff = pre - theta
+    grad_theta = pre.new_zeros(N, F)
+    if grad_acts is not None:
+        gh, jump = _jump(ctx, diff, theta, grad_acts.transpose(0, 1))
+        grad_theta += jump.sum(1)
+    else:
+        gh = pre.new_zeros(N, B, F)
+    if grad_pre is not None:
+        gh += grad_pre.transpose(0, 1)
+    if grad_gap is not None:  # d gap / d h = -1[h < theta], d gap / d theta = #(h < theta)
+        below = diff < 0
+        gh -= below * grad_gap.unsqueeze(1)
+        grad_theta += below.sum(1) * grad_gap
+    return gh.contiguous(), grad_theta
+
+
+def _encode_backward_sparse(ctx, x, pre, theta, mask, grad_acts, grad_gap):
+    """The encoder's gradients from the grad_mask positions and a rank-1 term (see _TorchEncode)."""
+    N, B, F = pre.shape
+    n, b, f = mask.nonzero(as_tuple=True)  # sorted by (layer, token, feature)
+    th = theta.squeeze(1)[n, f]
+    diff = pre[n, b, f] - th
+    grad_theta = pre.new_zeros(N, F)
+    if grad_acts is not None:
+        s_vals, jump = _jump(ctx, diff, th, grad_acts[b, n, f])
+        grad_theta.index_put_((n, f), jump, accumulate=True)
+    else:
+        s_vals = torch.zeros_like(diff)
+    if grad_gap is not None:
+        q = grad_gap[n, f]
+        at_or_above = diff >= 0
+        s_vals = s_vals + q * at_or_above
+        n_below = B - torch.zeros_like(grad_theta).index_put_((n, f), at_or_above.to(pre.dtype),
+                                                               accumulate=True)
+        grad_theta += n_below * grad_gap
+    need_W, need_b, need_lt = ctx.needs_input_grad[1:4]
+    grad_W = grad_b = None
+    if need_b:
+        grad_b = torch.zeros_like(grad_theta).index_put_((n, f), s_vals, accumulate=True)
+        if grad_gap is not None:
+            grad_b -= B * grad_gap
+    if need_W:
+        x_nbd = _upcast(x.transpose(0, 1).contiguous())
+        grad_W = x_nbd.new_zeros(N, F, x.shape[-1])
+        if grad_gap is not None:
+            torch.mul(grad_gap.unsqueeze(2), x_nbd.sum(1).unsqueeze(1), out=grad_W).neg_()
+        layers = SparseLayers.from_indices(n, b, f, s_vals.to(x_nbd.dtype), (N, B, F))
+        with _quiet_sparse():
+            for s, (ccol, b_idx, vals, _) in enumerate(layers.feature_major()):
+                if vals.numel():
+                    torch.addmm(grad_W[s], _csr(ccol, b_idx, vals, (F, B)), x_nbd[s], out=grad_W[s])
+        grad_W = grad_W.to(x.dtype)
+    grad_lt = grad_theta * theta.squeeze(1) if need_lt else None
+    return grad_W, grad_b, grad_lt
+
+
+def torch_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact: bool, *,
+                 dense_grad_above: float = DENSE_GRAD_ABOVE) -> Encoded:
+    """Fused JumpReLU encode in plain PyTorch; same results and gradients as `reference_encode`.
+    The weight gradients are sparse products where grad_mask covers at most `dense_grad_above` of
+    the positions (and nothing needs d loss / d x or d loss / d pre), dense matmuls otherwise."""
+    pre, acts, mask, gap = _TorchEncode.apply(x, W_enc, b_enc, log_threshold, bandwidth, st_to_preact,
+                                              dense_grad_above)
+    return Encoded(pre, acts, mask, gap)
 
 
 def encode_forward_twin(x, W_enc, b_enc, log_threshold, bandwidth: float):
     """Forward of the encode, without autograd: the twin of the Triton forward kernel."""
     pre = torch.einsum("bnd,nfd->bnf", x.float(), W_enc.float()) + b_enc.float()
     theta = log_threshold.float().exp()
-    return pre, pre * (pre > theta), jumprelu_grad_mask(pre, theta, bandwidth)
+    return pre, pre * (pre > theta), jumprelu_grad_mask(pre, theta, bandwidth), preact_gap(pre, theta)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,10 +191,20 @@ class SparseLayers:
 
     def __init__(self, t, with_values: bool = True):
         nbf = t.transpose(0, 1)  # the encode's memory order: one contiguous scan
-        self.N, self.B, self.F = nbf.shape
-        self.s, self.b, self.f = nbf.nonzero(as_tuple=True)  # sorted by (layer, token, feature)
-        self.values = nbf[self.s, self.b, self.f] if with_values else None
-        self.counts = torch.bincount(self.s, minlength=self.N).tolist()
+        s, b, f = nbf.nonzero(as_tuple=True)  # sorted by (layer, token, feature)
+        self._set(s, b, f, nbf[s, b, f] if with_values else None, nbf.shape)
+
+    @classmethod
+    def from_indices(cls, s, b, f, values, nbf_shape):
+        """From (layer, token, feature) indices sorted in that order, and their values."""
+        self = cls.__new__(cls)
+        self._set(s, b, f, values, nbf_shape)
+        return self
+
+    def _set(self, s, b, f, values, nbf_shape):
+        self.N, self.B, self.F = nbf_shape
+        self.s, self.b, self.f, self.values = s, b, f, values
+        self.counts = torch.bincount(s, minlength=self.N).tolist()
 
     def _ptr(self, key, n_rows: int):
         ptr = torch.zeros(self.N, n_rows + 1, dtype=torch.int64, device=key.device)

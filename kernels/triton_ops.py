@@ -54,7 +54,7 @@ def _dot_f32(dtype) -> bool:
 
 
 @triton.jit
-def _encode_fwd_kernel(x_ptr, w_ptr, b_ptr, lt_ptr, pre_ptr, acts_ptr, mask_ptr,
+def _encode_fwd_kernel(x_ptr, w_ptr, b_ptr, lt_ptr, pre_ptr, acts_ptr, mask_ptr, gap_ptr,
                        B, F, D, half_eps,
                        sxb, sxn, sxd, swn, swf, swd,
                        BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -94,16 +94,19 @@ def _encode_fwd_kernel(x_ptr, w_ptr, b_ptr, lt_ptr, pre_ptr, acts_ptr, mask_ptr,
     tl.store(pre_ptr + out, pre.to(pre_ptr.dtype.element_ty), mask=ok)
     tl.store(acts_ptr + out, acts.to(acts_ptr.dtype.element_ty), mask=ok)
     tl.store(mask_ptr + out, in_mask.to(tl.int8), mask=ok)
+    # this token block's part of preact_gap = sum_b relu(theta - h): [N, cdiv(B, BLOCK_B), F]
+    gap = tl.sum(tl.where(ok & (diff < 0), -diff, 0.0), axis=0)
+    tl.store(gap_ptr + (n * tl.num_programs(0) + pid_b) * F + rf, gap, mask=f_ok)
 
 
 @triton.jit
-def _encode_bwd_kernel(pre_ptr, lt_ptr, gpre_ptr, gacts_ptr, gh_ptr, glt_ptr,
+def _encode_bwd_kernel(pre_ptr, lt_ptr, gpre_ptr, gacts_ptr, ggap_ptr, gh_ptr, glt_ptr,
                        B, F, inv_eps, half_eps,
-                       HAS_GPRE: tl.constexpr, HAS_GACTS: tl.constexpr, ST_TO_PREACT: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):
-    # d loss / d pre (straight-through) for a [all B, BLOCK_F] column of one layer, and the column
-    # sums of the jump term for d loss / d log_theta: a loop over B instead of atomics, so the
-    # threshold gradient is deterministic.
+                       HAS_GPRE: tl.constexpr, HAS_GACTS: tl.constexpr, HAS_GGAP: tl.constexpr,
+                       ST_TO_PREACT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):
+    # d loss / d pre (straight-through, plus -q where h < theta from preact_gap's gradient q) for a
+    # [all B, BLOCK_F] column of one layer, and the column sums for d loss / d log_theta: a loop
+    # over B instead of atomics, so the threshold gradient is deterministic.
     pid_f = tl.program_id(0)
     n = tl.program_id(1)
     rf = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -111,6 +114,10 @@ def _encode_bwd_kernel(pre_ptr, lt_ptr, gpre_ptr, gacts_ptr, gh_ptr, glt_ptr,
     theta = tl.exp(tl.load(lt_ptr + n * F + rf, mask=f_ok, other=0.0).to(tl.float32))
     jump_scale = theta * inv_eps
     jump_sum = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    n_below = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    q = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    if HAS_GGAP:
+        q = tl.load(ggap_ptr + n * F + rf, mask=f_ok, other=0.0).to(tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rb = b0 + tl.arange(0, BLOCK_B)
         ok = (rb < B)[:, None] & f_ok[None, :]
@@ -118,17 +125,21 @@ def _encode_bwd_kernel(pre_ptr, lt_ptr, gpre_ptr, gacts_ptr, gh_ptr, glt_ptr,
         gh = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
         if HAS_GPRE:
             gh += tl.load(gpre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        pre = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        diff = pre - theta[None, :]
+        if HAS_GGAP:
+            below = ok & (diff < 0)
+            gh -= tl.where(below, q[None, :], 0.0)
+            n_below += tl.sum(below.to(tl.float32), axis=0)
         if HAS_GACTS:
-            pre = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             ga = tl.load(gacts_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            diff = pre - theta[None, :]
             gh += tl.where(diff > 0, ga, 0.0)
             jump = tl.where((tl.abs(diff) < half_eps) & ok, ga, 0.0) * jump_scale[None, :]
             if ST_TO_PREACT:
                 gh += jump
             jump_sum += tl.sum(jump, axis=0)
         tl.store(gh_ptr + offs, gh.to(gh_ptr.dtype.element_ty), mask=ok)
-    tl.store(glt_ptr + n * F + rf, -jump_sum * theta, mask=f_ok)
+    tl.store(glt_ptr + n * F + rf, (q * n_below - jump_sum) * theta, mask=f_ok)
 
 
 def _nbf(t):
@@ -145,32 +156,35 @@ class _TritonEncode(torch.autograd.Function):
         pre = x.new_empty(N, B, F)
         acts = x.new_empty(N, B, F)
         mask = torch.empty(N, B, F, dtype=torch.int8, device=x.device)
+        gap_parts = torch.empty(N, triton.cdiv(B, bb), F, dtype=torch.float32, device=x.device)
         b_c, lt_c = b_enc.contiguous(), log_threshold.contiguous()
         grid = (triton.cdiv(B, bb), triton.cdiv(F, bf), N)
-        _encode_fwd_kernel[grid](x, W_enc, b_c, lt_c, pre, acts, mask, B, F, D, bandwidth / 2,
+        _encode_fwd_kernel[grid](x, W_enc, b_c, lt_c, pre, acts, mask, gap_parts, B, F, D, bandwidth / 2,
                                  *x.stride(), *W_enc.stride(),
                                  BLOCK_B=bb, BLOCK_F=bf, BLOCK_D=bd, **ENCODE_LAUNCH,
                                  DOT_F32=_dot_f32(x.dtype) or x.dtype != W_enc.dtype,
                                  IEEE=x.dtype != torch.bfloat16)
         ctx.save_for_backward(x, W_enc, pre, lt_c)
         ctx.bandwidth, ctx.st_to_preact, ctx.blocks = bandwidth, st_to_preact, blocks
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         mask = mask.view(torch.bool).transpose(0, 1)
         ctx.mark_non_differentiable(mask)
-        return pre.transpose(0, 1), acts.transpose(0, 1), mask
+        return pre.transpose(0, 1), acts.transpose(0, 1), mask, gap_parts.sum(1).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_pre, grad_acts, _grad_mask):
+    def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap):
         x, W_enc, pre, lt = ctx.saved_tensors
         N, B, F = pre.shape
         gh = torch.empty_like(pre)
         glt = torch.empty(N, F, dtype=torch.float32, device=pre.device)
         bb, bf = ctx.blocks["block_b"], ctx.blocks["block_f"]
-        has_gpre, has_gacts = grad_pre is not None, grad_acts is not None
+        has_gpre, has_gacts, has_ggap = (g is not None for g in (grad_pre, grad_acts, grad_gap))
         gpre = _nbf(grad_pre) if has_gpre else pre  # placeholder pointer when absent
         gacts = _nbf(grad_acts) if has_gacts else pre
+        ggap = grad_gap.contiguous() if has_ggap else lt
         _encode_bwd_kernel[(triton.cdiv(F, bf), N)](
-            pre, lt, gpre, gacts, gh, glt, B, F, 1.0 / ctx.bandwidth, ctx.bandwidth / 2,
-            HAS_GPRE=has_gpre, HAS_GACTS=has_gacts, ST_TO_PREACT=ctx.st_to_preact,
+            pre, lt, gpre, gacts, ggap, gh, glt, B, F, 1.0 / ctx.bandwidth, ctx.bandwidth / 2,
+            HAS_GPRE=has_gpre, HAS_GACTS=has_gacts, HAS_GGAP=has_ggap, ST_TO_PREACT=ctx.st_to_preact,
             BLOCK_B=bb, BLOCK_F=bf)
         # The two remaining products are plain batched matmuls: cuBLAS is as good as it gets there.
         grad_x = torch.bmm(gh, W_enc).transpose(0, 1) if ctx.needs_input_grad[0] else None
@@ -183,9 +197,9 @@ class _TritonEncode(torch.autograd.Function):
 def triton_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact: bool,
                   *, blocks: dict | None = None) -> Encoded:
     """Fused JumpReLU encode (Triton); results and gradients as `reference_encode`."""
-    pre, acts, mask = _TritonEncode.apply(x, W_enc, b_enc, log_threshold, bandwidth, st_to_preact,
-                                          {**ENCODE_BLOCKS, **(blocks or {})})
-    return Encoded(pre, acts, mask)
+    pre, acts, mask, gap = _TritonEncode.apply(x, W_enc, b_enc, log_threshold, bandwidth, st_to_preact,
+                                               {**ENCODE_BLOCKS, **(blocks or {})})
+    return Encoded(pre, acts, mask, gap)
 
 
 # ----------------------------------------------------------------------------------------------------

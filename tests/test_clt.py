@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cltrain.train.clt import (CLT, CLTConfig, LossWeights, RowNorm, batch_metrics, jumprelu, jumprelu_grad_mask,
-                               loss_terms, mse_loss, preact_loss, reference_decode, sparsity_loss)
+                               loss_terms, mse_loss, preact_gap, preact_loss, reference_decode,
+                               sparsity_loss)
 
 
 def make_clt(N=3, D=8, F=16, seed=0, **kw):
@@ -161,7 +162,8 @@ def test_loss_terms_equal_formulas_on_hand_built_case():
     expect_p = lam_p * ((0.5 - 0.1) * 5 + (1.0 - 0.2) * 2 + (0.5 + 1.0) * 5 + 0) / 2
     norms = clt.decoder_norms()
     assert sparsity_loss(acts, norms, lam_s, c).item() == pytest.approx(expect_s, rel=1e-6)
-    assert preact_loss(pre, clt.threshold, norms, lam_p).item() == pytest.approx(expect_p, rel=1e-6)
+    gap = preact_gap(pre, clt.threshold)
+    assert preact_loss(gap, norms, lam_p, 2).item() == pytest.approx(expect_p, rel=1e-6)
     y_hat = torch.tensor([[[1.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
     y = torch.tensor([[[0.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])
     assert mse_loss(y_hat, y).item() == pytest.approx((1 + 4 + 1 + 1) / 2)
@@ -282,5 +284,5 @@ def test_fused_loss_terms_match_plain_autograd():
     both(lambda w: RowNorm.apply(w).pow(3).sum(), lambda w: w.pow(2).sum(dim=(1, 2)).sqrt().pow(3).sum(), (W,))
     both(lambda a, n: sparsity_loss(a, n, 0.7, 4.0),
          lambda a, n: 0.7 * torch.tanh(4.0 * n * a).sum(dim=(1, 2)).mean(), (acts, norms_in))
-    both(lambda h, t, n: preact_loss(h, t, n, 0.3),
+    both(lambda h, t, n: preact_loss(preact_gap(h, t), n, 0.3, B),
          lambda h, t, n: 0.3 * (torch.relu(t - h) * n).sum(dim=(1, 2)).mean(), (pre, theta, norms_in))

@@ -254,6 +254,7 @@ def _check_encode(fn, inputs, bandwidth, st, use, rtol, **kw):
     F = inputs[1].shape[1]
     g = _gen(7)
     ga, gp = torch.randn(B, N, F, generator=g), torch.randn(B, N, F, generator=g)
+    gg = torch.randn(N, F, generator=g)
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     ker_in = [t.detach().clone().requires_grad_() for t in inputs]
     outs = []
@@ -265,11 +266,16 @@ def _check_encode(fn, inputs, bandwidth, st, use, rtol, **kw):
             loss = loss + (enc.acts * ga.to(enc.acts)).sum()
         if use in ("pre", "both"):
             loss = loss + (enc.pre * gp.to(enc.pre)).sum()
+        if use in ("gap", "both", "acts+gap"):
+            loss = loss + (enc.preact_gap * gg.to(enc.preact_gap)).sum()
+        if use == "acts+gap":
+            loss = loss + (enc.acts * ga.to(enc.acts)).sum()
         grads = torch.autograd.grad(loss, args, allow_unused=True)  # log_threshold: unused via pre
         outs.append((enc, [torch.zeros_like(a) if g is None else g for a, g in zip(args, grads)]))
     (e_r, g_r), (e_k, g_k) = outs
     _close(e_k.pre, e_r.pre, rtol, "pre")
     _close(e_k.acts, e_r.acts, rtol, "acts")
+    _close(e_k.preact_gap, e_r.preact_gap, rtol, "preact_gap")
     assert e_k.grad_mask.dtype == torch.bool and torch.equal(e_k.grad_mask.cpu(), e_r.grad_mask.cpu())
     for name, a, b in zip(("x", "W_enc", "b_enc", "log_threshold"), g_k, g_r):
         _close(a, b, rtol, f"grad {name}")
@@ -288,10 +294,33 @@ def test_torch_encode(B, N, D, F, bandwidth, case, st):
         assert bool(a.any()) and bool((m & ~a).any()) and (case == "wide-window" or bool((~m).any()))
 
 
-@pytest.mark.parametrize("use", ["acts", "pre"])
+@pytest.mark.parametrize("use", ["acts", "pre", "gap"])
 def test_torch_encode_one_output_used(use):
     inputs = _encode_inputs(19, 2, 20, 30, 0.5, "ragged", torch.float64)
     _check_encode(torch_encode, inputs, 0.5, False, use, 1e-12)
+
+
+@pytest.mark.parametrize("B,N,D,F,bandwidth,case", ENCODE_CASES, ids=[c[-1] for c in ENCODE_CASES])
+@pytest.mark.parametrize("st", [False, True], ids=["st-off", "st-to-preact"])
+@pytest.mark.parametrize("use", ["acts+gap", "acts", "gap"])
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_torch_encode_weight_grads_sparse_and_dense(B, N, D, F, bandwidth, case, st, use, path):
+    # What training asks for (no d loss / d x, no d loss / d pre): the weight gradients come from the
+    # grad_mask positions plus a rank-1 term (sparse) or from dense matmuls; both equal the reference.
+    x, W, b, lt = _encode_inputs(B, N, D, F, bandwidth, case, torch.float64)
+    grads = []
+    for fn, kw in ((reference_encode, {}),
+                   (torch_encode, {"dense_grad_above": 1.0 if path == "sparse" else -1.0})):
+        params = [t.clone().requires_grad_() for t in (W, b, lt)]
+        enc = fn(x, *params, bandwidth, st, **kw)
+        g = _gen(5)
+        gap_w = torch.randn(N, F, generator=g, dtype=torch.float64)
+        acts_w = torch.randn(B, N, F, generator=g, dtype=torch.float64)
+        terms = {"acts": (enc.acts * acts_w).sum(), "gap": (enc.preact_gap * gap_w).sum()}
+        loss = sum(terms[k] for k in use.split("+"))
+        grads.append(torch.autograd.grad(loss, params))
+    for name, a, r in zip(("W_enc", "b_enc", "log_threshold"), *grads):
+        _close(a, r, 1e-12, f"grad {name} ({path})")
 
 
 @needs_triton
@@ -303,7 +332,7 @@ def test_triton_encode(B, N, D, F, bandwidth, case, st):
 
 
 @needs_triton
-@pytest.mark.parametrize("use", ["acts", "pre"])
+@pytest.mark.parametrize("use", ["acts", "pre", "gap"])
 def test_triton_encode_one_output_used(use):
     inputs = [t.to(DEV) for t in _encode_inputs(19, 2, 20, 30, 0.5, "ragged", torch.float32)]
     _check_encode(triton_ops.triton_encode, inputs, 0.5, False, use, 1e-6, blocks=ENC_BLOCKS)
@@ -318,10 +347,11 @@ def test_triton_encode_bf16_forward_matches_twin():
     b = (torch.randn(N, F, generator=g) * 0.1).bfloat16().cuda()
     lt = (torch.rand(N, F, generator=g) * 0.5 + 0.1).log().bfloat16().cuda()
     enc = triton_ops.triton_encode(x, W, b, lt, 0.5, False)
-    pre, acts, mask = encode_forward_twin(x, W, b, lt, 0.5)
+    pre, acts, mask, gap = encode_forward_twin(x, W, b, lt, 0.5)
     # bf16 storage of pre: 2^-8 relative; fp32 accumulation order: negligible next to it.
     _close(enc.pre.float(), pre, 1e-2, "pre (bf16)")
     _close(enc.acts.float(), acts, 1e-2, "acts (bf16)")
+    _close(enc.preact_gap.float(), gap, 1e-2, "preact_gap (bf16)")
     # the mask may differ only where the fp32 pre-activation is within bf16 rounding of an edge
     flips = (enc.grad_mask != mask).float().mean().item()
     assert flips < 1e-3, f"grad_mask differs at {flips:.2%} of positions"
