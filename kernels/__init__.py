@@ -15,6 +15,7 @@ feature parallelism each rank decodes its local features.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 
@@ -50,6 +51,30 @@ def _device(clt):
         return next(clt.parameters()).device
     except StopIteration:
         return None
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def retain_freed_cpu_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of returning it to the OS; True if applied.
+
+    By default glibc serves every block over 32 MiB with a fresh mmap and unmaps it on free, so each
+    [B, N, F] temporary of a CPU training step (~200 MB at N=12, F=4096, B=1024) is page-faulted in
+    anew: about as costly as the arithmetic on it. Serving large blocks from the heap and never
+    trimming it makes later steps reuse memory that is already mapped (benchmarks/kernels.md). The
+    cost is that the process keeps its peak heap. A no-op (False) off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    # mallopt caps the mmap threshold (32 MiB on 64-bit glibc < 2.35, HEAP_MAX/2 later); the
+    # largest accepted value is what matters, so try from large to small.
+    ok_trim = bool(mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1)))
+    ok_mmap = any(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(v)) for v in (2 ** 31 - 1, 2 ** 30, 2 ** 25))
+    return ok_trim and ok_mmap
 
 
 def install(clt, impl: str = "auto") -> str:

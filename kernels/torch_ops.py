@@ -66,8 +66,12 @@ class _TorchEncode(torch.autograd.Function):
         diff = pre - theta
         active = diff > 0
         acts = pre * active
-        gap = diff.clamp_max(0).sum(1).neg_()
-        mask = active.logical_or_(diff.abs_() < bandwidth / 2)  # active and diff are dead now
+        # preact_gap = sum_b relu(-diff) = (sum_b |diff| - sum_b diff) / 2: two reductions and no
+        # [N, B, F] temporary (on CPU a fresh one costs page faults as much as the arithmetic)
+        gap = diff.sum(1)
+        diff.abs_()
+        gap = (diff.sum(1) - gap).mul_(0.5)
+        mask = active.logical_or_(diff < bandwidth / 2)  # active and diff are dead now
         ctx.save_for_backward(x, W_enc, pre, theta, mask)
         ctx.bandwidth, ctx.st_to_preact, ctx.dense_grad_above = bandwidth, st_to_preact, dense_grad_above
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to scan

@@ -233,6 +233,9 @@ def train(cfg: DictConfig) -> Path:
     clt = shard_clt(full, layout).to(device)
     del full
     kernel_impl = _install_kernels(clt, str(cfg.get("kernels", "dense")))
+    if device.type == "cpu":  # each step's large temporaries then reuse mapped memory
+        from cltrain.kernels import retain_freed_cpu_memory
+        retain_freed_cpu_memory()
 
     loader = loader_from_config(cfg.data, int(cfg.batch_tokens), dp_rank=layout.dp_rank, dp_size=layout.dp_size,
                                 seed=int(cfg.seed), device=device)
