@@ -43,6 +43,7 @@ triton_ops = _import_triton_ops()
 
 from cltrain import kernels  # noqa: E402
 from cltrain.kernels import torch_encode, torch_sparse_decode  # noqa: E402
+from cltrain.kernels import torch_ops  # noqa: E402
 from cltrain.kernels.torch_ops import encode_forward_twin  # noqa: E402
 from cltrain.train.clt import (CLT, CLTConfig, LossWeights, loss_terms, reference_decode,  # noqa: E402
                                reference_encode)
@@ -165,10 +166,12 @@ def _check_decode(fn, acts, W, dY, mask, rtol, **kw):
 
 @pytest.mark.parametrize("B,N,D,F,per_layer,density,mask_density,case", DECODE_CASES,
                          ids=[c[-1] for c in DECODE_CASES])
-@pytest.mark.parametrize("acts_grad", ["sampled", "dense"])
-def test_torch_sparse_decode(B, N, D, F, per_layer, density, mask_density, case, acts_grad):
+@pytest.mark.parametrize("acts_grad", ["sampled", "sampled-in-blocks", "dense"])
+def test_torch_sparse_decode(B, N, D, F, per_layer, density, mask_density, case, acts_grad, monkeypatch):
     acts, W, dY, mask = _decode_inputs(B, N, D, F, per_layer, density, mask_density, case, torch.float64)
-    thr = 1.0 if acts_grad == "sampled" else 0.0
+    thr = 0.0 if acts_grad == "dense" else 1.0
+    if acts_grad == "sampled-in-blocks":  # column blocks of 16 over up to 3 x 20 columns: a ragged last one
+        monkeypatch.setattr(torch_ops, "SAMPLED_BLOCK", 16)
     _check_decode(torch_sparse_decode, acts, W, dY, mask, 1e-12, dense_grad_above=thr)
 
 
