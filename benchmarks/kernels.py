@@ -158,8 +158,9 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
     log(lines[-2])
 
     # Leaves shared by every implementation (snapshots: the timed steps update clt in place).
+    # As in training: gradients for the encoder's parameters, none for x; the loss reads acts and
+    # preact_gap (the pre-activation penalty), not pre.
     enc_leaves = [p.detach().clone().requires_grad_() for p in (clt.W_enc, clt.b_enc, clt.log_threshold)]
-    enc_leaves.insert(0, x.clone().requires_grad_())
     W_leaves = [w.detach().clone().requires_grad_() for w in clt.W_dec]
     slots = sum(w.shape[1] for w in W_leaves)
     dec_bytes = sum(w.numel() * w.element_size() for w in W_leaves)
@@ -167,6 +168,7 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
     dec_flops = 2 * B * F * D * slots
     gen = torch.Generator(device="cpu").manual_seed(1)
     ga = torch.randn(B, N, F, generator=gen).to(DEVICE, DTYPE)
+    gg = torch.randn(N, F, generator=gen).to(DEVICE, DTYPE)
     dY = torch.randn(B, N, D, generator=gen).to(DEVICE, DTYPE)
 
     def clear(ts):
@@ -177,15 +179,15 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
     acts_by_regime, ref = {}, {}
     for regime, eps in regimes.items():
         clear(enc_leaves)
-        e = kernels.reference_encode(*enc_leaves, eps, False)
-        torch.autograd.backward([e.acts, e.pre], [ga, ga])
+        e = kernels.reference_encode(x, *enc_leaves, eps, False)
+        torch.autograd.backward([e.acts, e.preact_gap], [ga, gg])
         acts_leaf = e.acts.detach().clone().requires_grad_()  # clone keeps the [N, B, F] layout
         acts_by_regime[regime] = (acts_leaf, e.grad_mask)
         clear([acts_leaf, *W_leaves])
         out = kernels.reference_decode(acts_leaf, W_leaves, e.grad_mask)
         out.backward(dY)
-        ref[regime] = (e.pre.detach(), e.acts.detach(), [t.grad for t in enc_leaves], out.detach(),
-                       acts_leaf.grad, [w.grad for w in W_leaves])
+        ref[regime] = (e.pre.detach(), e.acts.detach(), e.preact_gap.detach(), [t.grad for t in enc_leaves],
+                       out.detach(), acts_leaf.grad, [w.grad for w in W_leaves])
         del e, out
 
     configs = [("dense", "any", regimes["trained-like"])]
@@ -196,12 +198,12 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
             checks[(name, regime)] = "reference"
             continue
         encode, decode = impl_fns(name)
-        r_pre, r_acts, r_enc_grads, r_y, r_gacts, r_gW = ref[regime]
+        r_pre, r_acts, r_gap, r_enc_grads, r_y, r_gacts, r_gW = ref[regime]
         try:
             clear(enc_leaves)
-            e = encode(*enc_leaves, eps, False)
-            torch.autograd.backward([e.acts, e.pre], [ga, ga])
-            errs = [rel_err(e.pre, r_pre), rel_err(e.acts, r_acts)]
+            e = encode(x, *enc_leaves, eps, False)
+            torch.autograd.backward([e.acts, e.preact_gap], [ga, gg])
+            errs = [rel_err(e.pre, r_pre), rel_err(e.acts, r_acts), rel_err(e.preact_gap, r_gap)]
             errs += [rel_err(t.grad, r) for t, r in zip(enc_leaves, r_enc_grads)]
             errs.append(float(not torch.equal(e.grad_mask, acts_by_regime[regime][1])))
             acts_leaf, mask = acts_by_regime[regime]
@@ -230,8 +232,8 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
 
         def enc_fb():
             clear(enc_leaves)
-            e = encode(*enc_leaves, eps, False)
-            torch.autograd.backward([e.acts, e.pre], [ga, ga])
+            e = encode(x, *enc_leaves, eps, False)
+            torch.autograd.backward([e.acts, e.preact_gap], [ga, gg])
 
         def dec_f():
             with torch.no_grad():
@@ -338,6 +340,45 @@ def step_breakdown(clt, opt, x, y, weights, eps, reps) -> dict:
             "grad clipping": t_clip, "Adam(fused=True)": t_adam}
 
 
+def allocator_effect(lines, log, reps: int = 2):
+    """Training steps at the CPU default shape (trained-like window) with glibc's default allocator
+    settings, before the rest of the run switches to `kernels.retain_freed_cpu_memory()`."""
+    B, N, D, F = 1024, 12, 768, 4096
+    g = torch.Generator().manual_seed(0)
+    clt = CLT(CLTConfig(n_layers=N, d_model=D, n_features=F), generator=g)
+    x, y = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
+    with torch.no_grad():
+        clt.calibrate_thresholds(x, TARGET_ACTIVE)
+        clt.cfg.bandwidth = window_eps(clt.preactivations(x), clt.threshold, TRAINED_MASK)
+    opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True)
+    weights = LossWeights(sparsity=1e-3, preact=3e-6)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        e, y_hat = clt(x)
+        sum(loss_terms(clt, e, y_hat, y, weights).values()).backward()
+        torch.nn.utils.clip_grad_norm_(clt.parameters(), 1.0)
+        opt.step()
+
+    times = {}
+    for rnd in range(reps):
+        for name in ("dense", "torch_sparse"):
+            kernels.install(clt, name)
+            times[name] = min(times.get(name, math.inf), timed(step, 1, warmup=0 if rnd else 1))
+    kernels.retain_freed_cpu_memory()
+    for name in ("dense", "torch_sparse"):
+        kernels.install(clt, name)
+        times[name + "+retain"] = timed(step, reps)
+    log("   allocator: " + ", ".join(f"{k} {v:.3g} s" for k, v in times.items()))
+    lines += ["### CPU allocator: glibc defaults vs `retain_freed_cpu_memory()` (CPU default shape, "
+              "trained-like window, whole training step)", "",
+              f"glibc defaults: dense {times['dense']:.3g} s, torch_sparse {times['torch_sparse']:.3g} s "
+              f"({times['dense'] / times['torch_sparse']:.2f}x). Freed memory retained (what CPU training "
+              f"sets, and the rest of this run): dense {times['dense+retain']:.3g} s, torch_sparse "
+              f"{times['torch_sparse+retain']:.3g} s ({times['dense+retain'] / times['torch_sparse+retain']:.2f}x). "
+              "Best of a few steps each.", ""]
+
+
 def crossover(lines, log, reps):
     """Activation-gradient cost for one source layer (s = 0, 12 slots) vs grad_mask density."""
     from cltrain.kernels.torch_ops import _acts_grad, _sampled_pairs
@@ -381,6 +422,10 @@ def main(argv=None):
     lines += [f"- ceilings measured in this run: matmul {ceil['tflops']:.3g} TFLOP/s "
               f"({ceil['matmul_n']}^3, {DTYPE}), copy {ceil['gbs']:.3g} GB/s (read + write)", ""]
     log("\n".join(lines))
+    if not CUDA:
+        if not args.quick:
+            allocator_effect(lines, log)
+        kernels.retain_freed_cpu_memory()  # as CPU training does (train/trainer.py)
     shapes = [Shape("small", 256, 4, 128, 512, step=True, reps=5)]
     if not args.quick:
         shapes.append(Shape("CPU default", 1024, 12, 768, 4096, step=True, reps=3))
