@@ -25,6 +25,7 @@ import contextlib
 import warnings
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from cltrain.train.clt import Encoded, jumprelu_grad_mask, preact_gap
 
@@ -74,22 +75,23 @@ class _TorchEncode(torch.autograd.Function):
         diff.abs_()
         gap = (diff.sum(1) - gap).mul_(0.5)
         mask = active.logical_or_(diff < bandwidth / 2)  # active and diff are dead now
-        ctx.save_for_backward(x, W_enc, pre, theta, mask)
+        ctx.save_for_backward(x, W_enc, pre, theta)
         ctx.bandwidth, ctx.st_to_preact, ctx.dense_grad_above = bandwidth, st_to_preact, dense_grad_above
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to scan
-        mask_bnf = mask.transpose(0, 1)
-        ctx.mark_non_differentiable(mask_bnf)
-        return pre.transpose(0, 1), acts.transpose(0, 1), mask_bnf, gap
+        mask = mask.transpose(0, 1)
+        ctx.mark_non_differentiable(mask)
+        ctx.grad_mask = mask  # the object the decode also gets: it keys mask_positions
+        return pre.transpose(0, 1), acts.transpose(0, 1), mask, gap
 
     @staticmethod
     def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap):
-        x, W_enc, pre, theta, mask = ctx.saved_tensors
-        N, B, F = pre.shape
+        x, W_enc, pre, theta = ctx.saved_tensors
         need_x, need_W, need_b, need_lt = ctx.needs_input_grad[:4]
-        if grad_pre is None and not need_x and mask.sum().item() <= ctx.dense_grad_above * mask.numel():
-            grad_W, grad_b, grad_lt = _encode_backward_sparse(
-                ctx, x, pre, theta, mask, grad_acts, grad_gap)
-            return None, grad_W, grad_b, grad_lt, None, None, None
+        if grad_pre is None and not need_x:
+            _, positions = mask_positions(ctx.grad_mask, ctx.dense_grad_above)
+            if positions is not None:
+                return (None, *_encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap),
+                        None, None, None)
         gh, grad_theta = _encode_dense_grad_pre(ctx, pre, theta, grad_pre, grad_acts, grad_gap)
         grad_x = torch.bmm(gh, W_enc).transpose(0, 1) if need_x else None
         grad_W = torch.bmm(gh.transpose(1, 2), x.transpose(0, 1)) if need_W else None
@@ -128,10 +130,10 @@ def _encode_dense_grad_pre(ctx, pre, theta, grad_pre, grad_acts, grad_gap):
     return gh.contiguous(), grad_theta
 
 
-def _encode_backward_sparse(ctx, x, pre, theta, mask, grad_acts, grad_gap):
+def _encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap):
     """The encoder's gradients from the grad_mask positions and a rank-1 term (see _TorchEncode)."""
     N, B, F = pre.shape
-    n, b, f = mask.nonzero(as_tuple=True)  # sorted by (layer, token, feature)
+    n, b, f = positions.s, positions.b, positions.f
     th = theta.squeeze(1)[n, f]
     diff = pre[n, b, f] - th
     grad_theta = pre.new_zeros(N, F)
@@ -158,9 +160,8 @@ def _encode_backward_sparse(ctx, x, pre, theta, mask, grad_acts, grad_gap):
         grad_W = x_nbd.new_zeros(N, F, x.shape[-1])
         if grad_gap is not None:
             torch.mul(grad_gap.unsqueeze(2), x_nbd.sum(1).unsqueeze(1), out=grad_W).neg_()
-        layers = SparseLayers.from_indices(n, b, f, s_vals.to(x_nbd.dtype), (N, B, F))
         with _quiet_sparse():
-            for s, (ccol, b_idx, vals, _) in enumerate(layers.feature_major()):
+            for s, (ccol, b_idx, vals, _) in enumerate(positions.feature_major(s_vals.to(x_nbd.dtype))):
                 if vals.numel():
                     torch.addmm(grad_W[s], _csr(ccol, b_idx, vals, (F, B)), x_nbd[s], out=grad_W[s])
         grad_W = grad_W.to(x.dtype)
@@ -197,20 +198,11 @@ class SparseLayers:
 
     def __init__(self, t, with_values: bool = True):
         nbf = t.transpose(0, 1)  # the encode's memory order: one contiguous scan
-        s, b, f = nbf.nonzero(as_tuple=True)  # sorted by (layer, token, feature)
-        self._set(s, b, f, nbf[s, b, f] if with_values else None, nbf.shape)
-
-    @classmethod
-    def from_indices(cls, s, b, f, values, nbf_shape):
-        """From (layer, token, feature) indices sorted in that order, and their values."""
-        self = cls.__new__(cls)
-        self._set(s, b, f, values, nbf_shape)
-        return self
-
-    def _set(self, s, b, f, values, nbf_shape):
-        self.N, self.B, self.F = nbf_shape
-        self.s, self.b, self.f, self.values = s, b, f, values
-        self.counts = torch.bincount(s, minlength=self.N).tolist()
+        self.N, self.B, self.F = nbf.shape
+        self.s, self.b, self.f = nbf.nonzero(as_tuple=True)  # sorted by (layer, token, feature)
+        self.values = nbf[self.s, self.b, self.f] if with_values else None
+        self.counts = torch.bincount(self.s, minlength=self.N).tolist()
+        self._by_feature = None
 
     def _ptr(self, key, n_rows: int):
         ptr = torch.zeros(self.N, n_rows + 1, dtype=torch.int64, device=key.device)
@@ -223,14 +215,39 @@ class SparseLayers:
         vals = self.values.split(self.counts) if self.values is not None else [None] * self.N
         return list(zip(crow, self.f.split(self.counts), vals))
 
-    def feature_major(self):
-        """Per layer: (column pointers [F + 1], token index, value, feature index), by feature."""
-        key = self.s * self.F + self.f
-        order = torch.argsort(key, stable=True)  # one sort for all layers
-        ccol = self._ptr(key, self.F)
-        vals = (self.values[order].split(self.counts) if self.values is not None
-                else [None] * self.N)
-        return list(zip(ccol, self.b[order].split(self.counts), vals, self.f[order].split(self.counts)))
+    def feature_major(self, values=None):
+        """Per layer: (column pointers [F + 1], token index, value, feature index), by feature.
+        `values` (given in this object's (layer, token, feature) order) replace its own."""
+        if self._by_feature is None:  # one sort for all layers, kept for later calls
+            key = self.s * self.F + self.f
+            order = torch.argsort(key, stable=True)
+            self._by_feature = (order, self._ptr(key, self.F), self.b[order].split(self.counts),
+                                self.f[order].split(self.counts))
+        order, ccol, b_idx, f_idx = self._by_feature
+        values = self.values if values is None else values
+        vals = values[order].split(self.counts) if values is not None else [None] * self.N
+        return list(zip(ccol, b_idx, vals, f_idx))
+
+
+# A grad_mask's positions are walked by the decode's backward and the encode's backward alike: list
+# them once per mask. Keyed weakly by the mask tensor (Encoded.grad_mask, passed to both), so an
+# entry lives as long as that step's mask.
+_MASK_POSITIONS = WeakTensorKeyDictionary()
+
+
+def mask_positions(grad_mask, dense_above: float):
+    """(positions per source layer, SparseLayers of grad_mask [B, N, F] or None): the positions are
+    listed only where the mask covers at most `dense_above` of [B, N, F]; listing a nearly full mask
+    costs more than the dense products it would replace."""
+    entry = _MASK_POSITIONS.get(grad_mask)
+    if entry is None:
+        entry = _MASK_POSITIONS[grad_mask] = [grad_mask.transpose(0, 1).sum(dim=(1, 2)).tolist(), None]
+    counts, layers = entry
+    if sum(counts) > dense_above * grad_mask.numel():
+        return counts, None
+    if layers is None:
+        layers = entry[1] = SparseLayers(grad_mask, with_values=False)
+    return counts, layers
 
 
 def _upcast(t):
@@ -263,12 +280,13 @@ class _TorchSparseDecode(torch.autograd.Function):
                 torch.addmm(y_s, _csr(crow, f_idx, values.to(W2.dtype), (B, F)), W2, out=y_s)
         ctx.nz = nz
         ctx.dense_grad_above = dense_grad_above
-        ctx.save_for_backward(grad_mask, *W_dec)
+        ctx.grad_mask = grad_mask  # the object itself: it keys mask_positions (a bool tensor, no grad)
+        ctx.save_for_backward(*W_dec)
         return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        grad_mask, *W_dec = ctx.saved_tensors
+        W_dec, grad_mask = ctx.saved_tensors, ctx.grad_mask
         B, N, D = grad_y.shape
         F = W_dec[0].shape[0]
         dY = _upcast(grad_y)
@@ -311,16 +329,12 @@ def _sampled_pairs(grad_mask, n_layers: int, dense_grad_above: float):
     of a nearly full mask would cost more than the dense product saves."""
     if grad_mask is None:
         return [None] * n_layers
-    nbf = grad_mask.transpose(0, 1)
-    _, B, F = nbf.shape
-    counts = nbf.sum(dim=(1, 2)).tolist()
-    sparse = [s for s, c in enumerate(counts) if c <= dense_grad_above * B * F]
-    out = [None] * n_layers
-    if sparse:
-        sub = nbf if len(sparse) == n_layers else nbf[sparse]
-        for s, layout in zip(sparse, SparseLayers(sub.transpose(0, 1), with_values=False).feature_major()):
-            out[s] = layout
-    return out
+    B, _, F = grad_mask.shape
+    counts, layers = mask_positions(grad_mask, dense_grad_above)
+    if layers is None:
+        return [None] * n_layers
+    return [pairs if c <= dense_grad_above * B * F else None
+            for c, pairs in zip(counts, layers.feature_major())]
 
 
 def _acts_grad(out, dY_s, W2, pairs):

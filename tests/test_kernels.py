@@ -402,3 +402,26 @@ def test_clt_end_to_end(impl, cfg):
     _close(y_k, y_ref, rtol, "y_hat")
     for name, gr in g_ref.items():
         _close(g_k[name], gr, rtol, f"grad {name}")
+
+
+def test_torch_sparse_step_lists_mask_positions_once(monkeypatch):
+    # The decode's backward and the encode's backward walk the same grad_mask positions: one listing
+    # (plus the decode forward's listing of the active values) per training step.
+    g = _gen(11)
+    clt = CLT(CLTConfig(n_layers=3, d_model=16, n_features=64, bandwidth=0.05), generator=g)
+    x = torch.randn(64, 3, 16, generator=g)
+    clt.calibrate_thresholds(x, 0.05)
+    kernels.install(clt, "torch_sparse")
+    built = []
+    original = torch_ops.SparseLayers.__init__
+
+    def counting_init(self, t, with_values=True):
+        built.append(with_values)
+        original(self, t, with_values)
+
+    monkeypatch.setattr(torch_ops.SparseLayers, "__init__", counting_init)
+    enc, y_hat = clt(x)
+    assert enc.grad_mask.float().mean() < torch_ops.DENSE_GRAD_ABOVE
+    terms = loss_terms(clt, enc, y_hat, torch.randn_like(y_hat), LossWeights(sparsity=0.1, preact=0.1))
+    sum(terms.values()).backward()
+    assert sorted(built) == [False, True], built
