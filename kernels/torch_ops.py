@@ -18,6 +18,11 @@ straight-through window, `grad_mask`). When that mask is sparse it is a sampled 
 (early in training with eps = 2 the window holds almost every position) the plain dense product is
 cheaper. `dense_grad_above` is the mask density where we switch (measured crossover on a 2-core CPU:
 about 10-15%, see benchmarks/kernels.md).
+
+Why the encode's backward is sparse too: in training nothing needs d loss / d x or d loss / d pre
+(the pre-activation penalty reads Encoded.preact_gap), and d loss / d pre is then a part on grad_mask
+minus a per-feature constant, so the encoder's weight gradient is a sparse product plus a rank-1
+term instead of a dense [F, B] x [B, D] matmul per layer (see _TorchEncode).
 """
 from __future__ import annotations
 
