@@ -94,9 +94,16 @@ class _TorchEncode(torch.autograd.Function):
         need_x, need_W, need_b, need_lt = ctx.needs_input_grad[:4]
         if grad_pre is None and not need_x:
             _, positions = mask_positions(ctx.grad_mask, ctx.dense_grad_above)
+            window_sums = False
+            if positions is None and not ctx.st_to_preact:
+                # A wide window (grad_mask dense). Per-token gradients are still needed only where
+                # h >= theta; the window reaches only the threshold gradient, as per-feature sums.
+                at_or_above = (pre >= theta).transpose(0, 1)
+                if at_or_above.sum().item() <= ctx.dense_grad_above * at_or_above.numel():
+                    positions, window_sums = SparseLayers(at_or_above, with_values=False), True
             if positions is not None:
-                return (None, *_encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap),
-                        None, None, None)
+                return (None, *_encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap,
+                                                       window_sums), None, None, None)
         gh, grad_theta = _encode_dense_grad_pre(ctx, pre, theta, grad_pre, grad_acts, grad_gap)
         grad_x = torch.bmm(gh, W_enc).transpose(0, 1) if need_x else None
         grad_W = torch.bmm(gh.transpose(1, 2), x.transpose(0, 1)) if need_W else None
@@ -135,14 +142,21 @@ def _encode_dense_grad_pre(ctx, pre, theta, grad_pre, grad_acts, grad_gap):
     return gh.contiguous(), grad_theta
 
 
-def _encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap):
-    """The encoder's gradients from the grad_mask positions and a rank-1 term (see _TorchEncode)."""
+def _encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap, window_sums: bool):
+    """The encoder's gradients from a rank-1 term and the positions given: grad_mask's, or (with
+    window_sums, straight-through to h off) those where h >= theta, the window's threshold
+    gradient then taken as per-feature sums over the dense grad_acts (see _TorchEncode)."""
     N, B, F = pre.shape
     n, b, f = positions.s, positions.b, positions.f
     th = theta.squeeze(1)[n, f]
     diff = pre[n, b, f] - th
     grad_theta = pre.new_zeros(N, F)
-    if grad_acts is not None:
+    if grad_acts is not None and window_sums:
+        ga = grad_acts.transpose(0, 1)
+        s_vals = ga[n, b, f] * (diff > 0)
+        window = (pre - theta).abs_() < ctx.bandwidth / 2
+        grad_theta -= torch.where(window, ga, 0).sum(1) * (theta.squeeze(1) / ctx.bandwidth)
+    elif grad_acts is not None:
         s_vals, jump = _jump(ctx, diff, th, grad_acts[b, n, f])
         grad_theta.index_put_((n, f), jump, accumulate=True)
     else:

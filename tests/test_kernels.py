@@ -306,14 +306,22 @@ def test_torch_encode_one_output_used(use):
 @pytest.mark.parametrize("B,N,D,F,bandwidth,case", ENCODE_CASES, ids=[c[-1] for c in ENCODE_CASES])
 @pytest.mark.parametrize("st", [False, True], ids=["st-off", "st-to-preact"])
 @pytest.mark.parametrize("use", ["acts+gap", "acts", "gap"])
-@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("path", ["sparse", "window-sums", "dense"])
 def test_torch_encode_weight_grads_sparse_and_dense(B, N, D, F, bandwidth, case, st, use, path):
     # What training asks for (no d loss / d x, no d loss / d pre): the weight gradients come from the
-    # grad_mask positions plus a rank-1 term (sparse) or from dense matmuls; both equal the reference.
+    # grad_mask positions plus a rank-1 term (sparse), from the positions where h >= theta plus
+    # per-feature window sums (window-sums: a dense mask, straight-through to h off), or from dense
+    # matmuls; all equal the reference.
     x, W, b, lt = _encode_inputs(B, N, D, F, bandwidth, case, torch.float64)
+    with torch.no_grad():
+        e = reference_encode(x, W, b, lt, bandwidth, st)
+        at_or_above = (e.pre >= lt.exp()).double().mean().item()
+        in_mask = e.grad_mask.double().mean().item()
+    if path == "window-sums" and not at_or_above < in_mask:
+        pytest.skip("no density between the active positions' and the mask's")
+    threshold = {"sparse": 1.0, "dense": -1.0, "window-sums": (at_or_above + in_mask) / 2}[path]
     grads = []
-    for fn, kw in ((reference_encode, {}),
-                   (torch_encode, {"dense_grad_above": 1.0 if path == "sparse" else -1.0})):
+    for fn, kw in ((reference_encode, {}), (torch_encode, {"dense_grad_above": threshold})):
         params = [t.clone().requires_grad_() for t in (W, b, lt)]
         enc = fn(x, *params, bandwidth, st, **kw)
         g = _gen(5)
