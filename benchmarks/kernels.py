@@ -304,7 +304,8 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
             f"{k} {v:.3g} s" for k, v in breakdown.items()) + "."]
     lines += ["", f"Best of {sh.reps} interleaved rounds. Decode GB/s counts the memory floor of a sparse "
               "decode: W_dec read in the forward, read again for the activation gradient, its gradient "
-              f"written (3 x {dec_bytes / 1e9:.3g} GB at f+b, 1 x at fwd); TFLOP/s counts dense FLOPs "
+              f"written (3 x {dec_bytes / 1e9:.3g} GB at f+b, 1 x at fwd); TFLOP/s counts dense FLOPs, so an "
+              "encode whose backward is a sparse product can pass the matmul ceiling "
               f"(encode 6BNFD = {enc_flops / 1e9:.3g} GFLOP, dense decode 2BFD x {slots} slots = "
               f"{dec_flops / 1e9:.3g} GFLOP per product). The step is forward, loss terms (MSE, sparsity, "
               "pre-activation), backward, grad-norm clipping and Adam(fused=True).", ""]
@@ -340,7 +341,7 @@ def step_breakdown(clt, opt, x, y, weights, eps, reps) -> dict:
             "grad clipping": t_clip, "Adam(fused=True)": t_adam}
 
 
-def allocator_effect(lines, log, reps: int = 2):
+def allocator_effect(lines, log, reps: int = 3):
     """Training steps at the CPU default shape (trained-like window) with glibc's default allocator
     settings, before the rest of the run switches to `kernels.retain_freed_cpu_memory()`."""
     B, N, D, F = 1024, 12, 768, 4096
@@ -361,14 +362,15 @@ def allocator_effect(lines, log, reps: int = 2):
         opt.step()
 
     times = {}
-    for rnd in range(reps):
-        for name in ("dense", "torch_sparse"):
-            kernels.install(clt, name)
-            times[name] = min(times.get(name, math.inf), timed(step, 1, warmup=0 if rnd else 1))
-    kernels.retain_freed_cpu_memory()
-    for name in ("dense", "torch_sparse"):
-        kernels.install(clt, name)
-        times[name + "+retain"] = timed(step, reps)
+    for suffix in ("", "+retain"):
+        if suffix:
+            kernels.retain_freed_cpu_memory()
+        for rnd in range(reps + 1):  # interleaved; round 0 is a warm-up
+            for name in ("dense", "torch_sparse"):
+                kernels.install(clt, name)
+                t = timed(step, 1, warmup=0)
+                if rnd:
+                    times[name + suffix] = min(times.get(name + suffix, math.inf), t)
     log("   allocator: " + ", ".join(f"{k} {v:.3g} s" for k, v in times.items()))
     lines += ["### CPU allocator: glibc defaults vs `retain_freed_cpu_memory()` (CPU default shape, "
               "trained-like window, whole training step)", "",
@@ -376,7 +378,7 @@ def allocator_effect(lines, log, reps: int = 2):
               f"({times['dense'] / times['torch_sparse']:.2f}x). Freed memory retained (what CPU training "
               f"sets, and the rest of this run): dense {times['dense+retain']:.3g} s, torch_sparse "
               f"{times['torch_sparse+retain']:.3g} s ({times['dense+retain'] / times['torch_sparse+retain']:.2f}x). "
-              "Best of a few steps each.", ""]
+              f"Best of {reps} interleaved steps each, after a warm-up round.", ""]
 
 
 def crossover(lines, log, reps):
