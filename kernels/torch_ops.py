@@ -32,7 +32,7 @@ import warnings
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from cltrain.train.clt import Encoded, jumprelu_grad_mask, preact_gap
+from cltrain.train.clt import Encoded, jumprelu_grad_mask, nonzero_acts, preact_gap
 
 # Mask density above which the acts gradient is computed as a dense product (see module docstring).
 DENSE_GRAD_ABOVE = 0.1
@@ -215,10 +215,11 @@ class SparseLayers:
     walk decoder rows once). Index building is batched over layers -- a handful of ops whatever N --
     because on a busy CPU each small parallel op can stall for a scheduler tick."""
 
-    def __init__(self, t, with_values: bool = True):
+    def __init__(self, t, with_values: bool = True, indices=None):
         nbf = t.transpose(0, 1)  # the encode's memory order: one contiguous scan
         self.N, self.B, self.F = nbf.shape
-        self.s, self.b, self.f = nbf.nonzero(as_tuple=True)  # sorted by (layer, token, feature)
+        # sorted by (layer, token, feature); `indices` if the caller has them already
+        self.s, self.b, self.f = nbf.nonzero(as_tuple=True) if indices is None else indices
         self.values = nbf[self.s, self.b, self.f] if with_values else None
         self.counts = torch.bincount(self.s, minlength=self.N).tolist()
         self._by_feature = None
@@ -286,7 +287,7 @@ class _TorchSparseDecode(torch.autograd.Function):
         out_dtype = torch.promote_types(acts.dtype, W_dec[0].dtype)
         a = _upcast(acts.detach())
         y = torch.zeros(B, N, D, dtype=_upcast(a.new_empty(0, dtype=out_dtype)).dtype, device=a.device)
-        nz = SparseLayers(a)
+        nz = SparseLayers(a, indices=nonzero_acts(acts))  # shared with the sparsity term
         with _quiet_sparse():
             for s, (crow, f_idx, values) in enumerate(nz.token_major()):
                 if values.numel() == 0:

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 CUDA = torch.cuda.is_available()
 
@@ -44,6 +45,7 @@ triton_ops = _import_triton_ops()
 from cltrain import kernels  # noqa: E402
 from cltrain.kernels import torch_encode, torch_sparse_decode  # noqa: E402
 from cltrain.kernels import torch_ops  # noqa: E402
+from cltrain.train import clt as clt_module  # noqa: E402
 from cltrain.kernels.torch_ops import encode_forward_twin  # noqa: E402
 from cltrain.train.clt import (CLT, CLTConfig, LossWeights, loss_terms, reference_decode,  # noqa: E402
                                reference_encode)
@@ -413,8 +415,8 @@ def test_clt_end_to_end(impl, cfg):
 
 
 def test_torch_sparse_step_lists_mask_positions_once(monkeypatch):
-    # The decode's backward and the encode's backward walk the same grad_mask positions: one listing
-    # (plus the decode forward's listing of the active values) per training step.
+    # The decode's backward and the encode's backward walk the same grad_mask positions, the decode's
+    # forward and the sparsity term the same non-zero activations: each listed once per step.
     g = _gen(11)
     clt = CLT(CLTConfig(n_layers=3, d_model=16, n_features=64, bandwidth=0.05), generator=g)
     x = torch.randn(64, 3, 16, generator=g)
@@ -423,16 +425,26 @@ def test_torch_sparse_step_lists_mask_positions_once(monkeypatch):
     built = []
     original = torch_ops.SparseLayers.__init__
 
-    def counting_init(self, t, with_values=True):
-        built.append(with_values)
-        original(self, t, with_values)
+    def counting_init(self, t, with_values=True, indices=None):
+        built.append(("acts" if with_values else "mask", "shared" if indices is not None else "listed"))
+        original(self, t, with_values, indices)
 
     monkeypatch.setattr(torch_ops.SparseLayers, "__init__", counting_init)
+    acts_listings = []
+
+    class CountingMemo(WeakTensorKeyDictionary):
+        def __setitem__(self, key, value):
+            acts_listings.append(key.shape)
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(clt_module, "_NONZERO_ACTS", CountingMemo())
     enc, y_hat = clt(x)
     assert enc.grad_mask.float().mean() < torch_ops.DENSE_GRAD_ABOVE
     terms = loss_terms(clt, enc, y_hat, torch.randn_like(y_hat), LossWeights(sparsity=0.1, preact=0.1))
     sum(terms.values()).backward()
-    assert sorted(built) == [False, True], built
+    # the mask listed once; the acts' listing is the one the sparsity term made (nonzero_acts)
+    assert sorted(built) == [("acts", "shared"), ("mask", "listed")], built
+    assert len(acts_listings) == 1, acts_listings
 
 
 RSS_AFTER_FREE = """

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk")
 
@@ -287,6 +288,21 @@ class RowNorm(torch.autograd.Function):
         return w * (g / n.clamp_min(torch.finfo(n.dtype).tiny))[:, None, None]
 
 
+# The non-zero activations are walked by the sparsity term and by a sparse decode: list them once per
+# acts tensor. Keyed weakly by the tensor (Encoded.acts), so an entry lives as long as that step's acts;
+# the tensor's version counter guards against in-place changes.
+_NONZERO_ACTS = WeakTensorKeyDictionary()
+
+
+def nonzero_acts(acts):
+    """(layer, token, feature) indices of the non-zeros of acts [B, N, F], sorted in that order
+    (the encode's [N, B, F] memory order, so the scan is contiguous)."""
+    hit = _NONZERO_ACTS.get(acts)
+    if hit is None or hit[0] != acts._version:
+        hit = _NONZERO_ACTS[acts] = (acts._version, acts.transpose(0, 1).nonzero(as_tuple=True))
+    return hit[1]
+
+
 class TanhSparsity(torch.autograd.Function):
     """sum_{b,l,i} tanh(c * n_{l,i} * a_{b,l,i}) for acts [B, N, F] and norms [N, F].
 
@@ -295,7 +311,7 @@ class TanhSparsity(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, acts, norms, c: float):
-        n, b, f = acts.transpose(0, 1).nonzero(as_tuple=True)  # the encode's [N, B, F] memory order
+        n, b, f = nonzero_acts(acts)
         a = acts[b, n, f]
         cn = norms[n, f] * c
         t = torch.tanh(cn * a)
