@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from cltrain.train import clt as clt_module
 from cltrain.train.clt import (CLT, CLTConfig, LossWeights, RowNorm, batch_metrics, jumprelu, jumprelu_grad_mask,
                                loss_terms, mse_loss, nonzero_acts, preact_gap, preact_loss, reference_decode,
                                sparsity_loss)
@@ -261,9 +262,11 @@ def test_adam_recovers_a_known_sparse_dictionary():
     assert 1.5 <= m["l0"].mean() <= 2 * k, m["l0"]
 
 
-def test_fused_loss_terms_match_plain_autograd():
+@pytest.mark.parametrize("sparsity_path", ["over-non-zeros", "dense"])
+def test_fused_loss_terms_match_plain_autograd(sparsity_path, monkeypatch):
     """The hand-written backward of the norm, sparsity and pre-activation terms equals autograd of the
     plain formulas (float64, random inputs with both signs of theta - h)."""
+    monkeypatch.setattr(clt_module, "SPARSE_TERMS_BELOW", 1.0 if sparsity_path == "over-non-zeros" else -1.0)
     g = torch.Generator().manual_seed(3)
     B, N, F, S, D = 7, 3, 11, 4, 5
     W = torch.randn(F, S, D, generator=g, dtype=torch.float64, requires_grad=True)

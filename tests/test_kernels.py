@@ -169,9 +169,13 @@ def _check_decode(fn, acts, W, dY, mask, rtol, **kw):
 @pytest.mark.parametrize("B,N,D,F,per_layer,density,mask_density,case", DECODE_CASES,
                          ids=[c[-1] for c in DECODE_CASES])
 @pytest.mark.parametrize("acts_grad", ["sampled", "sampled-in-blocks", "dense"])
-def test_torch_sparse_decode(B, N, D, F, per_layer, density, mask_density, case, acts_grad, monkeypatch):
+@pytest.mark.parametrize("products", ["csr", "dense"])
+def test_torch_sparse_decode(B, N, D, F, per_layer, density, mask_density, case, acts_grad, products,
+                             monkeypatch):
     acts, W, dY, mask = _decode_inputs(B, N, D, F, per_layer, density, mask_density, case, torch.float64)
     thr = 0.0 if acts_grad == "dense" else 1.0
+    # forward and weight-gradient products over the non-zeros (CSR) or dense (dense activations)
+    monkeypatch.setattr(torch_ops, "DENSE_ACTS_ABOVE", 1.0 if products == "csr" else -1.0)
     if acts_grad == "sampled-in-blocks":  # column blocks of 16 over up to 3 x 20 columns: a ragged last one
         monkeypatch.setattr(torch_ops, "SAMPLED_BLOCK", 16)
     _check_decode(torch_sparse_decode, acts, W, dY, mask, 1e-12, dense_grad_above=thr)
@@ -420,7 +424,7 @@ def test_torch_sparse_step_lists_mask_positions_once(monkeypatch):
     g = _gen(11)
     clt = CLT(CLTConfig(n_layers=3, d_model=16, n_features=64, bandwidth=0.05), generator=g)
     x = torch.randn(64, 3, 16, generator=g)
-    clt.calibrate_thresholds(x, 0.05)
+    clt.calibrate_thresholds(x, 0.02)  # below DENSE_ACTS_ABOVE and SPARSE_TERMS_BELOW: listed
     kernels.install(clt, "torch_sparse")
     built = []
     original = torch_ops.SparseLayers.__init__

@@ -288,39 +288,61 @@ class RowNorm(torch.autograd.Function):
         return w * (g / n.clamp_min(torch.finfo(n.dtype).tiny))[:, None, None]
 
 
-# The non-zero activations are walked by the sparsity term and by a sparse decode: list them once per
-# acts tensor. Keyed weakly by the tensor (Encoded.acts), so an entry lives as long as that step's acts;
-# the tensor's version counter guards against in-place changes.
+# The non-zero activations are walked by the sparsity term and by a sparse decode: count and list them
+# once per acts tensor. Keyed weakly by the tensor (Encoded.acts), so an entry lives as long as that
+# step's acts; the tensor's version counter guards against in-place changes.
 _NONZERO_ACTS = WeakTensorKeyDictionary()
+# Above this fraction of non-zero activations the sparsity term is computed densely: early in
+# training (theta = 0.03 at init) nearly half the activations can be non-zero.
+SPARSE_TERMS_BELOW = 0.1
 
 
-def nonzero_acts(acts):
+def nonzero_acts(acts, max_density: float = 1.0):
     """(layer, token, feature) indices of the non-zeros of acts [B, N, F], sorted in that order
-    (the encode's [N, B, F] memory order, so the scan is contiguous)."""
-    hit = _NONZERO_ACTS.get(acts)
-    if hit is None or hit[0] != acts._version:
-        hit = _NONZERO_ACTS[acts] = (acts._version, acts.transpose(0, 1).nonzero(as_tuple=True))
-    return hit[1]
+    (the encode's [N, B, F] memory order, so the scan is contiguous); None when more than
+    `max_density` of acts is non-zero (listing them would cost more than dense arithmetic)."""
+    entry = _NONZERO_ACTS.get(acts)
+    if entry is None or entry[0] != acts._version:
+        entry = _NONZERO_ACTS[acts] = [acts._version, int(torch.count_nonzero(acts)), None]
+    _, count, indices = entry
+    if count > max_density * acts.numel():
+        return None
+    if indices is None:
+        indices = entry[2] = acts.transpose(0, 1).nonzero(as_tuple=True)
+    return indices
 
 
 class TanhSparsity(torch.autograd.Function):
     """sum_{b,l,i} tanh(c * n_{l,i} * a_{b,l,i}) for acts [B, N, F] and norms [N, F].
 
-    tanh(0) = 0, so the value and the norms' gradient come from the non-zero activations alone (~1%);
-    the activations' gradient c n (1 - tanh^2) is the per-feature constant c n wherever a = 0."""
+    tanh(0) = 0, so when few activations are non-zero the value and the norms' gradient come from
+    those alone; the activations' gradient c n (1 - tanh^2) is the per-feature constant c n wherever
+    a = 0. Dense arithmetic when more than SPARSE_TERMS_BELOW of them are non-zero."""
 
     @staticmethod
     def forward(ctx, acts, norms, c: float):
-        n, b, f = nonzero_acts(acts)
+        ctx.c, ctx.acts_shape, ctx.acts_dtype = c, acts.shape, acts.dtype
+        indices = nonzero_acts(acts, SPARSE_TERMS_BELOW)
+        if indices is None:
+            t = torch.tanh_(acts * (c * norms))
+            ctx.save_for_backward(acts, norms, t)
+            ctx.sparse = False
+            return t.sum()
+        n, b, f = indices
         a = acts[b, n, f]
         cn = norms[n, f] * c
         t = torch.tanh(cn * a)
         ctx.save_for_backward(n, b, f, a, cn, t, norms)
-        ctx.c, ctx.acts_shape, ctx.acts_dtype = c, acts.shape, acts.dtype
+        ctx.sparse = True
         return t.sum()
 
     @staticmethod
     def backward(ctx, g):
+        if not ctx.sparse:
+            acts, norms, t = ctx.saved_tensors
+            d = (1 - t * t).mul_(g * ctx.c)  # d loss / d (c n a), over c
+            grad_norms = (d * acts).sum(0) if ctx.needs_input_grad[1] else None
+            return d.mul_(norms), grad_norms, None
         n, b, f, a, cn, t, norms = ctx.saved_tensors
         d = (1 - t * t) * g  # d loss / d (c n a) at the non-zeros
         grad_acts = grad_norms = None
