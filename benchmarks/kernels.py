@@ -341,16 +341,18 @@ def step_breakdown(clt, opt, x, y, weights, eps, reps) -> dict:
             "grad clipping": t_clip, "Adam(fused=True)": t_adam}
 
 
-def allocator_effect(lines, log, reps: int = 3):
-    """Training steps at the CPU default shape (trained-like window) with glibc's default allocator
-    settings, before the rest of the run switches to `kernels.retain_freed_cpu_memory()`."""
+def whole_steps(calibrated: bool, reps: int):
+    """Best-of-`reps` training-step times (dense, torch_sparse) at the CPU default shape, interleaved
+    after a warm-up round. calibrated: thresholds at 1% firing and a trained-like window; else the
+    default initialization (theta = 0.03, eps = 2), where nearly half the activations fire."""
     B, N, D, F = 1024, 12, 768, 4096
     g = torch.Generator().manual_seed(0)
     clt = CLT(CLTConfig(n_layers=N, d_model=D, n_features=F), generator=g)
     x, y = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
-    with torch.no_grad():
-        clt.calibrate_thresholds(x, TARGET_ACTIVE)
-        clt.cfg.bandwidth = window_eps(clt.preactivations(x), clt.threshold, TRAINED_MASK)
+    if calibrated:
+        with torch.no_grad():
+            clt.calibrate_thresholds(x, TARGET_ACTIVE)
+            clt.cfg.bandwidth = window_eps(clt.preactivations(x), clt.threshold, TRAINED_MASK)
     opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True)
     weights = LossWeights(sparsity=1e-3, preact=3e-6)
 
@@ -362,23 +364,41 @@ def allocator_effect(lines, log, reps: int = 3):
         opt.step()
 
     times = {}
-    for suffix in ("", "+retain"):
-        if suffix:
-            kernels.retain_freed_cpu_memory()
-        for rnd in range(reps + 1):  # interleaved; round 0 is a warm-up
-            for name in ("dense", "torch_sparse"):
-                kernels.install(clt, name)
-                t = timed(step, 1, warmup=0)
-                if rnd:
-                    times[name + suffix] = min(times.get(name + suffix, math.inf), t)
-    log("   allocator: " + ", ".join(f"{k} {v:.3g} s" for k, v in times.items()))
+    for rnd in range(reps + 1):
+        for name in ("dense", "torch_sparse"):
+            kernels.install(clt, name)
+            t = timed(step, 1, warmup=0)
+            if rnd:
+                times[name] = min(times.get(name, math.inf), t)
+    return times
+
+
+def allocator_effect(lines, log, reps: int = 3):
+    """Training steps (trained-like window) with glibc's default allocator settings and then with
+    `kernels.retain_freed_cpu_memory()`, which the rest of the run keeps."""
+    default = whole_steps(True, reps)
+    kernels.retain_freed_cpu_memory()
+    retained = whole_steps(True, reps)
+    log(f"   allocator: default {default}, retained {retained}")
     lines += ["### CPU allocator: glibc defaults vs `retain_freed_cpu_memory()` (CPU default shape, "
               "trained-like window, whole training step)", "",
-              f"glibc defaults: dense {times['dense']:.3g} s, torch_sparse {times['torch_sparse']:.3g} s "
-              f"({times['dense'] / times['torch_sparse']:.2f}x). Freed memory retained (what CPU training "
-              f"sets, and the rest of this run): dense {times['dense+retain']:.3g} s, torch_sparse "
-              f"{times['torch_sparse+retain']:.3g} s ({times['dense+retain'] / times['torch_sparse+retain']:.2f}x). "
+              f"glibc defaults: dense {default['dense']:.3g} s, torch_sparse {default['torch_sparse']:.3g} s "
+              f"({default['dense'] / default['torch_sparse']:.2f}x). Freed memory retained (what CPU "
+              f"training sets, and the rest of this run): dense {retained['dense']:.3g} s, torch_sparse "
+              f"{retained['torch_sparse']:.3g} s ({retained['dense'] / retained['torch_sparse']:.2f}x). "
               f"Best of {reps} interleaved steps each, after a warm-up round.", ""]
+
+
+def initial_regime(lines, log, reps: int = 2):
+    """Training steps at the default initialization, before any sparsity: the sparse path must not
+    lose to the dense reference there (it switches to dense products where activations are dense)."""
+    times = whole_steps(False, reps)
+    log(f"   default init: {times}")
+    lines += ["### At the default initialization (CPU default shape, theta = 0.03, eps = 2, ~45% of "
+              "activations non-zero, whole training step)", "",
+              f"dense {times['dense']:.3g} s, torch_sparse {times['torch_sparse']:.3g} s "
+              f"({times['dense'] / times['torch_sparse']:.2f}x). Best of {reps} interleaved steps each, "
+              "after a warm-up round.", ""]
 
 
 def crossover(lines, log, reps):
@@ -427,6 +447,7 @@ def main(argv=None):
     if not CUDA:
         if not args.quick:
             allocator_effect(lines, log)
+            initial_regime(lines, log)
         kernels.retain_freed_cpu_memory()  # as CPU training does (train/trainer.py)
     shapes = [Shape("small", 256, 4, 128, 512, step=True, reps=5)]
     if not args.quick:
