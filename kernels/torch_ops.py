@@ -11,7 +11,9 @@ activations a_s [B, F] become a CSR matrix and
     weight grad    dW_s            = a_s^T    @ dY_s        (feature-major CSR x dense: one pass
                                                              over the decoder rows)
     acts grad      dA_s = (dY_s @ W_s^T) restricted to grad_mask[:, s]
-with W_s = W_dec[s] viewed [F, S_s*D] and dY_s = dY[:, s:s+S_s] viewed [B, S_s*D].
+with W_s = W_dec[s] viewed [F, S_s*D] and dY_s = dY[:, s:s+S_s] viewed [B, S_s*D]. Where a source
+layer's activations are dense (above DENSE_ACTS_ABOVE: early in training nearly half can fire) its
+forward and weight-gradient products are dense matmuls instead.
 The acts gradient is needed wherever JumpReLU's backward reads it (active or inside the
 straight-through window, `grad_mask`). When that mask is sparse it is a sampled dense-dense product
 (torch.sparse.sampled_addmm, feature-major so each decoder row is read once); when it is dense
