@@ -34,7 +34,7 @@ import warnings
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from cltrain.train.clt import Encoded, jumprelu_grad_mask, nonzero_acts, preact_gap
+from cltrain.train.clt import Encoded, jumprelu_grad_mask, nonzero_positions, preact_gap
 
 # Mask density above which the acts gradient is computed as a dense product (see module docstring).
 DENSE_GRAD_ABOVE = 0.1
@@ -100,7 +100,7 @@ class _TorchEncode(torch.autograd.Function):
         x, W_enc, pre, theta = ctx.saved_tensors
         need_x, need_W, need_b, need_lt = ctx.needs_input_grad[:4]
         if grad_pre is None and not need_x:
-            _, positions = mask_positions(ctx.grad_mask, ctx.dense_grad_above)
+            positions = mask_positions(ctx.grad_mask, ctx.dense_grad_above)
             window_sums = False
             if positions is None and not ctx.st_to_preact:
                 # A wide window (grad_mask dense). Per-token gradients are still needed only where
@@ -256,25 +256,21 @@ class SparseLayers:
         return list(zip(ccol, b_idx, vals, f_idx))
 
 
-# A grad_mask's positions are walked by the decode's backward and the encode's backward alike: list
-# them once per mask. Keyed weakly by the mask tensor (Encoded.grad_mask, passed to both), so an
-# entry lives as long as that step's mask.
-_MASK_POSITIONS = WeakTensorKeyDictionary()
+# A grad_mask's positions, by layer and feature-major, serve the decode's backward and the encode's
+# backward alike: build them once per mask (the listing itself is nonzero_positions').
+_MASK_LAYERS = WeakTensorKeyDictionary()
 
 
 def mask_positions(grad_mask, dense_above: float):
-    """(positions per source layer, SparseLayers of grad_mask [B, N, F] or None): the positions are
-    listed only where the mask covers at most `dense_above` of [B, N, F]; listing a nearly full mask
-    costs more than the dense products it would replace."""
-    entry = _MASK_POSITIONS.get(grad_mask)
-    if entry is None:
-        entry = _MASK_POSITIONS[grad_mask] = [grad_mask.transpose(0, 1).sum(dim=(1, 2)).tolist(), None]
-    counts, layers = entry
-    if sum(counts) > dense_above * grad_mask.numel():
-        return counts, None
-    if layers is None:
-        layers = entry[1] = SparseLayers(grad_mask, with_values=False)
-    return counts, layers
+    """SparseLayers of grad_mask [B, N, F], or None where it covers more than `dense_above` of its
+    positions (listing a nearly full mask costs more than the dense products it would replace)."""
+    indices = nonzero_positions(grad_mask, dense_above)
+    if indices is None:
+        return None
+    layers = _MASK_LAYERS.get(grad_mask)
+    if layers is None or layers.s is not indices[0]:
+        layers = _MASK_LAYERS[grad_mask] = SparseLayers(grad_mask, with_values=False, indices=indices)
+    return layers
 
 
 def _upcast(t):
@@ -294,7 +290,7 @@ class _TorchSparseDecode(torch.autograd.Function):
         out_dtype = torch.promote_types(acts.dtype, W_dec[0].dtype)
         a = _upcast(acts.detach())
         y = torch.zeros(B, N, D, dtype=_upcast(a.new_empty(0, dtype=out_dtype)).dtype, device=a.device)
-        indices = nonzero_acts(acts, DENSE_ACTS_ABOVE)  # listed once: the sparsity term shares them
+        indices = nonzero_positions(acts, DENSE_ACTS_ABOVE)  # listed once: the sparsity term shares them
         nz = None if indices is None else SparseLayers(a, indices=indices)
         dense = [nz is None or nz.counts[s] > DENSE_ACTS_ABOVE * B * F for s in range(N)]
         with _quiet_sparse():
@@ -363,11 +359,11 @@ def _sampled_pairs(grad_mask, n_layers: int, dense_grad_above: float):
     if grad_mask is None:
         return [None] * n_layers
     B, _, F = grad_mask.shape
-    counts, layers = mask_positions(grad_mask, dense_grad_above)
+    layers = mask_positions(grad_mask, dense_grad_above)
     if layers is None:
         return [None] * n_layers
     return [pairs if c <= dense_grad_above * B * F else None
-            for c, pairs in zip(counts, layers.feature_major())]
+            for c, pairs in zip(layers.counts, layers.feature_major())]
 
 
 def _acts_grad(out, dY_s, W2, pairs):

@@ -7,7 +7,7 @@ import torch
 
 from cltrain.train import clt as clt_module
 from cltrain.train.clt import (CLT, CLTConfig, LossWeights, RowNorm, batch_metrics, jumprelu, jumprelu_grad_mask,
-                               loss_terms, mse_loss, nonzero_acts, preact_gap, preact_loss, reference_decode,
+                               loss_terms, mse_loss, nonzero_positions, preact_gap, preact_loss, reference_decode,
                                sparsity_loss)
 
 
@@ -291,9 +291,9 @@ def test_fused_loss_terms_match_plain_autograd(sparsity_path, monkeypatch):
          lambda h, t, n: 0.3 * (torch.relu(t - h) * n).sum(dim=(1, 2)).mean(), (pre, theta, norms_in))
 
 
-def test_nonzero_acts_lists_layer_token_feature_and_follows_in_place_changes():
+def test_nonzero_positions_lists_layer_token_feature_and_follows_in_place_changes():
     acts = torch.zeros(2, 3, 4)  # [B, N, F]
     acts[1, 2, 3] = 1.0
-    assert [t.tolist() for t in nonzero_acts(acts)] == [[2], [1], [3]]
+    assert [t.tolist() for t in nonzero_positions(acts)] == [[2], [1], [3]]
     acts[0, 0, 1] = 5.0  # an in-place change: the memo must not answer with the old listing
-    assert [t.tolist() for t in nonzero_acts(acts)] == [[0, 2], [0, 1], [1, 3]]
+    assert [t.tolist() for t in nonzero_positions(acts)] == [[0, 2], [0, 1], [1, 3]]

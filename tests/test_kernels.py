@@ -434,21 +434,21 @@ def test_torch_sparse_step_lists_mask_positions_once(monkeypatch):
         original(self, t, with_values, indices)
 
     monkeypatch.setattr(torch_ops.SparseLayers, "__init__", counting_init)
-    acts_listings = []
+    listings = []
 
     class CountingMemo(WeakTensorKeyDictionary):
         def __setitem__(self, key, value):
-            acts_listings.append(key.shape)
+            listings.append(str(key.dtype))
             super().__setitem__(key, value)
 
-    monkeypatch.setattr(clt_module, "_NONZERO_ACTS", CountingMemo())
+    monkeypatch.setattr(clt_module, "_NONZERO", CountingMemo())
     enc, y_hat = clt(x)
     assert enc.grad_mask.float().mean() < torch_ops.DENSE_GRAD_ABOVE
     terms = loss_terms(clt, enc, y_hat, torch.randn_like(y_hat), LossWeights(sparsity=0.1, preact=0.1))
     sum(terms.values()).backward()
-    # the mask listed once; the acts' listing is the one the sparsity term made (nonzero_acts)
-    assert sorted(built) == [("acts", "shared"), ("mask", "listed")], built
-    assert len(acts_listings) == 1, acts_listings
+    # one count-and-listing per tensor (the activations, the mask), one layout of the mask's positions
+    assert sorted(listings) == ["torch.bool", "torch.float32"], listings
+    assert sorted(built) == [("acts", "shared"), ("mask", "shared")], built
 
 
 RSS_AFTER_FREE = """

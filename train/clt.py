@@ -288,27 +288,28 @@ class RowNorm(torch.autograd.Function):
         return w * (g / n.clamp_min(torch.finfo(n.dtype).tiny))[:, None, None]
 
 
-# The non-zero activations are walked by the sparsity term and by a sparse decode: count and list them
-# once per acts tensor. Keyed weakly by the tensor (Encoded.acts), so an entry lives as long as that
-# step's acts; the tensor's version counter guards against in-place changes.
-_NONZERO_ACTS = WeakTensorKeyDictionary()
+# The non-zero activations are walked by the sparsity term and by a sparse decode, a grad_mask's
+# positions by the decode's and the encode's backward: count and list each once per tensor. Keyed
+# weakly by the tensor (Encoded.acts, Encoded.grad_mask), so an entry lives as long as that step's
+# tensor; the tensor's version counter guards against in-place changes.
+_NONZERO = WeakTensorKeyDictionary()
 # Above this fraction of non-zero activations the sparsity term is computed densely: early in
 # training (theta = 0.03 at init) nearly half the activations can be non-zero.
 SPARSE_TERMS_BELOW = 0.1
 
 
-def nonzero_acts(acts, max_density: float = 1.0):
-    """(layer, token, feature) indices of the non-zeros of acts [B, N, F], sorted in that order
-    (the encode's [N, B, F] memory order, so the scan is contiguous); None when more than
-    `max_density` of acts is non-zero (listing them would cost more than dense arithmetic)."""
-    entry = _NONZERO_ACTS.get(acts)
-    if entry is None or entry[0] != acts._version:
-        entry = _NONZERO_ACTS[acts] = [acts._version, int(torch.count_nonzero(acts)), None]
+def nonzero_positions(t, max_density: float = 1.0):
+    """(layer, token, feature) indices of the non-zeros of t [B, N, F] (activations or a mask), sorted
+    in that order (the encode's [N, B, F] memory order, so the scan is contiguous); None when more
+    than `max_density` of t is non-zero (listing them would cost more than dense arithmetic)."""
+    entry = _NONZERO.get(t)
+    if entry is None or entry[0] != t._version:
+        entry = _NONZERO[t] = [t._version, int(torch.count_nonzero(t)), None]
     _, count, indices = entry
-    if count > max_density * acts.numel():
+    if count > max_density * t.numel():
         return None
     if indices is None:
-        indices = entry[2] = acts.transpose(0, 1).nonzero(as_tuple=True)
+        indices = entry[2] = t.transpose(0, 1).nonzero(as_tuple=True)
     return indices
 
 
@@ -322,7 +323,7 @@ class TanhSparsity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts, norms, c: float):
         ctx.c, ctx.acts_shape, ctx.acts_dtype = c, acts.shape, acts.dtype
-        indices = nonzero_acts(acts, SPARSE_TERMS_BELOW)
+        indices = nonzero_positions(acts, SPARSE_TERMS_BELOW)
         if indices is None:
             t = torch.tanh_(acts * (c * norms))
             ctx.save_for_backward(acts, norms, t)
