@@ -79,14 +79,13 @@ class _TorchEncode(torch.autograd.Function):
         pre = torch.baddbmm(b_enc.unsqueeze(1), x.transpose(0, 1), W_enc.transpose(1, 2))
         theta = log_threshold.exp().unsqueeze(1)
         diff = pre - theta
-        active = diff > 0
-        acts = pre * active
+        acts = torch.where(diff > 0, pre, 0)
+        # active | |diff| < eps/2 in one comparison: an active position has diff > 0 > -eps/2
+        mask = diff > -bandwidth / 2
         # preact_gap = sum_b relu(-diff) = (sum_b |diff| - sum_b diff) / 2: two reductions and no
         # [N, B, F] temporary (on CPU a fresh one costs page faults as much as the arithmetic)
         gap = diff.sum(1)
-        diff.abs_()
-        gap = (diff.sum(1) - gap).mul_(0.5)
-        mask = active.logical_or_(diff < bandwidth / 2)  # active and diff are dead now
+        gap = diff.abs_().sum(1).sub_(gap).mul_(0.5)  # diff is dead now
         ctx.save_for_backward(x, W_enc, pre, theta)
         ctx.bandwidth, ctx.st_to_preact, ctx.dense_grad_above = bandwidth, st_to_preact, dense_grad_above
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to scan
