@@ -373,6 +373,11 @@ def whole_steps(calibrated: bool, reps: int):
     return times
 
 
+def _dense_vs_sparse(times) -> str:
+    return (f"dense {times['dense']:.3g} s, torch_sparse {times['torch_sparse']:.3g} s "
+            f"({times['dense'] / times['torch_sparse']:.2f}x)")
+
+
 def allocator_effect(lines, log, reps: int = 3):
     """Training steps (trained-like window) with glibc's default allocator settings and then with
     `kernels.retain_freed_cpu_memory()`, which the rest of the run keeps."""
@@ -382,11 +387,9 @@ def allocator_effect(lines, log, reps: int = 3):
     log(f"   allocator: default {default}, retained {retained}")
     lines += ["### CPU allocator: glibc defaults vs `retain_freed_cpu_memory()` (CPU default shape, "
               "trained-like window, whole training step)", "",
-              f"glibc defaults: dense {default['dense']:.3g} s, torch_sparse {default['torch_sparse']:.3g} s "
-              f"({default['dense'] / default['torch_sparse']:.2f}x). Freed memory retained (what CPU "
-              f"training sets, and the rest of this run): dense {retained['dense']:.3g} s, torch_sparse "
-              f"{retained['torch_sparse']:.3g} s ({retained['dense'] / retained['torch_sparse']:.2f}x). "
-              f"Best of {reps} interleaved steps each, after a warm-up round.", ""]
+              f"glibc defaults: {_dense_vs_sparse(default)}. Freed memory retained (what CPU training "
+              f"sets, and the rest of this run): {_dense_vs_sparse(retained)}. Best of {reps} interleaved "
+              "steps each, after a warm-up round.", ""]
 
 
 def initial_regime(lines, log, reps: int = 2):
@@ -396,9 +399,8 @@ def initial_regime(lines, log, reps: int = 2):
     log(f"   default init: {times}")
     lines += ["### At the default initialization (CPU default shape, theta = 0.03, eps = 2, ~45% of "
               "activations non-zero, whole training step)", "",
-              f"dense {times['dense']:.3g} s, torch_sparse {times['torch_sparse']:.3g} s "
-              f"({times['dense'] / times['torch_sparse']:.2f}x). Best of {reps} interleaved steps each, "
-              "after a warm-up round.", ""]
+              f"{_dense_vs_sparse(times)}. Best of {reps} interleaved steps each, after a warm-up round.",
+              ""]
 
 
 def crossover(lines, log, reps):

@@ -105,8 +105,10 @@ class _TorchEncode(torch.autograd.Function):
                 # A wide window (grad_mask dense). Per-token gradients are still needed only where
                 # h >= theta; the window reaches only the threshold gradient, as per-feature sums.
                 at_or_above = (pre >= theta).transpose(0, 1)
-                if at_or_above.sum().item() <= ctx.dense_grad_above * at_or_above.numel():
-                    positions, window_sums = SparseLayers(at_or_above, with_values=False), True
+                indices = nonzero_positions(at_or_above, ctx.dense_grad_above)
+                if indices is not None:
+                    positions = SparseLayers(at_or_above, with_values=False, indices=indices)
+                    window_sums = True
             if positions is not None:
                 return (None, *_encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap,
                                                        window_sums), None, None, None)
@@ -372,7 +374,8 @@ def _acts_grad(out, dY_s, W2, pairs):
         ccol, b_idx, _, f_idx = pairs
         out.zero_()
         if b_idx.numel():
-            pattern = _csr(ccol, b_idx, torch.ones(b_idx.numel(), dtype=dY_s.dtype, device=dY_s.device), (F, B))
+            ones = torch.ones(b_idx.numel(), dtype=dY_s.dtype, device=dY_s.device)
+            pattern = _csr(ccol, b_idx, ones, (F, B))
             # Feature-major: each decoder row is read once and dotted with its tokens' dY rows. Over
             # column blocks, so a block of dY stays in cache while every feature's tokens re-read it
             # (~25% faster than one product over all S*D columns on a 2-core CPU).

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cltrain.train.clt import Encoded
+from cltrain.train.clt import Encoded, nonzero_positions
 
 from .torch_ops import DENSE_GRAD_ABOVE, SparseLayers, _sampled_pairs
 
@@ -279,7 +279,7 @@ class _TritonDecode(torch.autograd.Function):
         B, N, F = acts.shape
         D = W_dec[0].shape[-1]
         y = torch.zeros(B, N, D, dtype=torch.float32, device=acts.device)
-        nz = SparseLayers(acts.detach())
+        nz = SparseLayers(acts.detach(), indices=nonzero_positions(acts))  # shared with the sparsity term
         for s, (crow, f_idx, values) in enumerate(nz.token_major()):
             w = W_dec[s]
             if values.numel() == 0:
