@@ -15,7 +15,8 @@ from cltrain.train.checkpoint import CheckpointError
 from cltrain.train.clt import CLT
 from cltrain.train.config import ConfigError, compose
 from cltrain.train.data import ActivationLoader, DatasetError, write_synthetic_dataset
-from cltrain.train.model_io import load_clt
+from cltrain.train import model_io
+from cltrain.train.model_io import ModelReader, load_clt
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,7 +37,9 @@ def config(dataset, out, *overrides):
 
 
 def weights(model_dir):
-    return load_file(os.path.join(model_dir, "model.safetensors"))
+    """The whole model's tensors, assembled from its feature shards."""
+    reader = ModelReader(model_dir)
+    return {k: reader.tensor(k) for k in reader.expected_shapes()}
 
 
 def test_resume_is_bit_for_bit(dataset, tmp_path):
@@ -101,22 +104,23 @@ def test_resume_from_another_config_fails(dataset, tmp_path):
 
 def test_crash_mid_checkpoint_keeps_latest(dataset, tmp_path, monkeypatch):
     calls = []
-    real_save = trainer.save_clt
+    real_close = model_io.StreamingSafetensorsWriter.close
 
-    def failing_save(folder, *a, **kw):
-        calls.append(folder)
-        if len(calls) == 2:  # the second checkpoint: the disk is full halfway through
-            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
-        return real_save(folder, *a, **kw)
+    def failing_close(writer):
+        calls.append(writer.path)
+        if len(calls) == 3:  # the second checkpoint's weight shard: the disk is full halfway through
+            writer.abort()
+            raise OSError(errno.ENOSPC, "No space left on device", str(writer.path))
+        return real_close(writer)
 
-    monkeypatch.setattr(trainer, "save_clt", failing_save)
+    monkeypatch.setattr(model_io.StreamingSafetensorsWriter, "close", failing_close)
     out = tmp_path / "r"
     with pytest.raises(CheckpointError, match="No space left.*step-000002"):
         trainer.train(config(dataset, out, "steps=4", "checkpoint_every=2"))
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-000002"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002"]  # no half-written step 4
-    monkeypatch.setattr(trainer, "save_clt", real_save)
+    monkeypatch.setattr(model_io.StreamingSafetensorsWriter, "close", real_close)
     final = trainer.train(config(dataset, out, "steps=4", "checkpoint_every=2", "resume=true"))
     assert weights(final)["W_enc"].shape == (3, 16, 8)
     assert (root / "latest").read_text().strip() == "step-000004"

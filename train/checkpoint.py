@@ -1,20 +1,33 @@
-"""Atomic, resumable checkpoints.
+"""Sharded, atomic, resumable checkpoints that resume on another layout.
 
 Layout of OUT/checkpoints:
-    latest                 one line: the name of the newest complete checkpoint (replaced atomically)
+    latest                          one line: the newest complete checkpoint (replaced atomically)
     step-000500/
-        trainer.json       step, tokens, config fingerprint, W&B run id, layout, resolved config (rank 0)
-        rank-00000.pt ...  per rank: loader position, RNG states, dead-feature counters
-        ds/                DeepSpeed's engine checkpoint (weights, optimizer + ZeRO partitions)
-        model/             the whole CLT gathered from feature shards (model_io.save_clt), for eval/export
+        trainer.json                step, tokens, fingerprint, layout, W&B run id, and the manifest (every
+                                    file with its size); written last, by rank 0: its presence means complete
+        model/model.json            the model (model_io's format): config, dataset metadata, weight index
+        model/weights-0000r-of-0000P.safetensors   feature shard r: the fp32 (master) weights
+        optim/optim-0000r-of-0000P.safetensors     feature shard r: Adam's moments, feature statistics
+        ranks/rank-00000.pt ...     per rank: loader position, RNG states, exact feature statistics
 
-A checkpoint is written to step-XXXXXX.tmp, renamed when every rank has finished, and only then does
-`latest` move; a crash or a full disk mid-write leaves `latest` on the previous good checkpoint, and
-a stale .tmp is removed by the next save. Ranks agree on success with one all-reduce, so one rank's
-failed write stops every rank with the same message instead of hanging the others.
+Each feature shard is written by the first data-parallel rank of its feature-parallel group, one tensor
+at a time (engine_state gathers a parameter's ZeRO fragments over the DP group, then it is streamed to
+disk), so no rank ever holds more than its own slice plus one tensor. The weights are stored once.
+
+Atomicity: everything goes to step-XXXXXX.tmp; every rank fsyncs its files and reports their sizes;
+only when all ranks succeeded does rank 0 write trainer.json, rename the folder and move `latest`.
+A crash or full disk mid-write leaves `latest` on the previous good checkpoint (a stale .tmp is removed
+by the next save). Ranks agree on success with one all-reduce, so one rank's failure stops every rank
+with the same message instead of hanging the others.
+
+Resume: the fingerprint (model, optimizer, data order, schedules, global batch) must match; the layout
+(world size, data- and feature-parallel sizes, ZeRO stage) may change: each rank reads its feature
+range of the weights and moments from whichever old shards hold it (model_io.FeatureShards), and the
+loader positions of the old data-parallel ranks are mapped onto the new ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -26,10 +39,16 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .model_io import atomic_write_bytes
+from .engine_state import adam_step, ensure_adam_state, get_full_state, set_full_state
+from .model_io import (META, FeatureShards, StreamingSafetensorsWriter, atomic_write_bytes, feature_dim,
+                       shard_file)
 
 LATEST = "latest"
 TRAINER = "trainer.json"
+FORMAT = "cltrain-checkpoint-v2"
+# Keys of the fingerprint that may differ on resume: the layout is remapped.
+LAYOUT_KEYS = ("world_size", "parallel.feature_parallel", "deepspeed.zero_stage", "batch_tokens",
+               "grad_accum", "data.num_workers")
 
 
 class CheckpointError(RuntimeError):
@@ -41,7 +60,7 @@ def step_name(step: int) -> str:
 
 
 def rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
+    return f"ranks/rank-{rank:05d}.pt"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,6 +76,11 @@ def latest_checkpoint(root: Path) -> Path | None:
         raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint "
                               f"(no {TRAINER}); point 'resume' at an earlier step-* folder")
     return path
+
+
+def latest_checkpoint_name(root: Path) -> str | None:
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def resolve_resume(resume, root: Path) -> Path | None:
@@ -79,22 +103,39 @@ def resolve_resume(resume, root: Path) -> Path | None:
 
 def read_trainer_state(path: Path) -> dict:
     try:
-        return json.loads((path / TRAINER).read_text())
+        state = json.loads((path / TRAINER).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / TRAINER}: unreadable checkpoint description ({e})") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Config fingerprint
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: written by an older cltrain (format {state.get('format', 'v1')!r}, "
+                              f"this version reads {FORMAT!r}); start a new run")
+    return state
 
 
 def check_fingerprint(saved: dict, current: dict, path: Path):
-    """Refuse to resume with a config that changes the model, the data order or the layout."""
-    diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    """Refuse to resume with a config that changes the model, the data order or the schedules; the
+    layout keys (LAYOUT_KEYS) may change."""
+    diff = [k for k in sorted(set(saved) | set(current))
+            if k not in LAYOUT_KEYS and saved.get(k) != current.get(k)]
     if diff:
         lines = "; ".join(f"'{k}' = {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in diff[:8])
-        raise ConfigError(f"{path}: checkpoint from another config: {lines}. Resume with the checkpoint's "
-                          f"values (see {path / TRAINER}) or train into a new out_dir")
+        hint = (" (global_batch_tokens = batch_tokens x grad_accum x data-parallel size: adjust batch_tokens "
+                "or grad_accum to the new layout)" if "global_batch_tokens" in diff else "")
+        raise ConfigError(f"{path}: checkpoint from another config: {lines}{hint}. Resume with the "
+                          f"checkpoint's values (see {path / TRAINER}) or train into a new out_dir")
+
+
+def verify_manifest(path: Path, state: dict):
+    """Every file the checkpoint lists is there with its recorded size (a missing or truncated rank
+    shard is named before any training step)."""
+    for name, size in sorted(state.get("files", {}).items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint (listed in {path / TRAINER}); resume "
+                                  f"from an earlier step-* folder")
+        if f.stat().st_size != int(size):
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {size} expected (truncated or "
+                                  f"overwritten); resume from an earlier step-* folder")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,7 +158,7 @@ def set_rng_state(state: dict):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Save / load
+# Collectives that tolerate one rank's failure
 
 
 def _all_ok(ok: bool, device) -> bool:
@@ -129,63 +170,17 @@ def _all_ok(ok: bool, device) -> bool:
     return flag.item() == 0
 
 
+def _gather_objects(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def save_checkpoint(root: Path, step: int, engine, trainer_state: dict, rank_state: dict,
-                    write_model, keep: int, device) -> Path:
-    """Collective: every rank calls it. `write_model(folder)` writes the gathered CLT (it is a
-    collective over the FP group too; rank 0 writes). Returns the final checkpoint folder."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    final = root / step_name(step)
-    tmp = root / (step_name(step) + ".tmp")
-    error = None
-    if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crashed save
-            tmp.mkdir()
-        except OSError as e:
-            error = e
-    if not _all_ok(error is None, device):
-        raise CheckpointError(f"{tmp}: cannot create the checkpoint folder ({error or 'failed on rank 0'})")
-    try:
-        engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
-        torch.save(rank_state, tmp / rank_file(rank))
-    except (OSError, RuntimeError) as e:
-        error = e
-    # write_model is a collective over the FP group: call it on every rank even after a local failure
-    # is known only here, so no rank waits forever in an all-gather.
-    try:
-        write_model(tmp / "model")
-        if rank == 0 and error is None:
-            state = dict(trainer_state, step=step)
-            atomic_write_bytes(tmp / TRAINER, json.dumps(state, indent=2).encode())
-    except (OSError, RuntimeError) as e:
-        error = error or e
-    if not _all_ok(error is None, device):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        pointer = latest_checkpoint_name(root)
-        raise CheckpointError(
-            f"{tmp}: writing the checkpoint failed ({error or 'on another rank'}); nothing was published, "
-            f"'{root / LATEST}' still names {pointer or 'no checkpoint'}. Free disk space and resume.")
-    if rank == 0:
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
-        _prune(root, keep, final.name)
-    _barrier()
-    return final
-
-
-def latest_checkpoint_name(root: Path) -> str | None:
-    pointer = root / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def _fsync_dir(path: Path):
@@ -201,25 +196,255 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def _prune(root: Path, keep: int, newest: str):
-    """Keep the `keep` newest checkpoints (0 keeps all); never the one `latest` names."""
-    if keep <= 0:
-        return
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for p in done[:-keep]:
-        if p.name != newest:
-            shutil.rmtree(p, ignore_errors=True)
+def _atomic_torch_save(obj, path: Path) -> int:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size
 
 
-def load_checkpoint(path: Path, engine) -> dict:
-    """Load the engine state (weights, optimizer) and return this rank's saved state."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rf = path / rank_file(rank)
-    if not rf.is_file():
-        raise CheckpointError(f"{rf}: missing -- the checkpoint was written by a different number of "
-                              "processes (resume on the same layout, or start a new run)")
-    load_path, _ = engine.load_checkpoint(str(path / "ds"), tag="state", load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise CheckpointError(f"{path / 'ds'}: DeepSpeed found no engine state there")
-    return torch.load(rf, map_location="cpu", weights_only=False)
+# ----------------------------------------------------------------------------------------------------
+# The manager
+
+
+class CheckpointManager:
+    """Writes and reads this run's checkpoints (module docstring). Collective methods: every rank calls
+    them with the same arguments.
+
+    clt: this rank's CLT slice; engine: the DeepSpeed engine training it; layout: train/parallel.Layout;
+    full_cfg: the whole CLT's config; fingerprint: the run's (train/trainer.fingerprint)."""
+
+    def __init__(self, root: Path, clt, engine, layout, full_cfg, fingerprint: dict, device, keep: int):
+        self.root, self.clt, self.engine, self.layout = Path(root), clt, engine, layout
+        self.full_cfg, self.fingerprint, self.device, self.keep = full_cfg, fingerprint, device, keep
+        self.params = dict(clt.named_parameters())
+
+    # --- save ---
+
+    def save(self, step: int, trainer_state: dict, model_meta: dict, rank_state: dict, stats) -> Path:
+        """Write checkpoint `step`; returns its folder. trainer_state: what trainer.json records (rank 0);
+        model_meta: model.json's dataset/train blocks; rank_state: this rank's loader/RNG/etc.;
+        stats: metrics.FeatureStats (local slice; reduced over DP for the shard files)."""
+        layout, rank = self.layout, self.layout.rank
+        final, tmp = self.root / step_name(step), self.root / (step_name(step) + ".tmp")
+        error = None
+        if rank == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crashed save
+                for sub in ("model", "optim", "ranks"):
+                    (tmp / sub).mkdir(parents=True)
+            except OSError as e:
+                error = e
+        if not _all_ok(error is None, self.device):
+            raise CheckpointError(f"{tmp}: cannot create the checkpoint folder ({error or 'failed on rank 0'})")
+        files: dict[str, int] = {}
+        try:
+            files.update(self._write_shards(tmp, step, model_meta, stats))
+        except (OSError, RuntimeError, ValueError) as e:
+            error = e
+        try:
+            files[rank_file(rank)] = _atomic_torch_save(rank_state, tmp / rank_file(rank))
+        except (OSError, RuntimeError) as e:
+            error = error or e
+        ok = _all_ok(error is None, self.device)
+        all_files = _gather_objects(files)
+        if ok and rank == 0:
+            try:
+                manifest = {k: v for f in all_files for k, v in f.items()}
+                state = dict(trainer_state, format=FORMAT, step=step, fingerprint=self.fingerprint,
+                             layout=self._layout_doc(), files=manifest)
+                atomic_write_bytes(tmp / TRAINER, json.dumps(state, indent=2).encode())
+            except OSError as e:
+                error = e
+        ok = _all_ok(error is None, self.device) and ok
+        if not ok:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            pointer = latest_checkpoint_name(self.root)
+            raise CheckpointError(
+                f"{tmp}: writing the checkpoint failed ({error or 'on another rank'}); nothing was published, "
+                f"'{self.root / LATEST}' still names {pointer or 'no checkpoint'}. Free disk space and resume.")
+        if rank == 0:
+            for sub in ("model", "optim", "ranks", ""):
+                _fsync_dir(tmp / sub)
+            if final.exists():  # the same step saved again (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            atomic_write_bytes(self.root / LATEST, (final.name + "\n").encode())
+            self._prune(final.name)
+        _barrier()
+        return final
+
+    def _layout_doc(self) -> dict:
+        L = self.layout
+        return {"world": L.world, "data_parallel": L.dp_size, "feature_parallel": L.fp_size,
+                "zero_stage": self.fingerprint.get("deepspeed.zero_stage")}
+
+    def _shard_specs(self, prefixes: tuple[str, ...], dtype=torch.float32) -> list:
+        """(name, dtype, shape) per parameter, the prefixes interleaved per parameter (the order the
+        tensors are produced in, one parameter at a time)."""
+        specs = []
+        for name, p in self.params.items():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            specs += [(f"{prefix}{name}", dtype, shape) for prefix in prefixes]
+        return specs
+
+    def _write_shards(self, tmp: Path, step: int, model_meta: dict, stats) -> dict[str, int]:
+        """This FP group's weight and optimizer shard, written by its first DP rank while every DP rank
+        takes part in the per-parameter gathers. A write error is remembered and raised after the
+        gathers, so the other ranks never wait in a collective the writer left. Returns {relative path:
+        bytes} of what this rank wrote."""
+        L = self.layout
+        writer = L.dp_rank == 0
+        start, n_local = self.clt.feature_start, self.clt.cfg.n_features
+        fname, oname = shard_file("weights", L.fp_rank, L.fp_size), shard_file("optim", L.fp_rank, L.fp_size)
+        buffers = {"batchtopk_threshold": self.clt.batchtopk_threshold.detach().float().cpu()}
+        tokens_since, fire, counted = stats.reduced_copy(L.dp_group)  # collective over DP
+        meta = {"features": json.dumps([start, start + n_local]), "adam_step": str(adam_step(self.engine)),
+                "stats.tokens_counted": str(counted)}
+        files, failure = {}, None
+
+        def attempt(fn):
+            nonlocal failure
+            if failure is None:
+                try:
+                    return fn()
+                except (OSError, RuntimeError, ValueError) as e:
+                    failure = e
+            return None
+
+        weights = optim = None
+        if writer:
+            weights = attempt(lambda: StreamingSafetensorsWriter(
+                tmp / "model" / fname,
+                self._shard_specs(("",)) + [(k, v.dtype, tuple(v.shape)) for k, v in buffers.items()],
+                {"features": meta["features"]}))
+            optim = attempt(lambda: StreamingSafetensorsWriter(
+                tmp / "optim" / oname,
+                self._shard_specs(("exp_avg/", "exp_avg_sq/"))
+                + [("stats/tokens_since_fire", torch.float64, tuple(tokens_since.shape)),
+                   ("stats/fire_count", torch.float64, tuple(fire.shape))], meta))
+        for name, p in self.params.items():
+            state = get_full_state(self.engine, p)  # collective over DP: every rank, every parameter
+            if writer:
+                attempt(lambda: weights.write(name, state["weight"]))
+                for key in ("exp_avg", "exp_avg_sq"):
+                    attempt(lambda: optim.write(f"{key}/{name}", state[key]))
+            del state
+        if writer:
+            for k, v in buffers.items():
+                attempt(lambda: weights.write(k, v))
+            attempt(lambda: optim.write("stats/tokens_since_fire", tokens_since))
+            attempt(lambda: optim.write("stats/fire_count", fire))
+            files[f"model/{fname}"] = attempt(weights.close) if weights is not None else None
+            files[f"optim/{oname}"] = attempt(optim.close) if optim is not None else None
+            if L.fp_rank == 0:
+                index = {"n_features": self.full_cfg.n_features,
+                         "shards": [{"file": shard_file("weights", r, L.fp_size),
+                                     "features": [r * n_local, (r + 1) * n_local]} for r in range(L.fp_size)]}
+                doc = json.dumps({"clt_config": dataclasses.asdict(self.full_cfg), **model_meta,
+                                  "weights": index}, indent=2).encode()
+                optim_index = dict(index, shards=[dict(s, file=shard_file("optim", r, L.fp_size))
+                                                  for r, s in enumerate(index["shards"])])
+                odoc = json.dumps(optim_index, indent=2).encode()
+                attempt(lambda: atomic_write_bytes(tmp / "model" / META, doc))
+                attempt(lambda: atomic_write_bytes(tmp / "optim" / "index.json", odoc))
+                files.update({f"model/{META}": len(doc), "optim/index.json": len(odoc)})
+        if failure is not None:
+            for w in (weights, optim):
+                if w is not None:
+                    w.abort()
+            raise failure
+        return files
+
+    def _prune(self, newest: str):
+        """Keep the `keep` newest checkpoints (0 keeps all); never the one `latest` names."""
+        if self.keep <= 0:
+            return
+        done = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in done[:-self.keep]:
+            if p.name != newest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # --- load ---
+
+    def check(self, path: Path) -> dict:
+        """Before building anything heavy: the checkpoint's description, fingerprint and files. Every
+        rank may call it (it only reads)."""
+        state = read_trainer_state(path)
+        check_fingerprint(state.get("fingerprint", {}), self.fingerprint, path)
+        verify_manifest(path, state)
+        return state
+
+    def load(self, path: Path, state: dict, stats) -> dict:
+        """Load weights, Adam state and feature statistics for this rank's slice (from whichever old
+        shards hold it) and return this rank's loader/RNG state (mapped when the layout changed)."""
+        L = self.layout
+        old = state["layout"]
+        try:
+            weights = FeatureShards(path / "model", json.loads((path / "model" / META).read_text())["weights"],
+                                    str(path / "model" / META))
+            optim = FeatureShards(path / "optim", json.loads((path / "optim" / "index.json").read_text()),
+                                  str(path / "optim" / "index.json"))
+            weights.check_files()
+            optim.check_files()
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read the checkpoint's shards ({e})") from None
+        features = slice(self.clt.feature_start, self.clt.feature_start + self.clt.cfg.n_features)
+        step = int(optim.metadata().get("adam_step", 0))
+        ensure_adam_state(self.engine, step)
+        for name, p in self.params.items():
+            sl = features if feature_dim(name) is not None else None
+            set_full_state(self.engine, p, {"weight": weights.read(name, sl),
+                                            "exp_avg": optim.read(f"exp_avg/{name}", sl),
+                                            "exp_avg_sq": optim.read(f"exp_avg_sq/{name}", sl)})
+        self.clt.batchtopk_threshold.copy_(weights.read("batchtopk_threshold"))
+        same_layout = (old["world"], old["data_parallel"], old["feature_parallel"]) == (L.world, L.dp_size, L.fp_size)
+        rank_states = {}
+        if same_layout:
+            mine = torch.load(path / rank_file(L.rank), map_location="cpu", weights_only=False)
+            stats.load_state_dict(mine["features"])
+            rank_states = {"loader": mine["loader"], "rng": mine["rng"]}
+        else:
+            stats.load_reduced(optim.read("stats/tokens_since_fire", features),
+                               optim.read("stats/fire_count", features),
+                               int(optim.metadata().get("stats.tokens_counted", 0)), keep_counts=L.dp_rank == 0)
+            old_fp = int(old["feature_parallel"])
+            # every old DP rank's loader position (FP ranks of a group share it)
+            loaders = [torch.load(path / rank_file(d * old_fp), map_location="cpu", weights_only=False)["loader"]
+                       for d in range(int(old["data_parallel"]))]
+            first = torch.load(path / rank_file(0), map_location="cpu", weights_only=False)
+            rank_states = {"loader_states": loaders, "rng": first["rng"]}
+        return rank_states
+
+
+def publish_model(checkpoint: Path, dst: Path, fingerprint: dict):
+    """OUT/model from a checkpoint's model folder: hard links (no second copy of the weights; a copy
+    where links are impossible), swapped in whole. Refuses a checkpoint of another run."""
+    from .model_io import replace_dir
+
+    saved = read_trainer_state(checkpoint).get("fingerprint", {})
+    diff = [k for k in sorted(set(saved) | set(fingerprint))
+            if k not in LAYOUT_KEYS and saved.get(k) != fingerprint.get(k)]
+    if diff:
+        raise CheckpointError(f"{checkpoint}: not this run's checkpoint ({diff[0]!r} = {saved.get(diff[0])!r} "
+                              f"there, {fingerprint.get(diff[0])!r} in this run); not published as {dst}")
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in (checkpoint / "model").iterdir():
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    replace_dir(tmp, dst)

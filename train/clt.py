@@ -1,8 +1,10 @@
 """The cross-layer transcoder: parameters, activations, encode, decode and loss terms (DESIGN section 1).
 
 This module is the single definition of the CLT math. It knows nothing of ranks or kernels:
-- the feature-parallel layout (train/parallel.py) shards the feature rows from outside and sets
-  `CLT.reduce_partial` to an all-reduce over its group;
+- the feature-parallel layout (train/parallel.py) builds each rank's CLT as a slice of features of the
+  whole dictionary (`feature_range`), and sets `CLT.reduce_partial` (sum of partial reconstructions)
+  and `CLT.gather_features` (concatenation along the feature dim, for top-k cuts) to collectives over
+  its group;
 - kernels (kernels/) replace `CLT.encode_impl` / `CLT.decode_impl`, functions with the signatures of
   `reference_encode` / `reference_decode` below, which define their results.
 
@@ -13,6 +15,7 @@ Shapes: B tokens, N layers, D model width, F features per layer.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -159,41 +162,104 @@ def _identity(t):
     return t
 
 
+def global_topk_cut(values, k: int, gather=_identity):
+    """The k-th largest of values [..., F] along the last dim, [..., 1], where `gather` concatenates
+    the last dim over the ranks that each hold a slice of it (identity for a whole dictionary): each
+    slice offers its own k largest, and the k-th largest of those candidates is the global cut (the
+    global top k are among them). Keeping values >= cut is the top-k, up to ties at the cut."""
+    k_local = min(k, values.shape[-1])
+    candidates = gather(values.topk(k_local, dim=-1).values)
+    return candidates.topk(min(k, candidates.shape[-1]), dim=-1).values[..., -1:]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The model
 
 
+# Initialization is keyed per block of INIT_BLOCK features: block b of tensor t on layer l is drawn from
+# its own generator seeded by (seed, t, l, b). A rank holding features [start, stop) draws only the
+# blocks that overlap its slice, so every feature-parallel size starts from bit-identical weights and
+# no rank ever draws the whole dictionary.
+INIT_BLOCK = 256
+
+
+def init_seed(*keys: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions, unlike hash())."""
+    digest = hashlib.sha256(",".join(str(int(k)) for k in keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def keyed_uniform_rows(out: torch.Tensor, bound: float, seed: int, tensor_key: int, layer: int,
+                       start: int):
+    """Fill out [rows, ...] with U(-bound, bound): row r is global feature start + r of the dictionary,
+    drawn block by block from generators keyed by (seed, tensor_key, layer, block). Generated on
+    out's device (the same device type gives the same bits for any slicing)."""
+    rows, stop = out.shape[0], start + out.shape[0]
+    gen = torch.Generator(device=out.device)
+    for block in range(start // INIT_BLOCK, (stop - 1) // INIT_BLOCK + 1 if rows else 0):
+        b0 = block * INIT_BLOCK
+        gen.manual_seed(init_seed(seed, tensor_key, layer, block))
+        values = torch.rand((INIT_BLOCK,) + tuple(out.shape[1:]), generator=gen, device=out.device,
+                            dtype=torch.float32)
+        lo, hi = max(start, b0), min(stop, b0 + INIT_BLOCK)
+        out[lo - start:hi - start].copy_(values[lo - b0:hi - b0].mul_(2 * bound).sub_(bound))
+
+
+def _identity_gather(t):
+    return t
+
+
 class CLT(nn.Module):
-    def __init__(self, cfg: CLTConfig, generator: torch.Generator | None = None):
+    """A CLT, or the slice of one holding features [start, start + cfg.n_features) of every layer of a
+    dictionary of `total` features per layer (feature_range=(start, total); the feature-parallel
+    layout builds one per rank). Initialized from `seed` (or generator.initial_seed()) so that a slice
+    holds exactly those rows of the whole dictionary's initialization. device="meta" builds the
+    structure without memory: `to_empty(device=...)` then `reset_parameters()` initialize it."""
+
+    def __init__(self, cfg: CLTConfig, generator: torch.Generator | None = None, *, seed: int | None = None,
+                 feature_range: tuple[int, int] | None = None, device=None):
         super().__init__()
         self.cfg = cfg
         N, D, F = cfg.n_layers, cfg.d_model, cfg.n_features
-        self.W_enc = nn.Parameter(torch.empty(N, F, D))
-        self.b_enc = nn.Parameter(torch.zeros(N, F))
+        start, total = feature_range if feature_range is not None else (0, F)
+        if not (0 <= start and start + F <= total):
+            raise ValueError(f"CLT: feature_range {(start, total)} does not hold {F} features")
+        self.feature_start, self.total_features = int(start), int(total)
+        self.seed = int(seed if seed is not None else generator.initial_seed() if generator is not None else 0)
+        factory = {"device": device}
+        self.W_enc = nn.Parameter(torch.empty(N, F, D, **factory))
+        self.b_enc = nn.Parameter(torch.empty(N, F, **factory))
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.empty(F, 1 if cfg.per_layer else N - s, D)) for s in range(N)])
-        self.b_dec = nn.Parameter(torch.zeros(N, D))
-        if cfg.activation == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((N, F), math.log(cfg.threshold_init)))
-        else:
-            self.log_threshold = None
+            [nn.Parameter(torch.empty(F, 1 if cfg.per_layer else N - s, D, **factory)) for s in range(N)])
+        self.b_dec = nn.Parameter(torch.empty(N, D, **factory))
+        self.log_threshold = nn.Parameter(torch.empty(N, F, **factory)) if cfg.activation == "jumprelu" else None
         # BatchTopK keeps a running estimate of the activation value where it cuts, per layer, so a
         # trained BatchTopK CLT can be exported with JumpReLU thresholds.
-        self.register_buffer("batchtopk_threshold", torch.zeros(N))
-        self.reset_parameters(generator)
-        # Swappable from outside: kernels replace these, the feature-parallel layout sets reduce_partial.
+        self.register_buffer("batchtopk_threshold", torch.empty(N, **factory))
+        if self.W_enc.device.type != "meta":
+            self.reset_parameters()
+        # Swappable from outside: kernels replace encode_impl / decode_impl; the feature-parallel layout
+        # sets reduce_partial (sum over ranks) and gather_features (concatenate along the last dim).
         self.encode_impl: EncodeFn = reference_encode
         self.decode_impl: DecodeFn = reference_decode
         self.reduce_partial: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.gather_features: Callable[[torch.Tensor], torch.Tensor] = _identity_gather
 
     @torch.no_grad()
-    def reset_parameters(self, generator=None):
-        """Encoder U(-1/sqrt(F), 1/sqrt(F)); decoder U(-1/sqrt(N*D), 1/sqrt(N*D)); biases 0 (DESIGN 1)."""
-        N, D, F = self.cfg.n_layers, self.cfg.d_model, self.cfg.n_features
+    def reset_parameters(self):
+        """Encoder U(-1/sqrt(F), 1/sqrt(F)); decoder U(-1/sqrt(N*D), 1/sqrt(N*D)) with F the whole
+        dictionary's features per layer; biases 0; thresholds threshold_init (DESIGN 1). Keyed per
+        feature block (keyed_uniform_rows): a slice gets its rows of the whole dictionary's init."""
+        N, D, F = self.cfg.n_layers, self.cfg.d_model, self.total_features
         enc_bound, dec_bound = 1 / math.sqrt(F), 1 / math.sqrt(N * D)
-        self.W_enc.copy_(torch.rand(self.W_enc.shape, generator=generator) * 2 * enc_bound - enc_bound)
-        for w in self.W_dec:
-            w.copy_(torch.rand(w.shape, generator=generator) * 2 * dec_bound - dec_bound)
+        for layer in range(N):
+            keyed_uniform_rows(self.W_enc.data[layer], enc_bound, self.seed, 0, layer, self.feature_start)
+            keyed_uniform_rows(self.W_dec[layer].data, dec_bound, self.seed, 1, layer, self.feature_start)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if self.log_threshold is not None:
+            self.log_threshold.fill_(math.log(self.cfg.threshold_init))
+        self.batchtopk_threshold.zero_()
 
     @property
     def threshold(self) -> torch.Tensor | None:
@@ -214,25 +280,25 @@ class CLT(nn.Module):
             return self.encode_impl(x, self.W_enc, self.b_enc, self.log_threshold, cfg.bandwidth,
                                     cfg.straight_through_to_preact)
         pre = self.preactivations(x)
-        if cfg.activation == "topk":
-            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(
-                -1, pre.topk(cfg.topk, dim=-1).indices, True)
-        else:  # batchtopk: the batch's B*k largest pre-activations per layer
+        k = cfg.topk
+        if cfg.activation == "topk":  # per token and layer, the k largest over the whole dictionary
+            cut = global_topk_cut(pre.detach(), k, self.gather_features)  # [B, N, 1]
+        else:  # batchtopk: per layer, the batch's B*k largest
             B, N, F = pre.shape
-            flat = pre.detach().transpose(0, 1).reshape(N, B * F)
-            idx = flat.topk(min(cfg.topk * B, B * F), dim=-1).indices
-            keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
-            keep = keep.view(N, B, F).transpose(0, 1)
-            if self.training:
-                self._update_batchtopk_threshold(pre.detach(), keep)
+            flat = pre.detach().transpose(0, 1).reshape(N, 1, B * F)
+            cut = global_topk_cut(flat, k * B, self.gather_features).view(1, N, 1)
+        keep = pre.detach() >= cut
         acts = Fn.relu(pre) * keep
+        if cfg.activation == "batchtopk" and self.training:
+            self._update_batchtopk_threshold(pre.detach(), keep)
         return Encoded(pre, acts, keep & (pre > 0))
 
     @torch.no_grad()
     def _update_batchtopk_threshold(self, pre, keep):
-        # The smallest kept positive activation per layer, averaged over training batches.
+        # The smallest kept positive activation per layer (over the whole dictionary), averaged over
+        # training batches.
         kept = torch.where(keep & (pre > 0), pre, torch.full_like(pre, float("inf")))
-        cut = kept.amin(dim=(0, 2))
+        cut = self.gather_features(kept.amin(dim=(0, 2))[:, None]).amin(-1)
         cut = torch.where(torch.isfinite(cut), cut, self.batchtopk_threshold)
         m = self.cfg.batchtopk_threshold_momentum
         if bool((self.batchtopk_threshold == 0).all()):
@@ -393,9 +459,10 @@ def auxk_loss(model: CLT, enc: Encoded, y_hat, y, dead: torch.Tensor | None, wei
     if weight == 0 or dead is None or not bool(dead.any()):
         return y.new_zeros(())
     pre = enc.pre.masked_fill(~dead, float("-inf"))
-    k = min(k, int(dead.sum(dim=-1).max()))
-    top = pre.topk(k, dim=-1)
-    aux_acts = torch.zeros_like(enc.pre).scatter(-1, top.indices, Fn.relu(top.values.nan_to_num(0, 0, 0)))
+    # the k largest over the whole dictionary's dead features (each rank holds a slice of them)
+    cut = global_topk_cut(pre.detach(), k, model.gather_features)
+    keep = (pre.detach() >= cut) & dead & (pre.detach() > 0)
+    aux_acts = Fn.relu(pre.masked_fill(~keep, 0))
     err = (y - y_hat).detach()
     # The model's own (sparse) decode: aux_acts hold at most k entries per token and layer, and their
     # gradient is only read where they are positive (scatter of relu'd values).

@@ -5,6 +5,7 @@ get here (or by FeatureStats.reduce, a collective).
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .model_io import atomic_write_bytes
 
 # The step-time split, per optimizer step. "comm" is the feature-parallel partial-sum all-reduce (taken
 # out of "decode"); "backward" is its own phase: autograd interleaves the encode's and decode's
@@ -104,6 +107,28 @@ class FeatureStats:
         return {"features/dead_fraction": counts[0].item() / total,
                 "features/dense_fraction": counts[1].item() / total}
 
+    @torch.no_grad()
+    def reduced_copy(self, dp_group) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(tokens_since_fire, fire_count, tokens_counted) as the whole data-parallel group saw them (min,
+        sum, sum), without changing this rank's state: what a checkpoint stores for a resume on another
+        layout. Collective over the DP group."""
+        since, fire = self.tokens_since_fire.clone(), self.fire_count.clone()
+        counted = torch.tensor([float(self.tokens_counted)], dtype=torch.float64, device=fire.device)
+        if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(since, op=dist.ReduceOp.MIN, group=dp_group)
+            dist.all_reduce(fire, op=dist.ReduceOp.SUM, group=dp_group)
+            dist.all_reduce(counted, group=dp_group)
+        return since.cpu(), fire.cpu(), int(counted.item())
+
+    def load_reduced(self, tokens_since_fire: torch.Tensor, fire_count: torch.Tensor, tokens_counted: int,
+                     keep_counts: bool):
+        """Resume from reduced_copy's values on another layout: every replica starts from the group's
+        view of tokens_since_fire; the report window's counts (summed over DP at the next report) are
+        kept by one replica only (keep_counts), so they are not counted twice."""
+        self.tokens_since_fire.copy_(tokens_since_fire)
+        self.fire_count.copy_(fire_count if keep_counts else torch.zeros_like(fire_count))
+        self.tokens_counted = int(tokens_counted) if keep_counts else 0
+
     def state_dict(self) -> dict:
         return {"tokens_since_fire": self.tokens_since_fire.cpu(), "fire_count": self.fire_count.cpu(),
                 "tokens_counted": self.tokens_counted}
@@ -112,6 +137,56 @@ class FeatureStats:
         self.tokens_since_fire.copy_(state["tokens_since_fire"])
         self.fire_count.copy_(state["fire_count"])
         self.tokens_counted = int(state["tokens_counted"])
+
+
+class StepReport:
+    """The loss terms and batch metrics of the micro-batches of a reported step, summed, then averaged
+    and reduced over ranks into named scalars (`values`, a collective). Feature-local quantities
+    (sparsity, pre-activation, L0) are summed over the feature-parallel group; everything is then
+    averaged over data-parallel replicas."""
+
+    def __init__(self):
+        self.sums = None
+        self.count = 0
+
+    def add(self, terms: dict, metrics: dict):
+        vals = {k: v.detach().float() for k, v in terms.items()}
+        vals.update({k: v.detach().float() for k, v in metrics.items()})
+        self.sums = vals if self.sums is None else {k: self.sums[k] + vals[k] for k in self.sums}
+        self.count += 1
+
+    def values(self, layout, stats: "FeatureStats", timer: StepTimer, partial_sum, n_steps: int) -> dict:
+        sums, accum = self.sums, self.count
+        N = sums["nmse"].numel()
+        local = torch.cat([sums["sparsity"].view(1), sums["preact"].view(1), sums["l0"]]) / accum
+        shared = torch.cat([sums["mse"].view(1), sums["auxk"].view(1), sums["nmse"]]) / accum
+        if layout.fp_size > 1:
+            dist.all_reduce(local, group=layout.fp_group)
+        vec = torch.cat([local, shared])
+        if layout.dp_size > 1:
+            dist.all_reduce(vec, group=layout.dp_group)
+            vec /= layout.dp_size
+        vec = vec.cpu().tolist()
+        sparsity, preact, l0 = vec[0], vec[1], vec[2:2 + N]
+        mse, auxk, nmse = vec[2 + N], vec[3 + N], vec[4 + N:]
+        out = {"loss/total": mse + sparsity + preact + auxk, "loss/mse": mse, "loss/sparsity": sparsity,
+               "loss/preact": preact, "loss/auxk": auxk, "nmse/mean": sum(nmse) / N, "l0/mean": sum(l0) / N,
+               "l0/total": sum(l0)}
+        for i in range(N):
+            out[f"nmse/layer_{i}"] = nmse[i]
+            out[f"explained_variance/layer_{i}"] = 1 - nmse[i]
+            out[f"l0/layer_{i}"] = l0[i]
+        out.update(stats.reduce(layout.dp_group, layout.fp_group, layout.fp_size))
+        seconds = timer.take()
+        if partial_sum is not None:
+            seconds["comm"] += partial_sum.seconds
+            seconds["decode"] -= partial_sum.seconds
+            partial_sum.seconds = 0.0
+        # Per step, averaged since the last report (timed on every step on CPU; on CUDA only on reported
+        # steps, where the device is synchronized -- hence the divisor).
+        n_timed = n_steps if not timer.cuda else 1
+        out.update({f"time/{k}": v / max(n_timed, 1) for k, v in seconds.items()})
+        return out
 
 
 def _fmt(v: float) -> str:
@@ -132,8 +207,11 @@ class RunLogger:
         self.run = None
         self.bar = None
         self.run_id = run_id
+        self.jsonl = Path(run_dir) / "metrics.jsonl"
         if not enabled:
             return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_jsonl(start_step)
         if logger_cfg.mode != "disabled":
             import wandb
 
@@ -150,6 +228,15 @@ class RunLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc="clt-train", smoothing=0.1)
+
+    def _truncate_jsonl(self, start_step: int):
+        """The local record of reports (metrics.jsonl) keeps no step after the one a run starts from:
+        after a resume, the steps redone are logged once."""
+        if not self.jsonl.is_file():
+            return
+        keep = [line for line in self.jsonl.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        atomic_write_bytes(self.jsonl, "".join(k + "\n" for k in keep).encode())
 
     def print(self, msg: str):
         if not self.enabled:
@@ -171,6 +258,8 @@ class RunLogger:
             return
         if self.run is not None:
             self.run.log(values, step=step)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
         head = (("loss/total", "loss"), ("loss/mse", "mse"), ("loss/sparsity", "sparsity"),
                 ("loss/preact", "preact"), ("nmse/mean", "nmse"), ("l0/mean", "l0"),
                 ("features/dead_fraction", "dead"), ("features/dense_fraction", "dense"),

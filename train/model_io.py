@@ -1,23 +1,47 @@
-"""A trained CLT as one self-describing file pair: weights (safetensors) + metadata (JSON).
+"""A trained CLT as a self-describing folder: model.json (config + metadata) and its weights in one or
+more safetensors files, each holding a contiguous range of features of every layer.
 
-clt-train writes it (whole, gathered from feature shards) next to every checkpoint; clt-eval and
-clt-export read it. The weights are in normalized space; `meta["dataset"]` carries what is needed to
-map back to raw activations (per-layer scales) and to find the base model.
+    model.json                          {"clt_config": the whole CLT's config, "dataset": ..., "train": ...,
+                                         "weights": {"n_features": F, "shards": [{"file", "features": [a, b]}]}}
+    weights-00000-of-00004.safetensors  W_enc [N, F/4, D], b_enc, log_threshold [N, F/4], W_dec.s [F/4, S, D]
+    ...                                 (b_dec and batchtopk_threshold, replicated, in every shard)
+
+clt-train writes one shard per feature-parallel rank, each by its own rank (no rank ever holds the whole
+model); `save_clt` writes a whole CLT as one shard (model.safetensors). `ModelReader` reads any of them a
+tensor, a feature range or a layer at a time (safetensors is memory-mapped, so only what is asked for
+is read), which is how clt-export streams a CLT larger than memory and how a run resumes on another
+feature-parallel size. The weights are in normalized space; `meta["dataset"]` carries what is needed
+to map back to raw activations (per-layer scales) and to find the base model.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .clt import CLT, CLTConfig
 
 WEIGHTS, META = "model.safetensors", "model.json"
+
+
+def shard_file(prefix: str, index: int, count: int) -> str:
+    return f"{prefix}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def feature_dim(name: str) -> int | None:
+    """The feature dim of a CLT tensor (None: replicated): W_enc [N, F, D], b_enc / log_threshold [N, F],
+    W_dec.s [F, S, D]. Optimizer state and statistics use the same names behind a prefix ("exp_avg/W_enc")."""
+    base = name.rsplit("/", 1)[-1]
+    if base.startswith("W_dec."):
+        return 0
+    return 1 if base in ("W_enc", "b_enc", "log_threshold", "tokens_since_fire", "fire_count") else None
 
 
 def atomic_write_bytes(path: Path, data: bytes):
@@ -53,6 +77,206 @@ def replace_dir(stage: Path, dst: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Writing a safetensors file one tensor at a time
+
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+class StreamingSafetensorsWriter:
+    """A safetensors file written tensor by tensor, so the writer never holds more than one tensor:
+    the header (names, dtypes, shapes, offsets) is known up front from `specs`, then `write` is called
+    for each tensor in that order. Written to a temporary name, fsynced and renamed by `close`."""
+
+    def __init__(self, path: str | os.PathLike, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        header, offset = {}, 0
+        self.order = []
+        for name, dtype, shape in specs:
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.order.append((name, dtype, tuple(shape)))
+            offset += n
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        self.next = 0
+        self.f = open(self.tmp, "wb")
+        try:
+            self.f.write(len(blob).to_bytes(8, "little") + blob)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor):
+        want_name, dtype, shape = self.order[self.next]
+        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: expected tensor {want_name} {dtype} {list(shape)} next, "
+                             f"got {name} {tensor.dtype} {list(tensor.shape)}")
+        t = tensor.detach().contiguous().cpu()
+        self.f.write(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
+        self.next += 1
+
+    def close(self) -> int:
+        """Finish the file (all tensors written), fsync, rename into place; returns its size in bytes."""
+        if self.next != len(self.order):
+            self.abort()
+            raise ValueError(f"{self.path}: {len(self.order) - self.next} tensor(s) were never written")
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            size = self.f.tell()
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return size
+
+    def abort(self):
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading tensors that are split by features over several files
+
+
+class FeatureShards:
+    """Tensors stored as feature ranges over several safetensors files (index: {"n_features": F,
+    "shards": [{"file": name, "features": [a, b]}, ...]}, ranges in order and covering [0, F)).
+    `read(name, features=slice)` assembles any feature range from the files that hold it; replicated
+    tensors (no feature dim, see feature_dim) come from the first file."""
+
+    def __init__(self, folder: str | os.PathLike, index: dict, source: str):
+        self.folder, self.source = Path(folder), source
+        try:
+            self.n_features = int(index["n_features"])
+            self.shards = [(str(s["file"]), int(s["features"][0]), int(s["features"][1])) for s in index["shards"]]
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{source}: malformed weight index ({type(e).__name__}: {e})") from None
+        edge = 0
+        for file, a, b in self.shards:
+            if a != edge or b < a:
+                raise ValueError(f"{source}: weight shards do not tile the features (at {file}: [{a}, {b}) "
+                                 f"after {edge})")
+            edge = b
+        if edge != self.n_features:
+            raise ValueError(f"{source}: weight shards cover {edge} of {self.n_features} features")
+        self._open = {}
+
+    def check_files(self):
+        """Every shard file present and readable (a missing or truncated one is named)."""
+        for file, _, _ in self.shards:
+            self._handle(file)
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            path = self.folder / file
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing (listed in {self.source})")
+            try:
+                self._open[file] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{path}: unreadable or truncated ({e})") from None
+        return self._open[file]
+
+    def names(self) -> list[str]:
+        return list(self._handle(self.shards[0][0]).keys())
+
+    def metadata(self, i: int = 0) -> dict:
+        return self._handle(self.shards[i][0]).metadata() or {}
+
+    def read(self, name: str, features: slice | None = None, index: int | None = None) -> torch.Tensor:
+        """The tensor `name` (over features [start, stop), default all); `index` first selects one entry
+        of dim 0 (a layer of W_enc / b_enc / log_threshold / b_dec), reading only that layer."""
+        fdim = feature_dim(name)
+        if fdim is None:
+            t = self._get(self.shards[0][0], name, index, None, None)
+            return t
+        start, stop = (0, self.n_features) if features is None else (features.start, features.stop)
+        parts = []
+        for file, a, b in self.shards:
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi:
+                parts.append(self._get(file, name, index, fdim, slice(lo - a, hi - a)))
+        dim = fdim - 1 if index is not None else fdim
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def _get(self, file, name, index, fdim, rows):
+        handle = self._handle(file)
+        if name not in handle.keys():
+            raise KeyError(f"{self.folder / file}: no tensor {name!r}")
+        sl = handle.get_slice(name)
+        key = [slice(None)] * len(sl.get_shape())
+        if rows is not None:
+            key[fdim] = rows
+        if index is not None:
+            key[0] = index
+        try:
+            return sl[tuple(key)]
+        except Exception as e:  # a file cut short reads past its end
+            raise ValueError(f"{self.folder / file}: cannot read {name} ({e}); truncated?") from None
+
+
+class ModelReader:
+    """A model folder (module docstring), read lazily: `cfg`, `meta`, `tensor(name)`, `layer(i)`, `load()`."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        meta_path = self.folder / META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: not found (expected a CLT written by clt-train)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.cfg = CLTConfig(**self.meta["clt_config"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{meta_path}: not a cltrain model description ({e})") from None
+        index = self.meta.get("weights") or {"n_features": self.cfg.n_features,
+                                             "shards": [{"file": WEIGHTS, "features": [0, self.cfg.n_features]}]}
+        self.shards = FeatureShards(self.folder, index, str(meta_path))
+        if self.shards.n_features != self.cfg.n_features:
+            raise ValueError(f"{meta_path}: weights hold {self.shards.n_features} features per layer, "
+                             f"clt_config.n_features = {self.cfg.n_features}")
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in CLT(self.cfg, device="meta").state_dict().items()}
+
+    def tensor(self, name: str, features: slice | None = None) -> torch.Tensor:
+        return self.shards.read(name, features)
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Source layer i's tensors: W_enc [F, D], b_enc [F], log_threshold [F] (JumpReLU), b_dec [D],
+        W_dec [F, S, D]; only layer i is read from disk."""
+        out = {"W_enc": self.shards.read("W_enc", index=i), "b_enc": self.shards.read("b_enc", index=i),
+               "b_dec": self.shards.read("b_dec", index=i), "W_dec": self.shards.read(f"W_dec.{i}")}
+        if self.cfg.activation == "jumprelu":
+            out["log_threshold"] = self.shards.read("log_threshold", index=i)
+        return out
+
+    def load(self, map_location="cpu") -> CLT:
+        """The whole CLT (eval mode), assembled one tensor at a time."""
+        self.shards.check_files()
+        clt = CLT(self.cfg, device="meta").to_empty(device=map_location)
+        expected = self.expected_shapes()
+        for name, target in clt.state_dict().items():
+            try:
+                t = self.shards.read(name)
+            except KeyError as e:
+                raise ValueError(f"{e.args[0]} (the model in {self.folder / META} needs it)") from None
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"{self.folder}: weight {name} has shape {list(t.shape)}, {META} expects "
+                                 f"{list(expected[name])}")
+            target.copy_(t)
+        return clt.eval()
+
+
 def clt_state(clt: CLT) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in clt.state_dict().items()}
 
@@ -69,23 +293,6 @@ def save_clt(folder: str | os.PathLike, state: dict[str, torch.Tensor], cfg: CLT
 
 
 def load_clt(folder: str | os.PathLike, map_location="cpu") -> tuple[CLT, dict]:
-    """Read a folder written by save_clt; returns the CLT (eval mode) and its metadata."""
-    folder = Path(folder)
-    for name in (WEIGHTS, META):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: not found (expected a CLT written by clt-train)")
-    try:
-        meta = json.loads((folder / META).read_text())
-        cfg = CLTConfig(**meta["clt_config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{folder / META}: not a cltrain model description ({e})") from None
-    clt = CLT(cfg)
-    state = load_file(str(folder / WEIGHTS), device=str(map_location))
-    expected = {k: tuple(v.shape) for k, v in clt.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))
-        raise ValueError(f"{folder / WEIGHTS}: weights do not match {folder / META} "
-                         f"(expected vs found differ in {diff[:4]})")
-    clt.load_state_dict(state)
-    return clt.eval(), meta
+    """Read a model folder (one file or feature shards); returns the whole CLT (eval mode) and its metadata."""
+    reader = ModelReader(folder)
+    return reader.load(map_location), reader.meta

@@ -5,8 +5,11 @@ Applied to a CLT from outside; the CLT module itself stays rank-free:
   (torchrun, the deepspeed launcher, accelerate, or SLURM's srun);
 - `Layout` builds the feature-parallel (FP) and data-parallel (DP) groups and hands DeepSpeed its
   `mpu` view of them;
-- `shard_clt` keeps this rank's feature rows of a full CLT and installs the partial-sum all-reduce;
-  `gather_clt_state` reassembles the full weights for saving.
+- `local_clt` builds this rank's slice of the CLT (features [r*F/P, (r+1)*F/P) of every layer) on the
+  meta device, materializes and initializes only that slice (the CLT's keyed init gives every P the
+  same weights), and `parallelize` installs the collectives (partial-sum all-reduce, feature gather)
+  and marks the sharded parameters for DeepSpeed. The whole CLT is never built on one rank;
+  checkpoints are written and read per feature shard (train/checkpoint.py).
 
 Rank placement: rank = dp_rank * P + fp_rank, so an FP group is P consecutive ranks (one node, where
 its per-step all-reduce of B*N*D values is cheapest); a DP group takes one rank from each FP group.
@@ -23,18 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .clt import CLT
-
-# Parameters whose first feature-indexed dim is sharded: W_enc [N, F, D], b_enc / log_threshold [N, F]
-# (dim 1), and each W_dec[s] [F, S, D] (dim 0). b_dec [N, D] is replicated.
-_SHARD_DIM = {"W_enc": 1, "b_enc": 1, "log_threshold": 1}
-
-
-def _shard_dim(name: str) -> int | None:
-    if name.startswith("W_dec."):
-        return 0
-    return _SHARD_DIM.get(name)
-
+from .clt import CLT, CLTConfig
 
 # ----------------------------------------------------------------------------------------------------
 # Process group
@@ -55,6 +47,12 @@ def dist_env() -> tuple[int, int, int]:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective may wait for a missing rank (CLTRAIN_DIST_TIMEOUT seconds, default 600);
+    given to every process group, so a dead or hung rank ends the job instead of hanging it."""
+    return datetime.timedelta(seconds=int(os.environ.get("CLTRAIN_DIST_TIMEOUT", "600")))
 
 
 def resolve_device(device: str, local_rank: int) -> torch.device:
@@ -89,8 +87,7 @@ def init_distributed(backend: str = "auto", device: torch.device | None = None) 
     if backend == "auto":
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if backend == "nccl" else "cpu")
-    timeout = datetime.timedelta(seconds=int(os.environ.get("CLTRAIN_DIST_TIMEOUT", "600")))
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=dist_timeout(),
                             device_id=device if backend == "nccl" else None)
     return rank, world
 
@@ -126,12 +123,12 @@ class Layout:
         # new_group is collective over the whole world: every rank creates every group, in order.
         for d in range(dp):
             ranks = list(range(d * P, (d + 1) * P))
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=dist_timeout())
             if rank in ranks:
                 fp_group, fp_ranks = g, ranks
         for f in range(P):
             ranks = list(range(f, world, P))
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=dist_timeout())
             if rank in ranks:
                 dp_group, dp_ranks = g, ranks
         return cls(world, rank, P, dp, rank % P, rank // P, fp_group, dp_group, fp_ranks, dp_ranks)
@@ -213,7 +210,39 @@ class PartialSum:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shard / gather
+# The feature-gather (for top-k cuts over the whole dictionary)
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """Concatenate each rank's t [..., k] along the last dim, in rank order (no gradient: only used on
+    detached values to find top-k cuts)."""
+
+    @staticmethod
+    def forward(ctx, t, group, size):
+        parts = [torch.empty_like(t) for _ in range(size)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+
+class FeatureGather:
+    """CLT.gather_features for a feature-sharded CLT."""
+
+    def __init__(self, group, size: int):
+        self.group, self.size = group, size
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return _GatherLastDim.apply(t.detach(), self.group, self.size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# This rank's slice of the CLT
+
+# Parameters whose feature dim is sharded, and which dim: W_enc [N, F, D], b_enc / log_threshold [N, F]
+# (dim 1), each W_dec.s [F, S, D] (dim 0). b_dec [N, D] and the batchtopk_threshold buffer are replicated.
+def shard_dim(name: str) -> int | None:
+    if name.startswith("W_dec."):
+        return 0
+    return {"W_enc": 1, "b_enc": 1, "log_threshold": 1}.get(name)
 
 
 def feature_slice(n_features: int, fp_size: int, fp_rank: int) -> slice:
@@ -221,45 +250,37 @@ def feature_slice(n_features: int, fp_size: int, fp_rank: int) -> slice:
     return slice(fp_rank * per, (fp_rank + 1) * per)
 
 
-@torch.no_grad()
-def shard_clt(full: CLT, layout: Layout) -> CLT:
-    """This rank's CLT: features [r*F/P, (r+1)*F/P) of every layer, b_dec replicated, partial y_hat summed
-    over the FP group. With P = 1 the full CLT is returned as is (nothing to shard)."""
-    if layout.fp_size == 1:
-        return full
-    F = full.cfg.n_features
-    if F % layout.fp_size:
-        raise ValueError(f"config key 'model.n_features' = {F}: expected a multiple of "
-                         f"parallel.feature_parallel={layout.fp_size}")
-    if full.cfg.activation != "jumprelu":
-        # TopK / BatchTopK rank features across the whole layer: that would need a global top-k per token.
-        raise ValueError(f"config key 'model.activation' = {full.cfg.activation!r}: feature parallelism "
-                         "supports 'jumprelu' only (top-k needs all features of a layer on one rank)")
-    sl = feature_slice(F, layout.fp_size, layout.fp_rank)
-    local = CLT(dataclasses.replace(full.cfg, n_features=F // layout.fp_size))
-    src = dict(full.named_parameters())
-    for name, p in local.named_parameters():
-        dim = _shard_dim(name)
-        w = src[name] if dim is None else src[name].narrow(dim, sl.start, sl.stop - sl.start)
-        p.copy_(w)
-        p.model_parallel = dim is not None
-    local.batchtopk_threshold.copy_(full.batchtopk_threshold)
-    local.reduce_partial = PartialSum(layout.fp_group)
-    return local
+def local_config(cfg: CLTConfig, fp_size: int) -> CLTConfig:
+    """The config of one rank's slice; refuses a feature count the FP size does not divide."""
+    if cfg.n_features % fp_size:
+        raise ValueError(f"config key 'model.n_features' = {cfg.n_features}: expected a multiple of "
+                         f"parallel.feature_parallel={fp_size} (each rank holds n_features / "
+                         f"feature_parallel features of every layer)")
+    return dataclasses.replace(cfg, n_features=cfg.n_features // fp_size)
 
 
-def gather_clt_state(local_state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
-    """The full state dict from each FP rank's local one (collective over the FP group; every rank of
-    the group gets the result)."""
-    if layout.fp_size == 1:
-        return local_state
-    full = {}
-    for name, t in local_state.items():
-        dim = _shard_dim(name)
-        if dim is None:
-            full[name] = t
-            continue
-        parts = [torch.empty_like(t) for _ in range(layout.fp_size)]
-        dist.all_gather(parts, t.contiguous(), group=layout.fp_group)
-        full[name] = torch.cat(parts, dim=dim)
-    return full
+def local_clt(cfg: CLTConfig, layout: "Layout", seed: int, device="meta") -> CLT:
+    """This rank's slice of the CLT, on `device` (meta: no memory yet; see materialize)."""
+    sl = feature_slice(cfg.n_features, layout.fp_size, layout.fp_rank)
+    return CLT(local_config(cfg, layout.fp_size), seed=seed, feature_range=(sl.start, cfg.n_features),
+               device=device)
+
+
+def materialize(clt: CLT, layout: "Layout", device: torch.device) -> CLT:
+    """Allocate a meta-built slice on `device`, install the layout, initialize it (keyed: only this
+    slice's rows are drawn)."""
+    clt.to_empty(device=device)
+    parallelize(clt, layout)
+    clt.reset_parameters()
+    return clt
+
+
+def parallelize(clt: CLT, layout: "Layout") -> CLT:
+    """Install the feature-parallel collectives and mark the sharded parameters (DeepSpeed counts
+    p.model_parallel parameters once in the global grad norm). P = 1: nothing to do."""
+    for name, p in clt.named_parameters():
+        p.model_parallel = layout.fp_size > 1 and shard_dim(name) is not None
+    if layout.fp_size > 1:
+        clt.reduce_partial = PartialSum(layout.fp_group)
+        clt.gather_features = FeatureGather(layout.fp_group, layout.fp_size)
+    return clt

@@ -12,9 +12,10 @@ ranks of a feature-parallel group read the same batches (the loader is keyed by 
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -29,10 +30,10 @@ from . import checkpoint as ckpt
 from .clt import CLT, batch_metrics, loss_terms
 from .config import CONFIG_DIR, ConfigError, clt_config, loss_weights, validate_train
 from .data import DatasetError, DatasetInfo, loader_from_config
-from .metrics import FeatureStats, RunLogger, StepTimer, gpu_memory, peak_flops
-from .model_io import replace_dir, save_clt
-from .parallel import (Layout, PartialSum, dist_env, gather_clt_state, init_distributed, resolve_device,
-                       shard_clt)
+from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss
+from .model_io import atomic_write_bytes
+from .metrics import FeatureStats, RunLogger, StepReport, StepTimer, gpu_memory, peak_flops
+from .parallel import Layout, PartialSum, dist_env, init_distributed, local_clt, materialize, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,9 @@ def make_optimizer(params, cfg: DictConfig, device: torch.device) -> torch.optim
 
 
 def fingerprint(cfg: DictConfig, info: DatasetInfo, layout: Layout) -> dict:
-    """What must not change across a resume: the model, the data order, the optimizer, the schedules
-    and the layout (a checkpoint resumes bit-for-bit on the same layout only)."""
+    """What a resume compares with the checkpoint: the model, the data order, the optimizer, the schedules
+    and the global batch must match; the layout keys (checkpoint.LAYOUT_KEYS: world size, feature
+    parallel size, ZeRO stage, per-replica batch split) may change, the state is remapped."""
     flat = {}
 
     def walk(prefix, node):
@@ -154,7 +156,8 @@ def fingerprint(cfg: DictConfig, info: DatasetInfo, layout: Layout) -> dict:
                 "data.heldout_shards", "data.num_workers", "parallel.feature_parallel", "deepspeed.zero_stage"):
         flat[key] = OmegaConf.select(cfg, key)
     flat.update({"world_size": layout.world, "dataset.model": info.model, "dataset.layers": list(info.layers),
-                 "dataset.d_model": info.d_model, "dataset.n_tokens": info.n_tokens})
+                 "dataset.d_model": info.d_model, "dataset.n_tokens": info.n_tokens,
+                 "global_batch_tokens": int(cfg.batch_tokens) * int(cfg.grad_accum) * layout.dp_size})
     return flat
 
 
@@ -200,238 +203,317 @@ def _dataset_meta(info: DatasetInfo) -> dict:
 # The job
 
 
-def train(cfg: DictConfig) -> Path:
-    """Run (or resume) a training job; returns OUT/model, the whole trained CLT (model_io.load_clt)."""
-    validate_train(cfg)
-    if cfg.data.get("path") is None:
-        raise ConfigError("config key 'data.path' = None: expected the dataset folder or URL written by clt-harvest")
-    info = DatasetInfo.load(str(cfg.data.path))  # DatasetError names dataset.json when missing/bad
-    try:
-        full_cfg = clt_config(cfg.model, info.n_layers, info.d_model)
-    except ConfigError as e:
-        raise ConfigError(f"{e} ({info.json_path})") from None
+class Trainer:
+    """One training run on this rank: `build(cfg)` sets everything up (or resumes), `train_step(batches)`
+    is one optimizer step, `save()` / `load(path)` checkpoint, `fit()` runs to the end and publishes
+    OUT/model. Components: the CLT slice and its parallel layout (train/parallel.py), the DeepSpeed
+    engine, the checkpoint manager (train/checkpoint.py), metrics and logging (train/metrics.py)."""
 
-    device = resolve_device(str(cfg.device), int(os.environ.get("LOCAL_RANK", 0)))
-    rank, world = init_distributed(str(cfg.parallel.backend), device)
-    layout = Layout.build(int(cfg.parallel.feature_parallel))
-    is_main = rank == 0
+    # --- build ---
 
-    deepspeed = _import_deepspeed(device)
+    @classmethod
+    def build(cls, cfg: DictConfig) -> "Trainer":
+        self = cls()
+        self.cfg = cfg
+        validate_train(cfg)
+        if cfg.data.get("path") is None:
+            raise ConfigError("config key 'data.path' = None: expected the dataset folder or URL written by clt-harvest")
+        self.info = info = DatasetInfo.load(str(cfg.data.path))  # DatasetError names dataset.json when missing/bad
+        try:
+            self.full_cfg = clt_config(cfg.model, info.n_layers, info.d_model)
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({info.json_path})") from None
 
-    out_dir = Path(str(cfg.out_dir))
-    ckpt_root = out_dir / "checkpoints"
-    fp_now = fingerprint(cfg, info, layout)
-    resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root)
-    saved = None
-    if resume_from is not None:
-        saved = ckpt.read_trainer_state(resume_from)
-        ckpt.check_fingerprint(saved.get("fingerprint", {}), fp_now, resume_from)
+        self.device = device = resolve_device(str(cfg.device), int(os.environ.get("LOCAL_RANK", 0)))
+        self.rank, self.world = init_distributed(str(cfg.parallel.backend), device)
+        try:
+            self.layout = layout = Layout.build(int(cfg.parallel.feature_parallel))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.deepspeed = _import_deepspeed(device)
+        self.out_dir = Path(str(cfg.out_dir))
+        self.fingerprint = fingerprint(cfg, info, layout)
+        self.zero3 = int(cfg.deepspeed.zero_stage) == 3
 
-    # Every rank builds the full CLT from the seed and keeps its slice, so any layout starts from the
-    # same weights as FP=1.
-    full = CLT(full_cfg, generator=torch.Generator().manual_seed(int(cfg.seed)))
-    clt = shard_clt(full, layout).to(device)
-    del full
-    kernel_impl = _install_kernels(clt, str(cfg.get("kernels", "dense")))
-    if device.type == "cpu":  # each step's large temporaries then reuse mapped memory
-        from cltrain.kernels import retain_freed_cpu_memory
-        retain_freed_cpu_memory()
+        # A resume is checked (config, files) before anything heavy is built.
+        resume_from = ckpt.resolve_resume(cfg.resume, self.out_dir / "checkpoints")
+        saved = None
+        if resume_from is not None:
+            saved = ckpt.read_trainer_state(resume_from)
+            ckpt.check_fingerprint(saved.get("fingerprint", {}), self.fingerprint, resume_from)
+            ckpt.verify_manifest(resume_from, saved)
 
-    loader = loader_from_config(cfg.data, int(cfg.batch_tokens), dp_rank=layout.dp_rank, dp_size=layout.dp_size,
-                                seed=int(cfg.seed), device=device)
-    first = None
-    rate = cfg.model.get("threshold_calibration_rate")
-    if saved is None and rate is not None and full_cfg.activation == "jumprelu":
+        # This rank's slice, built on the meta device, sized, then materialized and initialized alone.
+        try:
+            clt = local_clt(self.full_cfg, layout, int(cfg.seed))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.memory = self._check_memory(clt)
+        try:
+            materialize(clt, layout, device)
+        except (RuntimeError, MemoryError) as e:
+            if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+                raise
+            raise OutOfMemory(f"rank {self.rank}: allocating its CLT slice failed ({str(e).splitlines()[0]}); "
+                              f"estimated need {self.memory.describe()}") from None
+        self.clt = clt
+        self.kernel_impl = _install_kernels(clt, str(cfg.get("kernels", "dense")))
+        if device.type == "cpu":  # each step's large temporaries then reuse mapped memory
+            from cltrain.kernels import retain_freed_cpu_memory
+            retain_freed_cpu_memory()
+
+        self.loader = loader_from_config(cfg.data, int(cfg.batch_tokens), dp_rank=layout.dp_rank,
+                                         dp_size=layout.dp_size, seed=int(cfg.seed), device=device)
+        self.timer = StepTimer(cuda=device.type == "cuda")
+        self.step_module = TrainStep(clt, cfg.model, self.timer)
+        self.optimizer = make_optimizer(self.step_module.parameters(), cfg, device)
+        self.engine, _, _, _ = self.deepspeed.initialize(
+            model=self.step_module, optimizer=self.optimizer, mpu=layout.mpu(),
+            config=deepspeed_config(cfg, layout), dist_init_required=False)
+        if self.zero3:
+            # TrainStep calls the CLT's pieces, not CLT.forward, so ZeRO-3 must gather the CLT's parameters
+            # for TrainStep's forward/backward: register them as its external parameters.
+            for p in clt.parameters():
+                self.deepspeed.zero.register_external_parameter(self.step_module, p)
+        self.stats = FeatureStats(self.full_cfg.n_layers, clt.cfg.n_features, device, int(cfg.dead_after_tokens),
+                                  float(cfg.get("dense_fire_rate", 0.1)))
+        self.checkpoints = ckpt.CheckpointManager(self.out_dir / "checkpoints", clt, self.engine, layout,
+                                                  self.full_cfg, self.fingerprint, device,
+                                                  int(cfg.get("keep_checkpoints", 0)))
+        self.step, self.tokens, run_id = 0, 0, None
+        self.pending = None  # a batch read ahead of the loop (calibration's)
+        if saved is not None:
+            self.load(resume_from, saved)
+            self.step, self.tokens, run_id = int(saved["step"]), int(saved["tokens"]), saved.get("wandb_run_id")
+        else:
+            self._calibrate()
+        self.batches = self.__dict__.pop("_first_batches", None) or iter(self.loader)
+
+        self.steps = int(cfg.steps)
+        # stop_at_step: end this invocation early (checkpointed) while the schedules still span `steps` --
+        # for jobs with a wall-clock limit, resubmitted with resume=true.
+        self.stop = self.steps if cfg.get("stop_at_step") is None else min(self.steps, int(cfg.stop_at_step))
+        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        self.logger = RunLogger(cfg.logger, self.out_dir, self.steps, self.step, self.rank == 0, run_id,
+                                OmegaConf.to_container(cfg, resolve=True), progress=bool(cfg.get("progress", True)))
+        f = self.full_cfg
+        self.logger.print(
+            f"clt-train: {info.json_path} N={f.n_layers} D={f.d_model} F={f.n_features} world={self.world} "
+            f"(data x feature parallel = {layout.dp_size} x {layout.fp_size}) ZeRO-{cfg.deepspeed.zero_stage} "
+            f"{cfg.precision} kernels={self.kernel_impl} device={device}"
+            + (f", resumed from {resume_from} at step {self.step}" if saved is not None else ""))
+        self.logger.print(f"clt-train: memory per rank (estimated): {self.memory.describe()}; "
+                          f"parameters + optimizer state on this rank: {self.state_bytes() / 2**30:.3f} GiB")
+        self.partial_sum = clt.reduce_partial if isinstance(clt.reduce_partial, PartialSum) else None
+        self.report_steps_since, self.t_report, self.tokens_report = 0, time.perf_counter(), self.tokens
+        return self
+
+    def _check_memory(self, meta_clt: CLT) -> MemoryEstimate:
+        """Estimate this rank's peak before allocating; refuse (on every rank) if it will not fit."""
+        cfg, layout = self.cfg, self.layout
+        n_local = sum(p.numel() for p in meta_clt.parameters())
+        est = estimate_rank_memory(
+            n_local, meta_clt.b_dec.numel(), self.full_cfg.n_layers, self.full_cfg.d_model,
+            meta_clt.cfg.n_features, layout.dp_size, int(cfg.deepspeed.zero_stage), str(cfg.precision),
+            int(cfg.batch_tokens), int(cfg.data.shuffle_buffer), int(cfg.data.num_workers),
+            self.device.type == "cuda")
+        limit, source = memory_limit(self.device, local_world_size())
+        fits = limit is None or est.total <= limit or not bool(cfg.get("check_memory", True))
+        if not ckpt._all_ok(fits, self.device):
+            where = (f"this rank needs about {est.describe()}, more than its {limit / 2**30:.2f} GiB "
+                     f"({source})" if not fits else "another rank does not fit (see its message)")
+            raise OutOfMemory(
+                f"clt-train: out of memory before start: {where}. Shard the features over more ranks "
+                f"(parallel.feature_parallel), use ZeRO-2 over data parallel, lower batch_tokens or "
+                f"data.shuffle_buffer, or set check_memory=false to try anyway")
+        return est
+
+    def _calibrate(self):
+        rate = self.cfg.model.get("threshold_calibration_rate")
+        if rate is None or self.full_cfg.activation != "jumprelu":
+            return
         # Calibrate on the first batch (which step 0 then trains on). FP ranks share the batch, so their
         # slices agree; DP replicas average their estimates so every replica starts identical.
-        batches = iter(loader)
-        first = next(batches)
-        clt.calibrate_thresholds(first.x, float(rate))
-        if layout.dp_size > 1:
-            dist.all_reduce(clt.log_threshold.data, group=layout.dp_group)
-            clt.log_threshold.data.div_(layout.dp_size)
+        batches = iter(self.loader)
+        self.pending = next(batches)
+        self.clt.calibrate_thresholds(self.pending.x, float(rate))
+        if self.layout.dp_size > 1:
+            dist.all_reduce(self.clt.log_threshold.data, group=self.layout.dp_group)
+            self.clt.log_threshold.data.div_(self.layout.dp_size)
+        self._first_batches = batches
 
-    timer = StepTimer(cuda=device.type == "cuda")
-    step_module = TrainStep(clt, cfg.model, timer)
-    optimizer = make_optimizer(step_module.parameters(), cfg, device)
-    engine, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, mpu=layout.mpu(),
-                                           config=deepspeed_config(cfg, layout), dist_init_required=False)
-    zero3 = int(cfg.deepspeed.zero_stage) == 3
-    if zero3:
-        # TrainStep calls the CLT's pieces, not CLT.forward, so ZeRO-3 must gather the CLT's parameters
-        # for TrainStep's forward/backward: register them as its external parameters.
-        for p in clt.parameters():
-            deepspeed.zero.register_external_parameter(step_module, p)
+    def state_bytes(self) -> int:
+        """Bytes of parameters and optimizer state this rank holds (measured from the live tensors)."""
+        from .engine_state import base_optimizer
 
-    stats = FeatureStats(full_cfg.n_layers, clt.cfg.n_features, device, int(cfg.dead_after_tokens),
-                         float(cfg.get("dense_fire_rate", 0.1)))
-    step, tokens, run_id = 0, 0, None
-    if saved is not None:
-        rank_state = ckpt.load_checkpoint(resume_from, engine)
-        step, tokens, run_id = int(saved["step"]), int(saved["tokens"]), saved.get("wandb_run_id")
-        loader.load_state_dict(rank_state["loader"])
-        stats.load_state_dict(rank_state["features"])
-        ckpt.set_rng_state(rank_state["rng"])
-    if first is None:
-        batches = iter(loader)
+        seen, total = set(), 0
+        tensors = list(self.engine.module.parameters())
+        for st in base_optimizer(self.engine).state.values():
+            tensors += [v for v in st.values() if torch.is_tensor(v)]
+        opt = self.engine.optimizer
+        tensors += list(getattr(opt, "single_partition_of_fp32_groups", []))
+        tensors += list(getattr(opt, "fp32_partitioned_groups_flat", []))
+        for t in tensors:
+            t = t.ds_tensor if hasattr(t, "ds_tensor") else t
+            key = (t.data_ptr(), t.numel())
+            if t.numel() and key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
 
-    steps = int(cfg.steps)
-    # stop_at_step: end this invocation early (checkpointed) while the schedules still span `steps` --
-    # for jobs with a wall-clock limit, resubmitted with resume=true.
-    stop = steps if cfg.get("stop_at_step") is None else min(steps, int(cfg.stop_at_step))
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    logger = RunLogger(cfg.logger, out_dir, steps, step, is_main, run_id,
-                       OmegaConf.to_container(cfg, resolve=True), progress=bool(cfg.get("progress", True)))
-    logger.print(f"clt-train: {info.json_path} N={full_cfg.n_layers} D={full_cfg.d_model} F={full_cfg.n_features} "
-                 f"world={world} (data x feature parallel = {layout.dp_size} x {layout.fp_size}) "
-                 f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.precision} kernels={kernel_impl} device={device}"
-                 + (f", resumed from {resume_from} at step {step}" if saved is not None else ""))
+    def write_memory_report(self):
+        """OUT/memory/rank-N.json: this rank's estimate, measured parameter + optimizer bytes and peak RSS."""
+        doc = {"rank": self.rank, "layout": {"data_parallel": self.layout.dp_size,
+                                             "feature_parallel": self.layout.fp_size},
+               "state_bytes": self.state_bytes(), "estimate": dataclasses.asdict(self.memory),
+               "estimate_total": self.memory.total, "peak_rss_bytes": peak_rss()}
+        if self.device.type == "cuda":
+            doc["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        folder = self.out_dir / "memory"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"rank-{self.rank:05d}.json", json.dumps(doc, indent=2).encode())
 
-    meta_base = {"dataset": _dataset_meta(info)}
+    # --- one step ---
 
-    def write_model(folder: Path):
-        """Gather the whole CLT (collective) and let rank 0 write it, in fp32 normalized space."""
-        if zero3:
-            with deepspeed.zero.GatheredParameters(list(clt.parameters())):
-                state = {k: v.detach().float().cpu().clone() for k, v in clt.state_dict().items()}
-        else:
-            state = gather_clt_state({k: v.detach() for k, v in clt.state_dict().items()}, layout)
-            state = {k: v.float().cpu() for k, v in state.items()}
-        if is_main:
-            save_clt(folder, state, full_cfg, dict(meta_base, train={
-                "step": step, "tokens": tokens, "config": config_yaml}))
+    def next_batch(self):
+        if self.pending is not None:
+            batch, self.pending = self.pending, None
+            return batch
+        try:
+            return next(self.batches)
+        except StopIteration:
+            raise DatasetError(f"{self.info.json_path}: the loader ended at step {self.step}") from None
 
-    def save(at_step: int) -> Path:
-        trainer_state = {"step": at_step, "tokens": tokens, "fingerprint": fp_now, "wandb_run_id": logger.run_id,
-                         "layout": {"world": layout.world, "data_parallel": layout.dp_size,
-                                    "feature_parallel": layout.fp_size},
-                         "dataset": info.path, "config": config_yaml}
-        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state(), "features": stats.state_dict()}
-        return ckpt.save_checkpoint(ckpt_root, at_step, engine, trainer_state, rank_state, write_model,
-                                    int(cfg.get("keep_checkpoints", 0)), device)
-
-    partial_sum = clt.reduce_partial if isinstance(clt.reduce_partial, PartialSum) else None
-    dp, B, accum, log_every = layout.dp_size, int(cfg.batch_tokens), int(cfg.grad_accum), int(cfg.log_every)
-    checkpoint_every = int(cfg.checkpoint_every)
-    base_lr, warmup, decay = float(cfg.optim.lr), int(cfg.optim.warmup_steps), float(cfg.optim.decay_fraction)
-    lam_final, lam_ramp = float(cfg.model.loss.lambda_s), float(cfg.model.loss.lambda_s_ramp_fraction)
-    use_dead = float(cfg.model.loss.auxk) > 0
-    flops_per_token = 6 * full_cfg.d_model * full_cfg.n_features * full_cfg.n_layers
-    peak = peak_flops()
-    last_ckpt = None
-    t_report, tokens_report, step_report = time.perf_counter(), tokens, step
-    try:
-        while step < stop:
-            lr = lr_at(step, steps, base_lr, warmup, decay)
-            lam = lambda_s_at(step, steps, lam_final, lam_ramp)
-            for group in optimizer.param_groups:  # ZeRO wrappers step these same groups
-                group["lr"] = lr
-            report = (step + 1) % log_every == 0 or step + 1 == stop
-            timer.active = report or device.type == "cpu"
-            if partial_sum is not None:
-                partial_sum.timing = timer.active
-            sums = None
-            for _ in range(accum):
-                with timer.phase("data"):
-                    if first is not None:
-                        batch, first = first, None
-                    else:
-                        try:
-                            batch = next(batches)
-                        except StopIteration:
-                            raise DatasetError(f"{info.json_path}: the loader ended at step {step}") from None
-                loss, terms, enc, y_hat = engine(batch.x, batch.y, lam, stats.dead_mask() if use_dead else None)
-                stats.update(enc.acts, B * dp)
-                if report:
-                    sums = _accumulate(sums, terms, batch_metrics(enc, y_hat, batch.y))
-                del enc, y_hat
-                with timer.phase("backward"):
-                    engine.backward(loss)
-                with timer.phase("optimizer"):
-                    engine.step()
-            step += 1
-            tokens += B * accum * dp
+    def train_step(self, batches: list) -> dict | None:
+        """One optimizer step over len(batches) micro-batches (grad_accum of them); returns the reported
+        values on report steps (log_every), else None. Collective."""
+        cfg, layout, timer = self.cfg, self.layout, self.timer
+        step, steps = self.step, self.steps
+        lr = lr_at(step, steps, float(cfg.optim.lr), int(cfg.optim.warmup_steps), float(cfg.optim.decay_fraction))
+        lam = lambda_s_at(step, steps, float(cfg.model.loss.lambda_s), float(cfg.model.loss.lambda_s_ramp_fraction))
+        for group in self.optimizer.param_groups:  # ZeRO wrappers step these same groups
+            group["lr"] = lr
+        report = (step + 1) % int(cfg.log_every) == 0 or step + 1 == self.stop
+        timer.active = report or self.device.type == "cpu"
+        if self.partial_sum is not None:
+            self.partial_sum.timing = timer.active
+        use_dead = float(cfg.model.loss.auxk) > 0
+        B = int(cfg.batch_tokens)
+        acc = StepReport()
+        for batch in batches:
+            loss, terms, enc, y_hat = self.engine(batch.x, batch.y, lam, self.stats.dead_mask() if use_dead else None)
+            self.stats.update(enc.acts, B * layout.dp_size)
             if report:
-                values = _report(sums, accum, layout, stats, timer, partial_sum, step - step_report)
-                now = time.perf_counter()
-                tok_s = (tokens - tokens_report) / max(now - t_report, 1e-9)
-                t_report, tokens_report, step_report = now, tokens, step
-                grad_norm = engine.get_global_grad_norm()
-                values.update({"lr": lr, "lambda_s": lam, "tokens": tokens, "tokens_per_s": tok_s,
-                               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                               "loader/skipped": loader.skipped, **gpu_memory()})
-                if peak:
-                    values["mfu"] = tok_s * flops_per_token / (peak * world)
-                logger.log(step, values, full_cfg.n_layers)
-                logger.advance(1, loss=values["loss/total"], nmse=values["nmse/mean"], l0=values["l0/mean"])
+                acc.add(terms, batch_metrics(enc, y_hat, batch.y))
+            del enc, y_hat
+            with timer.phase("backward"):
+                self.engine.backward(loss)
+            with timer.phase("optimizer"):
+                self.engine.step()
+        self.step += 1
+        self.tokens += B * len(batches) * layout.dp_size
+        self.report_steps_since += 1
+        if not report:
+            return None
+        values = acc.values(layout, self.stats, timer, self.partial_sum, self.report_steps_since)
+        now = time.perf_counter()
+        tok_s = (self.tokens - self.tokens_report) / max(now - self.t_report, 1e-9)
+        self.t_report, self.tokens_report, self.report_steps_since = now, self.tokens, 0
+        grad_norm = self.engine.get_global_grad_norm()
+        values.update({"lr": lr, "lambda_s": lam, "tokens": self.tokens, "tokens_per_s": tok_s,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "loader/skipped": self.loader.skipped, **gpu_memory()})
+        peak = peak_flops()
+        if peak:
+            f = self.full_cfg
+            values["mfu"] = tok_s * 6 * f.d_model * f.n_features * f.n_layers / (peak * self.world)
+        return values
+
+    # --- checkpoints ---
+
+    def save(self) -> Path:
+        """Checkpoint the current step (collective)."""
+        trainer_state = {"tokens": self.tokens, "wandb_run_id": self.logger.run_id, "dataset": self.info.path,
+                         "config": self.config_yaml}
+        model_meta = {"dataset": _dataset_meta(self.info),
+                      "train": {"step": self.step, "tokens": self.tokens, "config": self.config_yaml}}
+        rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(),
+                      "features": self.stats.state_dict()}
+        return self.checkpoints.save(self.step, trainer_state, model_meta, rank_state, self.stats)
+
+    def load(self, path: Path, saved: dict):
+        """Restore weights, optimizer state, statistics, loader position and RNG from a checkpoint written
+        on this layout or another one."""
+        rank_states = self.checkpoints.load(path, saved, self.stats)
+        if "loader" in rank_states:
+            self.loader.load_state_dict(rank_states["loader"])
+        else:
+            olds = rank_states["loader_states"]
+            if len(olds) == self.layout.dp_size:
+                self.loader.load_state_dict(olds[self.layout.dp_rank])
             else:
-                logger.advance(1)
-            if step % checkpoint_every == 0 or step == stop:
-                last_ckpt = save(step)
-        if last_ckpt is None:  # resumed at (or past) the stop: make sure the final checkpoint exists
-            last_ckpt = ckpt.latest_checkpoint(ckpt_root) or save(step)
-        final = out_dir / "model"
-        if is_main:
-            _publish_model(last_ckpt / "model", final)
-        if world > 1:
+                from . import data
+
+                if not hasattr(data, "reshard_loader_states"):
+                    raise ckpt.CheckpointError(
+                        f"{path}: written with {len(olds)} data-parallel replica(s), this run has "
+                        f"{self.layout.dp_size}; this cltrain cannot remap the loader position across a "
+                        f"data-parallel change")
+                self.loader.load_state_dict(data.reshard_loader_states(olds, self.layout.dp_size)[self.layout.dp_rank])
+        ckpt.set_rng_state(rank_states["rng"])
+
+    # --- the loop ---
+
+    def fit(self) -> Path:
+        """Train to the stop step, checkpointing every checkpoint_every steps and at the end, then
+        publish OUT/model (this run's final model; never another run's). Returns OUT/model."""
+        every, accum = int(self.cfg.checkpoint_every), int(self.cfg.grad_accum)
+        last_ckpt = None
+        while self.step < self.stop:
+            batches = []
+            for _ in range(accum):
+                with self.timer.phase("data"):
+                    batches.append(self.next_batch())
+            values = self.train_step(batches)
+            if values is not None:
+                self.logger.log(self.step, values, self.full_cfg.n_layers)
+                self.logger.advance(1, loss=values["loss/total"], nmse=values["nmse/mean"], l0=values["l0/mean"])
+            else:
+                self.logger.advance(1)
+            if self.step % every == 0 or self.step == self.stop:
+                last_ckpt = self.save()
+        if last_ckpt is None:  # nothing trained in this invocation: this run's checkpoint, or a new one
+            latest = ckpt.latest_checkpoint(self.checkpoints.root) if self.cfg.resume not in (None, False) else None
+            last_ckpt = latest if latest is not None and latest.name == ckpt.step_name(self.step) else self.save()
+        final = self.out_dir / "model"
+        self.write_memory_report()
+        if self.rank == 0:
+            ckpt.publish_model(last_ckpt, final, self.fingerprint)
+        if self.world > 1:
             dist.barrier()
-        logger.print(f"clt-train: done at step {step}; model in {final}, checkpoint {last_ckpt}")
+        self.logger.print(f"clt-train: done at step {self.step}; model in {final}, checkpoint {last_ckpt}")
         return final
+
+    def close(self):
+        for name in ("logger", "loader"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+
+
+class OutOfMemory(ConfigError):
+    """This run will not fit (or did not fit) in a rank's memory; the message has the estimate and limit."""
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run (or resume) a training job; returns OUT/model, the whole trained CLT (model_io.load_clt)."""
+    trainer = None
+    try:
+        trainer = Trainer.build(cfg)
+        return trainer.fit()
     finally:
-        logger.close()
-        loader.close()
-
-
-def _accumulate(sums, terms, metrics):
-    vals = {k: v.detach().float() for k, v in terms.items()}
-    vals.update({k: v.detach().float() for k, v in metrics.items()})
-    if sums is None:
-        return vals
-    return {k: sums[k] + vals[k] for k in sums}
-
-
-def _report(sums, accum: int, layout: Layout, stats: FeatureStats, timer: StepTimer, partial_sum,
-            n_steps: int) -> dict:
-    """Average the micro-batch sums, reduce across ranks, and flatten to named scalars. Collective."""
-    N = sums["nmse"].numel()
-    # Local-feature quantities are summed over the FP group; then everything is averaged over DP.
-    local = torch.cat([sums["sparsity"].view(1), sums["preact"].view(1), sums["l0"]]) / accum
-    shared = torch.cat([sums["mse"].view(1), sums["auxk"].view(1), sums["nmse"]]) / accum
-    if layout.fp_size > 1:
-        dist.all_reduce(local, group=layout.fp_group)
-    vec = torch.cat([local, shared])
-    if layout.dp_size > 1:
-        dist.all_reduce(vec, group=layout.dp_group)
-        vec /= layout.dp_size
-    vec = vec.cpu().tolist()
-    sparsity, preact, l0 = vec[0], vec[1], vec[2:2 + N]
-    mse, auxk, nmse = vec[2 + N], vec[3 + N], vec[4 + N:]
-    out = {"loss/total": mse + sparsity + preact + auxk, "loss/mse": mse, "loss/sparsity": sparsity,
-           "loss/preact": preact, "loss/auxk": auxk, "nmse/mean": sum(nmse) / N, "l0/mean": sum(l0) / N,
-           "l0/total": sum(l0)}
-    for i in range(N):
-        out[f"nmse/layer_{i}"] = nmse[i]
-        out[f"explained_variance/layer_{i}"] = 1 - nmse[i]
-        out[f"l0/layer_{i}"] = l0[i]
-    out.update(stats.reduce(layout.dp_group, layout.fp_group, layout.fp_size))
-    seconds = timer.take()
-    if partial_sum is not None:
-        seconds["comm"] += partial_sum.seconds
-        seconds["decode"] -= partial_sum.seconds
-        partial_sum.seconds = 0.0
-    # Per step, averaged since the last report (timed on every step on CPU; on CUDA only on reported
-    # steps, where the device is synchronized -- hence the divisor).
-    n_timed = n_steps if not timer.cuda else 1
-    out.update({f"time/{k}": v / max(n_timed, 1) for k, v in seconds.items()})
-    return out
-
-
-def _publish_model(src: Path, dst: Path):
-    """Copy the final checkpoint's model folder to OUT/model without a moment where OUT/model is half."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    replace_dir(tmp, dst)
+        if trainer is not None:
+            trainer.close()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""How much memory a rank of a run will need, and how much it has: checked before anything is allocated,
+so a CLT that does not fit stops at start-up with the estimate and the limit named, instead of being
+killed by the kernel's out-of-memory killer hours later (or silently at start).
+
+The estimate counts what the layout leaves on one rank (DESIGN section 3): this rank's feature slice of
+the parameters, their gradients, DeepSpeed's fp32 master partition and Adam's two moments (ZeRO shards
+the last ones over the data-parallel group), the step's activations ([B, N, F/P] tensors and [B, N, D]
+ones) and the loader's shuffle window. benchmarks/parallel.md compares it with measured peaks.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GiB = 2 ** 30
+# Interpreter, torch, DeepSpeed and their allocator pools before any tensor of ours (measured on CPU).
+RUNTIME_BYTES = int(0.6 * GiB)
+# Live [B, N, F_local] float tensors at the peak of a step: pre-activations, activations and their
+# gradients, the straight-through window's terms and the backward's temporaries (measured: the peak
+# of a CPU step at default settings, benchmarks/parallel.md).
+STEP_FEATURE_TENSORS = 8
+
+
+@dataclass
+class MemoryEstimate:
+    params: int
+    grads: int
+    master: int
+    moments: int
+    activations: int
+    loader: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.master + self.moments + self.activations + self.loader + self.runtime
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {getattr(self, k) / GiB:.2f}" for k in
+                          ("params", "grads", "master", "moments", "activations", "loader", "runtime"))
+        return f"{self.total / GiB:.2f} GiB ({parts} GiB)"
+
+
+def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: int, d_model: int,
+                         local_features: int, dp_size: int, zero_stage: int, precision: str,
+                         batch_tokens: int, window_tokens: int, n_workers: int, on_gpu: bool) -> MemoryEstimate:
+    """Bytes one rank needs. local_params: elements of this rank's slice (sharded + replicated);
+    replicated_params: the part every rank holds whole (b_dec)."""
+    bf16 = precision == "bf16"
+    weight_bytes = 2 if bf16 else 4
+    p = local_params
+    shard = lambda n, stage: n / dp_size if zero_stage >= stage else n  # noqa: E731
+    params = shard(p, 3) * weight_bytes
+    grads = shard(p, 2) * weight_bytes
+    # DeepSpeed keeps an fp32 master partition beside the module's weights whenever it wraps the
+    # optimizer (ZeRO >= 1, or bf16); plain fp32 at ZeRO-0 updates the weights in place.
+    master = shard(p, 1) * 4 if (zero_stage >= 1 or bf16) else 0
+    moments = shard(p, 1) * 8
+    B, N, D, F = batch_tokens, n_layers, d_model, local_features
+    act_bytes = 2 if bf16 else 4
+    activations = STEP_FEATURE_TENSORS * B * N * F * act_bytes + 8 * B * N * D * 4
+    # the window being served and the next one prefetched: x and y in bf16 (on the host even for GPU runs)
+    loader = window_tokens * N * D * 2 * 2 * (2 if n_workers > 0 else 1)
+    if on_gpu:
+        loader = 0  # host memory, not the device's
+    return MemoryEstimate(int(params), int(grads), int(master), int(moments), int(activations), int(loader),
+                          0 if on_gpu else RUNTIME_BYTES)
+
+
+def _cgroup_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+    return None
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_limit(device: torch.device, local_ranks: int) -> tuple[int | None, str]:
+    """(bytes this process may use, where that limit comes from). CPU: the smallest of this process's
+    address-space / data rlimit, the cgroup limit and the machine's available memory, the shared ones
+    split between the ranks on this machine; CUDA: the device's free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {torch.cuda.get_device_name(device)}"
+    limits = []
+    for name, which in (("RLIMIT_AS", resource.RLIMIT_AS), ("RLIMIT_DATA", resource.RLIMIT_DATA)):
+        soft, _ = resource.getrlimit(which)
+        if soft != resource.RLIM_INFINITY:
+            limits.append((soft, f"{name} of this process (prlimit/ulimit)"))
+    cg = _cgroup_limit()
+    if cg is not None:
+        limits.append((cg // max(local_ranks, 1), f"cgroup memory limit / {local_ranks} local rank(s)"))
+    avail = _mem_available()
+    if avail is not None:
+        limits.append((avail // max(local_ranks, 1), f"available memory / {local_ranks} local rank(s)"))
+    if not limits:
+        return None, "unknown"
+    return min(limits)
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident memory (VmHWM), in bytes; None where /proc is not available."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
