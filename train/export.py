@@ -43,7 +43,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .clt import CLT
 from .config import CONFIG_DIR, ConfigError
-from .model_io import META, load_clt, replace_dir
+from .model_io import META, ModelReader, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -143,23 +143,26 @@ def topk_thresholds(clt: CLT, batches: Iterable[torch.Tensor], max_tokens: int) 
     return (torch.stack(cuts).sum(0) / seen).clamp_min(0), seen
 
 
-def export_thresholds(clt: CLT, calibration: Iterable[torch.Tensor] | None = None,
-                      calibration_tokens: int = 65536) -> tuple[torch.Tensor, str]:
-    """JumpReLU thresholds [N, F] for export, and a note on where they came from."""
-    cfg = clt.cfg
+def export_thresholds(reader: ModelReader, calibration: Iterable[torch.Tensor] | None = None,
+                      calibration_tokens: int = 65536) -> tuple[Callable[[int, dict], torch.Tensor], str]:
+    """JumpReLU thresholds for export, as a function (layer, that layer's tensors) -> [F], and a note on
+    where they came from. JumpReLU and recorded BatchTopK thresholds stream with the layers; a TopK cut
+    is estimated on calibration activations, which needs the encoder in memory."""
+    cfg = reader.cfg
     N, F = cfg.n_layers, cfg.n_features
     if cfg.activation == "jumprelu":
-        return clt.threshold.detach().float(), "jumprelu"
-    if cfg.activation == "batchtopk" and bool((clt.batchtopk_threshold > 0).any()):
-        cut = clt.batchtopk_threshold.detach().float().clamp_min(0)
-        return cut[:, None].expand(N, F).clone(), "batchtopk running threshold (per layer)"
+        return (lambda i, w: w["log_threshold"].float().exp()), "jumprelu"
+    recorded = reader.tensor("batchtopk_threshold").float()
+    if cfg.activation == "batchtopk" and bool((recorded > 0).any()):
+        cut = recorded.clamp_min(0)
+        return (lambda i, w: cut[i].expand(F).clone()), "batchtopk running threshold (per layer)"
     if calibration is None:
         raise ConfigError(
             f"a {cfg.activation} CLT without a recorded threshold needs calibration activations: "
             f"set config key 'calibration.dataset' (a dataset folder with dataset.json; model.json "
             f"records no dataset.path)")
-    cut, seen = topk_thresholds(clt, calibration, calibration_tokens)
-    return cut[:, None].expand(N, F).clone(), f"{cfg.activation} cut estimated on {seen} tokens (per layer)"
+    cut, seen = topk_thresholds(reader.load(), calibration, calibration_tokens)
+    return (lambda i, w: cut[i].expand(F).clone()), f"{cfg.activation} cut estimated on {seen} tokens (per layer)"
 
 
 def dataset_batches(dataset: str | os.PathLike, batch_tokens: int = 4096) -> Iterator[torch.Tensor]:
@@ -175,21 +178,23 @@ def dataset_batches(dataset: str | os.PathLike, batch_tokens: int = 4096) -> Ite
 
 
 @torch.no_grad()
-def raw_space_layers(clt: CLT, s_x: torch.Tensor, s_y: torch.Tensor, thresholds: torch.Tensor,
+def raw_space_layers(reader: ModelReader, s_x: torch.Tensor, s_y: torch.Tensor, thresholds,
                      dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
-    """Per source layer i: the weights that run on raw activations (see the module docstring).
-    Yields {"W_enc", "b_enc", "b_dec", "threshold", "W_dec"} with W_dec [F, S_i, D]."""
-    N = clt.cfg.n_layers
-    for i in range(N):
-        w_dec = clt.W_dec[i].detach().double()  # [F, S, D]
+    """Per source layer i, read from disk one layer at a time: the weights that run on raw activations
+    (see the module docstring). Yields {"W_enc", "b_enc", "b_dec", "threshold", "W_dec"} with W_dec
+    [F, S_i, D]; thresholds(i, layer tensors) -> [F]."""
+    for i in range(reader.cfg.n_layers):
+        w = reader.layer(i)
+        w_dec = w["W_dec"].double()  # [F, S, D]
         targets = slice(i, i + w_dec.shape[1])
         yield {
-            "W_enc": (clt.W_enc[i].detach().double() * s_x[i]).to(dtype).contiguous(),
-            "b_enc": clt.b_enc[i].detach().to(dtype).contiguous(),
-            "b_dec": (clt.b_dec[i].detach().double() / s_y[i]).to(dtype).contiguous(),
-            "threshold": thresholds[i].to(dtype).contiguous(),
+            "W_enc": (w["W_enc"].double() * s_x[i]).to(dtype).contiguous(),
+            "b_enc": w["b_enc"].to(dtype).contiguous(),
+            "b_dec": (w["b_dec"].double() / s_y[i]).to(dtype).contiguous(),
+            "threshold": thresholds(i, w).to(dtype).contiguous(),
             "W_dec": (w_dec / s_y[targets][None]).to(dtype).contiguous(),
         }
+        del w, w_dec
 
 
 def _files_for_layer(i: int, w: dict[str, torch.Tensor], per_layer: bool) -> dict[str, dict[str, torch.Tensor]]:
@@ -221,7 +226,8 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
            calibration: Iterable[torch.Tensor] | None = None, calibration_tokens: int = 65536) -> Path:
     """Export the CLT in model_dir to a circuit-tracer folder (default: model_dir/circuit_tracer).
 
-    model_dir: a folder written by save_clt, or a checkpoint / clt-train run folder (see resolve_model_dir).
+    model_dir: a model folder (model_io: one file or feature shards, read one layer at a time, so a CLT
+      larger than memory exports), or a checkpoint / clt-train run folder (see resolve_model_dir).
     dtype: float32 | bfloat16 | float16 for the written tensors.
     model_name / feature_input_hook: default from model.json's dataset block.
     dataset / calibration: only for TopK CLTs (and BatchTopK ones with no recorded threshold): normalized
@@ -240,8 +246,9 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (set overwrite=true to replace it)")
 
-    clt, meta = load_clt(model_dir)
-    cfg, source = clt.cfg, str(model_dir / META)
+    reader = ModelReader(model_dir)  # lazy: the weights are read one layer at a time below
+    reader.shards.check_files()
+    cfg, meta, source = reader.cfg, reader.meta, str(model_dir / META)
     s_x, s_y = dataset_scales(meta, cfg.n_layers, cfg.d_model, source)
     ds = meta["dataset"]
     layers = list(ds.get("layers") or range(cfg.n_layers))
@@ -254,12 +261,12 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         warnings.warn(f"{source}: the CLT covers model layers {layers}; circuit-tracer will read file "
                       f"index i as model layer i", stacklevel=2)
     needs_calibration = cfg.activation == "topk" or (
-        cfg.activation == "batchtopk" and not bool((clt.batchtopk_threshold > 0).any()))
+        cfg.activation == "batchtopk" and not bool((reader.tensor("batchtopk_threshold") > 0).any()))
     if calibration is None and needs_calibration:
         dataset = dataset if dataset is not None else ds.get("path")  # the training data, by default
         if dataset is not None:
             calibration = dataset_batches(dataset)
-    thresholds, threshold_source = export_thresholds(clt, calibration, calibration_tokens)
+    thresholds, threshold_source = export_thresholds(reader, calibration, calibration_tokens)
 
     if feature_input_hook is None:
         feature_input_hook = input_hook(ds)
@@ -282,9 +289,9 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         raise ValueError(f"{source}: key 'dataset.model' missing (or set config key 'model_name')")
 
     torch_dtype = EXPORT_DTYPES[dtype]
-    n_dec = sum(w.numel() for w in clt.W_dec)
-    needed = (clt.W_enc.numel() + n_dec + 3 * cfg.n_layers * cfg.n_features + cfg.n_layers * cfg.d_model) \
-        * torch_dtype.itemsize + 2**20
+    N, D, F = cfg.n_layers, cfg.d_model, cfg.n_features
+    n_dec = F * D * (N if cfg.per_layer else N * (N + 1) // 2)
+    needed = (N * F * D + n_dec + 3 * N * F + N * D) * torch_dtype.itemsize + 2**20
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(out_dir.parent, needed, out_dir)
 
@@ -292,7 +299,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        layers_iter = raw_space_layers(clt, s_x, s_y, thresholds, torch_dtype)
+        layers_iter = raw_space_layers(reader, s_x, s_y, thresholds, torch_dtype)
         for i, w in enumerate(tqdm(layers_iter, total=cfg.n_layers, desc="export", unit="layer")):
             for name, tensors in _files_for_layer(i, w, cfg.per_layer).items():
                 try:

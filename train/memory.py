@@ -18,11 +18,11 @@ import torch
 
 GiB = 2 ** 30
 # Interpreter, torch, DeepSpeed and their allocator pools before any tensor of ours (measured on CPU).
-RUNTIME_BYTES = int(0.6 * GiB)
+RUNTIME_BYTES = int(0.75 * GiB)
 # Live [B, N, F_local] float tensors at the peak of a step: pre-activations, activations and their
 # gradients, the straight-through window's terms and the backward's temporaries (measured: the peak
 # of a CPU step at default settings, benchmarks/parallel.md).
-STEP_FEATURE_TENSORS = 8
+STEP_FEATURE_TENSORS = 12
 
 
 @dataclass
@@ -47,7 +47,8 @@ class MemoryEstimate:
 
 def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: int, d_model: int,
                          local_features: int, dp_size: int, zero_stage: int, precision: str,
-                         batch_tokens: int, window_tokens: int, n_workers: int, on_gpu: bool) -> MemoryEstimate:
+                         batch_tokens: int, window_tokens: int, n_workers: int, on_gpu: bool,
+                         bucket_elements: int = 0) -> MemoryEstimate:
     """Bytes one rank needs. local_params: elements of this rank's slice (sharded + replicated);
     replicated_params: the part every rank holds whole (b_dec)."""
     bf16 = precision == "bf16"
@@ -55,7 +56,8 @@ def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: in
     p = local_params
     shard = lambda n, stage: n / dp_size if zero_stage >= stage else n  # noqa: E731
     params = shard(p, 3) * weight_bytes
-    grads = shard(p, 2) * weight_bytes
+    # ZeRO-1/2 reduce gradients through two bucket buffers (config: deepspeed.reduce_bucket_size)
+    grads = shard(p, 2) * weight_bytes + (2 * bucket_elements * 4 if zero_stage in (1, 2) else 0)
     # DeepSpeed keeps an fp32 master partition beside the module's weights whenever it wraps the
     # optimizer (ZeRO >= 1, or bf16); plain fp32 at ZeRO-0 updates the weights in place.
     master = shard(p, 1) * 4 if (zero_stage >= 1 or bf16) else 0
@@ -128,3 +130,25 @@ def peak_rss() -> int | None:
     except OSError:
         pass
     return None
+
+
+def reset_peak_rss():
+    """Start a new VmHWM window (Linux: writing 5 to /proc/self/clear_refs), so each phase's peak can be
+    read on its own; a no-op where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+class PhasePeaks:
+    """Peak RSS per phase of a run (start-up, steps, checkpoint), for OUT/memory/rank-N.json."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+
+    def end(self, phase: str):
+        rss = peak_rss()
+        if rss is not None:
+            self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
+        reset_peak_rss()

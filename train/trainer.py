@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .clt import CLT, batch_metrics, loss_terms
 from .config import CONFIG_DIR, ConfigError, clt_config, loss_weights, validate_train
 from .data import DatasetError, DatasetInfo, loader_from_config
-from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss
+from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss, PhasePeaks
 from .model_io import atomic_write_bytes
 from .metrics import FeatureStats, RunLogger, StepReport, StepTimer, gpu_memory, peak_flops
 from .parallel import Layout, PartialSum, dist_env, init_distributed, local_clt, materialize, resolve_device
@@ -107,9 +107,18 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def deepspeed_config(cfg: DictConfig, layout: Layout) -> dict:
+def bucket_elements(cfg: DictConfig, local_params: int) -> int:
+    """Elements per ZeRO gradient-reduction / all-gather bucket. DeepSpeed's default (5e8) allocates
+    a 2 GB fp32 buffer per bucket whatever the model's size -- more than a small rank's whole state; an
+    eighth of the rank's parameters (at least 1M, at most 5e7 elements) keeps collectives large."""
+    return int(min(5e7, max(1e6, local_params // 8)))
+
+
+def deepspeed_config(cfg: DictConfig, layout: Layout, local_params: int = 0) -> dict:
     stage = int(cfg.deepspeed.zero_stage)
     zero = {"stage": stage, "overlap_comm": bool(cfg.deepspeed.overlap_comm)}
+    if stage in (1, 2):
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket_elements(cfg, local_params)
     for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_param_persistence_threshold"):
         if cfg.deepspeed.get(key) is not None:
             zero[key] = cfg.deepspeed[key]
@@ -269,7 +278,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.step_module.parameters(), cfg, device)
         self.engine, _, _, _ = self.deepspeed.initialize(
             model=self.step_module, optimizer=self.optimizer, mpu=layout.mpu(),
-            config=deepspeed_config(cfg, layout), dist_init_required=False)
+            config=deepspeed_config(cfg, layout, sum(p.numel() for p in clt.parameters())),
+            dist_init_required=False)
         if self.zero3:
             # TrainStep calls the CLT's pieces, not CLT.forward, so ZeRO-3 must gather the CLT's parameters
             # for TrainStep's forward/backward: register them as its external parameters.
@@ -306,6 +316,8 @@ class Trainer:
                           f"parameters + optimizer state on this rank: {self.state_bytes() / 2**30:.3f} GiB")
         self.partial_sum = clt.reduce_partial if isinstance(clt.reduce_partial, PartialSum) else None
         self.report_steps_since, self.t_report, self.tokens_report = 0, time.perf_counter(), self.tokens
+        self.peaks = PhasePeaks()
+        self.peaks.end("startup")
         return self
 
     def _check_memory(self, meta_clt: CLT) -> MemoryEstimate:
@@ -316,14 +328,14 @@ class Trainer:
             n_local, meta_clt.b_dec.numel(), self.full_cfg.n_layers, self.full_cfg.d_model,
             meta_clt.cfg.n_features, layout.dp_size, int(cfg.deepspeed.zero_stage), str(cfg.precision),
             int(cfg.batch_tokens), int(cfg.data.shuffle_buffer), int(cfg.data.num_workers),
-            self.device.type == "cuda")
+            self.device.type == "cuda", bucket_elements(cfg, n_local))
         limit, source = memory_limit(self.device, local_world_size())
         fits = limit is None or est.total <= limit or not bool(cfg.get("check_memory", True))
         if not ckpt._all_ok(fits, self.device):
             where = (f"this rank needs about {est.describe()}, more than its {limit / 2**30:.2f} GiB "
                      f"({source})" if not fits else "another rank does not fit (see its message)")
             raise OutOfMemory(
-                f"clt-train: out of memory before start: {where}. Shard the features over more ranks "
+                f"out of memory before start: {where}. Shard the features over more ranks "
                 f"(parallel.feature_parallel), use ZeRO-2 over data parallel, lower batch_tokens or "
                 f"data.shuffle_buffer, or set check_memory=false to try anyway")
         return est
@@ -366,7 +378,8 @@ class Trainer:
         doc = {"rank": self.rank, "layout": {"data_parallel": self.layout.dp_size,
                                              "feature_parallel": self.layout.fp_size},
                "state_bytes": self.state_bytes(), "estimate": dataclasses.asdict(self.memory),
-               "estimate_total": self.memory.total, "peak_rss_bytes": peak_rss()}
+               "estimate_total": self.memory.total, "peak_rss_bytes": peak_rss(),
+               "peak_rss_by_phase": self.peaks.peaks}
         if self.device.type == "cuda":
             doc["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         folder = self.out_dir / "memory"
@@ -481,7 +494,9 @@ class Trainer:
             else:
                 self.logger.advance(1)
             if self.step % every == 0 or self.step == self.stop:
+                self.peaks.end("steps")
                 last_ckpt = self.save()
+                self.peaks.end("checkpoint")
         if last_ckpt is None:  # nothing trained in this invocation: this run's checkpoint, or a new one
             latest = ckpt.latest_checkpoint(self.checkpoints.root) if self.cfg.resume not in (None, False) else None
             last_ckpt = latest if latest is not None and latest.name == ckpt.step_name(self.step) else self.save()
@@ -511,6 +526,14 @@ def train(cfg: DictConfig) -> Path:
     try:
         trainer = Trainer.build(cfg)
         return trainer.fit()
+    except (RuntimeError, MemoryError) as e:
+        text = str(e)
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in text and "out of memory" not in text.lower():
+            raise
+        estimate = f"; estimated need {trainer.memory.describe()}" if trainer is not None else ""
+        raise OutOfMemory(f"rank {dist.get_rank() if dist.is_initialized() else 0} ran out of memory "
+                          f"({text.splitlines()[-1][:200]}){estimate}. Use more feature-parallel ranks, a "
+                          f"smaller batch_tokens or data.shuffle_buffer") from None
     finally:
         if trainer is not None:
             trainer.close()
