@@ -339,7 +339,8 @@ HARVEST_SCHEMA = {
 }
 
 
-def check_schema(cfg: DictConfig, schema: dict[str, Check], free_roots: tuple[str, ...] = _FREE_ROOTS):
+def check_schema(cfg: DictConfig, schema: dict[str, Check], extensions: tuple[str, ...] = ("hydra.*",),
+                 free_roots: tuple[str, ...] = _FREE_ROOTS):
     """Refuse keys the schema does not list (naming the nearest known key), keys that cannot be
     resolved (`${...}`), required keys that are missing, and values their check rejects."""
     prefixes = {k.rsplit(".", i)[0] for k in schema for i in range(1, k.count(".") + 1)}
@@ -362,7 +363,7 @@ def check_schema(cfg: DictConfig, schema: dict[str, Check], free_roots: tuple[st
                 hint = f" (did you mean '{near[0]}'?)" if near else ""
                 raise ConfigError(f"config key '{key}' = {_raw(node, k)!r}: unknown key{hint}. A `+` "
                                   f"override cannot add keys; the extension points are "
-                                  f"{', '.join(EXTENSION_POINTS)} (docs/operations.md)")
+                                  f"{', '.join(extensions)} (docs/operations.md)")
 
     present = set(walk(cfg, ""))
     for key, check in schema.items():
@@ -413,7 +414,7 @@ def validate_model(cfg: DictConfig, prefix: str = "model"):
 
 def validate_train(cfg: DictConfig):
     """Check a composed clt-train config; raises ConfigError naming the first bad key."""
-    check_schema(cfg, TRAIN_SCHEMA)
+    check_schema(cfg, TRAIN_SCHEMA, EXTENSION_POINTS)
     validate_model(cfg)
     steps, budget = _get(cfg, "steps"), _get(cfg, "train_tokens")
     # Exactly one of steps / train_tokens sets the run's length; a silent precedence would train for a
