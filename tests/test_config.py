@@ -140,6 +140,7 @@ BAD_TRAIN = [
     (["deepspeed.zero_stage=true"], "deepspeed.zero_stage", "True"),
     (["deepspeed=zero3", "parallel=fp2"], "deepspeed.zero_stage", "feature_parallel"),
     (["deepspeed.overlap_comm=1"], "deepspeed.overlap_comm", "1"),
+    (["deepspeed=zero0", "precision=bf16"], "deepspeed.zero_stage", "deepspeed=zero1"),
     (["deepspeed=zero2", "deepspeed.reduce_bucket_size=0"], "deepspeed.reduce_bucket_size", "0"),
     (["logger.mode=on"], "logger.mode", "'on'"),
     (["logger.tags=abc"], "logger.tags", "'abc'"),
@@ -247,6 +248,7 @@ def test_precision_defaults_to_auto():
     (["parallel.backend=nccl"], 1, False, "parallel.backend", "NCCL"),
     (["device=cpu", "parallel.backend=nccl"], 1, True, "parallel.backend", "NCCL"),
     (["kernels=triton"], 1, False, "kernels", "TRITON_INTERPRET"),
+    (["deepspeed=zero0"], 1, True, "deepspeed.zero_stage", "precision=auto on CUDA"),  # auto: bf16 there
     (["steps=null", "train_tokens=1000", "batch_tokens=1024"], 1, False, "train_tokens", "1024"),
     (["steps=null", "train_tokens=3000", "batch_tokens=1024", "parallel=fp2"], 8, False, "train_tokens", "4096"),
 ])
@@ -262,6 +264,9 @@ def test_runtime_checks(overrides, world, cuda, key, text, monkeypatch):
 def test_runtime_checks_pass_where_they_should(monkeypatch):
     validate_runtime(compose("train", ["parallel=fp2"]), world_size=4, cuda_available=False)
     validate_runtime(compose("train", ["device=cuda", "kernels=triton"]), world_size=1, cuda_available=True)
+    validate_runtime(compose("train", ["deepspeed=zero0"]), world_size=1, cuda_available=False)  # auto: fp32
+    validate_runtime(compose("train", ["deepspeed=zero0", "device=cpu"]), world_size=1, cuda_available=True)
+    validate_runtime(compose("train", ["deepspeed=zero0", "precision=fp32"]), world_size=1, cuda_available=True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     validate_runtime(compose("train", ["kernels=triton"]), world_size=1, cuda_available=False)
 

@@ -426,6 +426,8 @@ def validate_train(cfg: DictConfig):
                           "them sets the run's length; for a token budget add steps=null")
     if _get(cfg, "deepspeed.zero_stage") == 3 and _get(cfg, "parallel.feature_parallel") != 1:
         _fail("deepspeed.zero_stage", 3, "0, 1 or 2 with feature_parallel > 1 (ZeRO-3 runs over plain data parallel)")
+    if _get(cfg, "precision") == "bf16":
+        check_zero_stage_precision(cfg, "bf16", "precision=bf16")
     n_features, fp = _get(cfg, "model.n_features"), _get(cfg, "parallel.feature_parallel")
     if n_features % fp:
         _fail("model.n_features", n_features, f"a multiple of parallel.feature_parallel={fp}")
@@ -450,6 +452,9 @@ def validate_runtime(cfg: DictConfig, world_size: int, cuda_available: bool):
     if _get(cfg, "parallel.backend") == "nccl" and not (cuda_available and device != "cpu"):
         _fail("parallel.backend", "nccl", "auto or gloo: NCCL needs CUDA devices")
     on_gpu = cuda_available and device != "cpu"
+    if _get(cfg, "precision") == "auto":
+        check_zero_stage_precision(cfg, resolve_precision("auto", "cuda" if on_gpu else "cpu"),
+                                   "precision=auto on CUDA")
     if _get(cfg, "kernels") == "triton" and not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
         _fail("kernels", "triton", "auto, dense or torch_sparse without a CUDA device (triton runs on CPU only "
               "under TRITON_INTERPRET=1, for tests)")
@@ -460,6 +465,18 @@ def validate_runtime(cfg: DictConfig, world_size: int, cuda_available: bool):
         if budget < per_step:
             _fail("train_tokens", budget, f"at least one step's tokens, batch_tokens x grad_accum x data_parallel "
                   f"= {per_step}")
+
+
+def check_zero_stage_precision(cfg: DictConfig, precision: str, why: str):
+    """ZeRO stage 0 is refused in bf16. There DeepSpeed 0.19 wraps the optimizer in FP16_UnfusedOptimizer
+    (engine._configure_fp16_optimizer), whose constructor runs one optimizer step on zero gradients
+    (initialize_optimizer_states): torch Adam counts it, so its bias correction runs one step behind and
+    the first real update is 0.74 x lr instead of lr; gradients also accumulate in bf16. ZeRO-1 takes the
+    same memory as stage 0 at data_parallel=1 and has neither problem."""
+    if precision == "bf16" and _get(cfg, "deepspeed.zero_stage") == 0:
+        raise ConfigError(f"config key 'deepspeed.zero_stage' = 0 with {why}: DeepSpeed's stage-0 bf16 optimizer "
+                          "starts Adam one step off (the first update is 0.74 x lr); use deepspeed=zero1 (the "
+                          "same memory at data_parallel=1) or precision=fp32")
 
 
 def resolve_steps(cfg: DictConfig, data_parallel: int) -> int:
@@ -554,7 +571,8 @@ def deepspeed_overrides(cfg: DictConfig, precision: str) -> dict:
     inside DeepSpeedEngine._take_model_step and throws the norm away, so get_global_grad_norm() is None
     (logged as nan), and its clip arithmetic differs from torch's by rounding. There the trainer clips in
     the client optimizer instead (train/grad_clip.py: ClippedAdam, which DeepSpeed reads the norm from),
-    so DeepSpeed's own clipping is turned off. `precision` is the resolved one (resolve_precision)."""
+    so DeepSpeed's own clipping is turned off. `precision` is the resolved one (resolve_precision); stage 0
+    in bf16 is refused (check_zero_stage_precision)."""
     if int(cfg.deepspeed.zero_stage) == 0 and precision == "fp32":
         return {"gradient_clipping": 0.0}
     return {}
