@@ -339,7 +339,7 @@ def _cli(args, tmp_path, env_extra=None):
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY", "NETRC")}
     env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run(cmd + [f"out_dir={tmp_path / 'run'}", *args], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=300, cwd=tmp_path)  # generous: the machine may be busy
 
 
 @pytest.mark.parametrize("args,key", [

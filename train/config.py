@@ -374,6 +374,11 @@ def check_schema(cfg: DictConfig, schema: dict[str, Check], extensions: tuple[st
         check(key, _resolved(cfg, key))
 
 
+# _raw and check_schema read nodes through omegaconf 2.3's Node API (_get_node, _value, _is_none,
+# _is_missing): the public API resolves interpolations on access, and a message must show the value as
+# typed (e.g. '${nope}') and walk a config whose values may not resolve. Written against omegaconf
+# 2.3.1; setup.py only asks >=2.3, so tests/test_config.py covers each path (unknown keys,
+# out_dir=${nope}, seed=???, model.loss=3).
 def _raw(node, k):
     try:
         v = node._get_node(k)._value()
@@ -402,8 +407,11 @@ def _resolved(cfg, key):
 
 
 def validate_model(cfg: DictConfig, prefix: str = "model"):
-    """Cross-key checks of the model group (per-key checks are in MODEL_SCHEMA)."""
+    """Check a model group at `prefix`: each key (MODEL_SCHEMA) and the keys together."""
     p = prefix + "."
+    for key, check in MODEL_SCHEMA.items():
+        if check.required or OmegaConf.select(cfg, p + key, throw_on_missing=False) is not None:
+            check(p + key, _resolved(cfg, p + key))
     require_positive_int(cfg, p + "n_features")
     require_choice(cfg, p + "activation", ACTIVATIONS)
     if _get(cfg, p + "activation") != "jumprelu":
