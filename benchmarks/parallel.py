@@ -62,8 +62,10 @@ def gib(b) -> str:
 
 
 def last_error(proc) -> str:
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "clt-train: error" in ln or "Error" in ln]
-    return lines[0] if lines else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    text = (proc.stdout + proc.stderr).splitlines()
+    ours = [ln for ln in text if "clt-train: error" in ln]
+    other = [ln for ln in text if "Error:" in ln and "ChildFailedError" not in ln]
+    return (ours or other or text[-1:] or ["?"])[0]
 
 
 def metrics(out: Path) -> list[dict]:

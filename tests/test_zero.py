@@ -10,17 +10,17 @@ optimizer is train/grad_clip.py's ClippedAdam (fp_group=layout.fp_group) and the
 config.deepspeed_overrides(...) (gradient_clipping 0). Without it DeepSpeed's stage-0 engine drops the
 norm (get_global_grad_norm() is None, logged as nan) and clips with its own rounding.
 """
-import os
+import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cltrain.train import trainer
 from cltrain.train.clt import CLT
 from cltrain.train.config import compose
 from cltrain.train.data import loader_from_config, write_synthetic_dataset
 from cltrain.train.metrics import StepTimer
+from cltrain.train.model_io import ModelReader
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,17 +78,10 @@ def reference_run(cfg):
 
 def deepspeed_run(cfg, monkeypatch):
     """clt-train in this process; returns (the grad_norm it logged at each step, final weights)."""
-    logged = []
-    real_logger = trainer.RunLogger
-
-    class Recording(real_logger):
-        def log(self, step, values, *a, **kw):
-            logged.append(values["grad_norm"])
-            return super().log(step, values, *a, **kw)
-
-    monkeypatch.setattr(trainer, "RunLogger", Recording)
     model_dir = trainer.train(cfg)
-    return logged, load_file(os.path.join(model_dir, "model.safetensors"))
+    reports = [json.loads(line) for line in (model_dir.parent / "metrics.jsonl").read_text().splitlines()]
+    reader = ModelReader(model_dir)
+    return [r["grad_norm"] for r in reports], {k: reader.tensor(k) for k in reader.expected_shapes()}
 
 
 @pytest.fixture(scope="module")

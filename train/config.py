@@ -244,6 +244,7 @@ TRAIN_SCHEMA = {
     "dense_fire_rate": Num(0, 1, lo_open=True),
     "kernels": Choice(*KERNELS),
     "progress": Bool,
+    "check_memory": Bool,
     **{f"model.{k}": c for k, c in MODEL_SCHEMA.items()},
     "data.path": PathLike(none=True),
     "data.heldout_shards": Int(0),

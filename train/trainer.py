@@ -28,7 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
 from .clt import CLT, batch_metrics, loss_terms
-from .config import CONFIG_DIR, ConfigError, clt_config, loss_weights, validate_train
+from .config import (CONFIG_DIR, ConfigError, clips_in_optimizer, clt_config, deepspeed_overrides, loss_weights,
+                     resolve_precision, resolve_steps, validate_runtime, validate_train)
+from .grad_clip import ClippedAdam
 from .data import DatasetError, DatasetInfo, loader_from_config
 from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss, PhasePeaks
 from .model_io import atomic_write_bytes
@@ -114,7 +116,7 @@ def bucket_elements(cfg: DictConfig, local_params: int) -> int:
     return int(min(5e7, max(1e6, local_params // 8)))
 
 
-def deepspeed_config(cfg: DictConfig, layout: Layout, local_params: int = 0) -> dict:
+def deepspeed_config(cfg: DictConfig, layout: Layout, local_params: int = 0, precision: str = "fp32") -> dict:
     stage = int(cfg.deepspeed.zero_stage)
     zero = {"stage": stage, "overlap_comm": bool(cfg.deepspeed.overlap_comm)}
     if stage in (1, 2):
@@ -122,31 +124,38 @@ def deepspeed_config(cfg: DictConfig, layout: Layout, local_params: int = 0) -> 
     for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_param_persistence_threshold"):
         if cfg.deepspeed.get(key) is not None:
             zero[key] = cfg.deepspeed[key]
-    return {
+    ds = {
         # DeepSpeed counts samples; ours are tokens, so a "sample" is a token.
         "train_micro_batch_size_per_gpu": int(cfg.batch_tokens),
         "gradient_accumulation_steps": int(cfg.grad_accum),
         "train_batch_size": int(cfg.batch_tokens) * int(cfg.grad_accum) * layout.dp_size,
         "gradient_clipping": float(cfg.optim.grad_clip),
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Ignore"},
     }
+    ds.update(deepspeed_overrides(cfg, precision))
+    return ds
 
 
-def make_optimizer(params, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: DictConfig, device: torch.device, layout: Layout,
+                   precision: str) -> torch.optim.Optimizer:
     """torch Adam as DeepSpeed's client optimizer: fused=True runs on CPU and CUDA without compiling
-    DeepSpeed's C++ ops and reproduces a plain torch run exactly."""
+    DeepSpeed's C++ ops and reproduces a plain torch run exactly. At ZeRO-0 in fp32 it also clips
+    (ClippedAdam, train/grad_clip.py: DeepSpeed's stage-0 clipping loses the norm)."""
     fused = cfg.optim.get("fused", "auto")
     fused = device.type in ("cpu", "cuda") if fused == "auto" else bool(fused)
-    return torch.optim.Adam(params, lr=float(cfg.optim.lr), betas=tuple(float(b) for b in cfg.optim.betas),
-                            eps=float(cfg.optim.eps), weight_decay=float(cfg.optim.weight_decay), fused=fused)
+    kwargs = dict(lr=float(cfg.optim.lr), betas=tuple(float(b) for b in cfg.optim.betas),
+                  eps=float(cfg.optim.eps), weight_decay=float(cfg.optim.weight_decay), fused=fused)
+    if clips_in_optimizer(cfg, precision):
+        return ClippedAdam(params, float(cfg.optim.grad_clip), fp_group=layout.fp_group, **kwargs)
+    return torch.optim.Adam(params, **kwargs)
 
 
-def fingerprint(cfg: DictConfig, info: DatasetInfo, layout: Layout) -> dict:
+def fingerprint(cfg: DictConfig, info: DatasetInfo, layout: Layout, precision: str, steps: int) -> dict:
     """What a resume compares with the checkpoint: the model, the data order, the optimizer, the schedules
     and the global batch must match; the layout keys (checkpoint.LAYOUT_KEYS: world size, feature
     parallel size, ZeRO stage, per-replica batch split) may change, the state is remapped."""
@@ -161,9 +170,11 @@ def fingerprint(cfg: DictConfig, info: DatasetInfo, layout: Layout) -> dict:
 
     walk("model", OmegaConf.to_container(cfg.model, resolve=True))
     walk("optim", OmegaConf.to_container(cfg.optim, resolve=True))
-    for key in ("seed", "steps", "batch_tokens", "grad_accum", "precision", "data.shuffle_buffer",
-                "data.heldout_shards", "data.num_workers", "parallel.feature_parallel", "deepspeed.zero_stage"):
+    for key in ("seed", "batch_tokens", "grad_accum", "data.shuffle_buffer", "data.heldout_shards",
+                "data.num_workers", "parallel.feature_parallel", "deepspeed.zero_stage"):
         flat[key] = OmegaConf.select(cfg, key)
+    # resolved values: `precision=auto` and the run length from `train_tokens` compare as what they mean
+    flat["precision"], flat["steps"] = precision, steps
     flat.update({"world_size": layout.world, "dataset.model": info.model, "dataset.layers": list(info.layers),
                  "dataset.d_model": info.d_model, "dataset.n_tokens": info.n_tokens,
                  "global_batch_tokens": int(cfg.batch_tokens) * int(cfg.grad_accum) * layout.dp_size})
@@ -233,15 +244,19 @@ class Trainer:
         except ConfigError as e:
             raise ConfigError(f"{e} ({info.json_path})") from None
 
+        _, world, _ = dist_env()
+        validate_runtime(cfg, world, torch.cuda.is_available())
         self.device = device = resolve_device(str(cfg.device), int(os.environ.get("LOCAL_RANK", 0)))
+        self.precision = resolve_precision(str(cfg.precision), device.type)
         self.rank, self.world = init_distributed(str(cfg.parallel.backend), device)
         try:
             self.layout = layout = Layout.build(int(cfg.parallel.feature_parallel))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.steps = resolve_steps(cfg, layout.dp_size)
         self.deepspeed = _import_deepspeed(device)
         self.out_dir = Path(str(cfg.out_dir))
-        self.fingerprint = fingerprint(cfg, info, layout)
+        self.fingerprint = fingerprint(cfg, info, layout, self.precision, self.steps)
         self.zero3 = int(cfg.deepspeed.zero_stage) == 3
 
         # A resume is checked (config, files) before anything heavy is built.
@@ -275,10 +290,10 @@ class Trainer:
                                          dp_size=layout.dp_size, seed=int(cfg.seed), device=device)
         self.timer = StepTimer(cuda=device.type == "cuda")
         self.step_module = TrainStep(clt, cfg.model, self.timer)
-        self.optimizer = make_optimizer(self.step_module.parameters(), cfg, device)
+        self.optimizer = make_optimizer(self.step_module.parameters(), cfg, device, layout, self.precision)
         self.engine, _, _, _ = self.deepspeed.initialize(
             model=self.step_module, optimizer=self.optimizer, mpu=layout.mpu(),
-            config=deepspeed_config(cfg, layout, sum(p.numel() for p in clt.parameters())),
+            config=deepspeed_config(cfg, layout, sum(p.numel() for p in clt.parameters()), self.precision),
             dist_init_required=False)
         if self.zero3:
             # TrainStep calls the CLT's pieces, not CLT.forward, so ZeRO-3 must gather the CLT's parameters
@@ -299,7 +314,6 @@ class Trainer:
             self._calibrate()
         self.batches = self.__dict__.pop("_first_batches", None) or iter(self.loader)
 
-        self.steps = int(cfg.steps)
         # stop_at_step: end this invocation early (checkpointed) while the schedules still span `steps` --
         # for jobs with a wall-clock limit, resubmitted with resume=true.
         self.stop = self.steps if cfg.get("stop_at_step") is None else min(self.steps, int(cfg.stop_at_step))
@@ -310,7 +324,7 @@ class Trainer:
         self.logger.print(
             f"clt-train: {info.json_path} N={f.n_layers} D={f.d_model} F={f.n_features} world={self.world} "
             f"(data x feature parallel = {layout.dp_size} x {layout.fp_size}) ZeRO-{cfg.deepspeed.zero_stage} "
-            f"{cfg.precision} kernels={self.kernel_impl} device={device}"
+            f"{self.precision} kernels={self.kernel_impl} device={device}"
             + (f", resumed from {resume_from} at step {self.step}" if saved is not None else ""))
         self.logger.print(f"clt-train: memory per rank (estimated): {self.memory.describe()}; "
                           f"parameters + optimizer state on this rank: {self.state_bytes() / 2**30:.3f} GiB")
@@ -326,7 +340,7 @@ class Trainer:
         n_local = sum(p.numel() for p in meta_clt.parameters())
         est = estimate_rank_memory(
             n_local, meta_clt.b_dec.numel(), self.full_cfg.n_layers, self.full_cfg.d_model,
-            meta_clt.cfg.n_features, layout.dp_size, int(cfg.deepspeed.zero_stage), str(cfg.precision),
+            meta_clt.cfg.n_features, layout.dp_size, int(cfg.deepspeed.zero_stage), self.precision,
             int(cfg.batch_tokens), int(cfg.data.shuffle_buffer), int(cfg.data.num_workers),
             self.device.type == "cuda", bucket_elements(cfg, n_local))
         limit, source = memory_limit(self.device, local_world_size())
