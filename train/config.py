@@ -239,6 +239,7 @@ TRAIN_SCHEMA = {
     "stop_at_step": Int(0, none=True),
     "log_every": Int(1),
     "eval_every": Int(0, why=" (steps; 0: off)"),
+    "eval_tokens": Int(1),
     "keep_checkpoints": Int(0, why=" (0: keep all)"),
     "dead_after_tokens": Int(1),
     "dense_fire_rate": Num(0, 1, lo_open=True),

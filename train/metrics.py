@@ -33,11 +33,16 @@ class StepTimer:
         self.cuda = cuda
         self.active = True
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.current: str | None = None  # the phase running now (named when a collective times out)
 
     @contextmanager
     def phase(self, name: str):
+        self.current = name
         if not self.active:
-            yield
+            try:
+                yield
+            finally:
+                self.current = None
             return
         if self.cuda:
             torch.cuda.synchronize()
@@ -48,6 +53,7 @@ class StepTimer:
             if self.cuda:
                 torch.cuda.synchronize()
             self.seconds[name] += time.perf_counter() - t
+            self.current = None
 
     def take(self) -> dict[str, float]:
         out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
@@ -208,9 +214,14 @@ class RunLogger:
         self.bar = None
         self.run_id = run_id
         self.jsonl = Path(run_dir) / "metrics.jsonl"
+        # After a resume, the steps between the checkpoint and the interruption are trained again with
+        # the same results (the resume is exact): W&B already has them, so they are not sent twice.
+        self.logged_until = 0
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if run_id is not None:
+            self.logged_until = self._last_step()
         self._truncate_jsonl(start_step)
         if logger_cfg.mode != "disabled":
             import wandb
@@ -228,6 +239,12 @@ class RunLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc="clt-train", smoothing=0.1)
+
+    def _last_step(self) -> int:
+        if not self.jsonl.is_file():
+            return 0
+        steps = [json.loads(line).get("step", 0) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        return max(steps, default=0)
 
     def _truncate_jsonl(self, start_step: int):
         """The local record of reports (metrics.jsonl) keeps no step after the one a run starts from:
@@ -256,7 +273,7 @@ class RunLogger:
         """One report: W&B gets every value; the console gets the headline numbers."""
         if not self.enabled:
             return
-        if self.run is not None:
+        if self.run is not None and step > self.logged_until:
             self.run.log(values, step=step)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")

@@ -16,7 +16,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +37,8 @@ from .data import DatasetError, DatasetInfo, loader_from_config
 from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss, PhasePeaks
 from .model_io import atomic_write_bytes
 from .metrics import FeatureStats, RunLogger, StepReport, StepTimer, gpu_memory, peak_flops
-from .parallel import Layout, PartialSum, dist_env, init_distributed, local_clt, materialize, resolve_device
+from .parallel import (Layout, PartialSum, dist_env, dist_timeout, init_distributed, local_clt, materialize,
+                       resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +335,7 @@ class Trainer:
         self.report_steps_since, self.t_report, self.tokens_report = 0, time.perf_counter(), self.tokens
         self.peaks = PhasePeaks()
         self.peaks.end("startup")
+        self.preemption = PreemptionSignal()
         return self
 
     def _check_memory(self, meta_clt: CLT) -> MemoryEstimate:
@@ -493,24 +497,41 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train to the stop step, checkpointing every checkpoint_every steps and at the end, then
-        publish OUT/model (this run's final model; never another run's). Returns OUT/model."""
+        publish OUT/model (this run's final model; never another run's). Returns OUT/model. A
+        preemption signal (SIGTERM, SIGUSR1) makes every rank finish its step and checkpoint together,
+        then raises Preempted (exit code EXIT_PREEMPTED)."""
         every, accum = int(self.cfg.checkpoint_every), int(self.cfg.grad_accum)
+        eval_every = int(self.cfg.get("eval_every", 0) or 0)
         last_ckpt = None
-        while self.step < self.stop:
-            batches = []
-            for _ in range(accum):
-                with self.timer.phase("data"):
-                    batches.append(self.next_batch())
-            values = self.train_step(batches)
-            if values is not None:
-                self.logger.log(self.step, values, self.full_cfg.n_layers)
-                self.logger.advance(1, loss=values["loss/total"], nmse=values["nmse/mean"], l0=values["l0/mean"])
-            else:
-                self.logger.advance(1)
-            if self.step % every == 0 or self.step == self.stop:
-                self.peaks.end("steps")
-                last_ckpt = self.save()
-                self.peaks.end("checkpoint")
+        with self.preemption:
+            while self.step < self.stop:
+                batches = []
+                for _ in range(accum):
+                    with self.timer.phase("data"):
+                        batches.append(self.next_batch())
+                values = self.train_step(batches)
+                if eval_every and self.step % eval_every == 0:
+                    values = dict(values or {}, **self.evaluate())
+                if values is not None:
+                    values["data/epoch"] = getattr(self.loader, "epoch", 0)
+                    self.logger.log(self.step, values, self.full_cfg.n_layers)
+                    self.logger.advance(1, **{k: values[v] for k, v in
+                                              (("loss", "loss/total"), ("nmse", "nmse/mean"), ("l0", "l0/mean"))
+                                              if v in values})
+                else:
+                    self.logger.advance(1)
+                preempted = self.preemption.requested(self.device)  # collective: every rank agrees
+                if self.step % every == 0 or self.step == self.stop or preempted:
+                    self.peaks.end("steps")
+                    self.timer.current = "checkpoint"
+                    last_ckpt = self.save()
+                    self.timer.current = None
+                    self.peaks.end("checkpoint")
+                if preempted and self.step < self.stop:
+                    self.write_memory_report()
+                    self.logger.print(f"clt-train: {self.preemption.name} received: checkpointed at step "
+                                      f"{self.step} ({last_ckpt}); resubmit with resume=true to continue")
+                    raise Preempted(last_ckpt)
         if last_ckpt is None:  # nothing trained in this invocation: this run's checkpoint, or a new one
             latest = ckpt.latest_checkpoint(self.checkpoints.root) if self.cfg.resume not in (None, False) else None
             last_ckpt = latest if latest is not None and latest.name == ckpt.step_name(self.step) else self.save()
@@ -523,11 +544,99 @@ class Trainer:
         self.logger.print(f"clt-train: done at step {self.step}; model in {final}, checkpoint {last_ckpt}")
         return final
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """NMSE and L0 on the held-out shards (the first eval_tokens of them; every replica evaluates
+        the same tokens, FP ranks together). Collective."""
+        from .data import ActivationLoader
+
+        budget = int(self.cfg.get("eval_tokens", 65536))
+        loader = ActivationLoader(str(self.cfg.data.path), int(self.cfg.batch_tokens), split="heldout",
+                                  heldout_shards=int(self.cfg.data.heldout_shards), epochs=1, shuffle_buffer=0,
+                                  device=self.device)
+        acc, seen = StepReport(), 0
+        self.engine.eval()
+        try:
+            for batch in loader:
+                if seen >= budget:
+                    break
+                _, terms, enc, y_hat = self.engine(batch.x, batch.y, 0.0, None)
+                acc.add(terms, batch_metrics(enc, y_hat, batch.y))
+                seen += batch.x.shape[0]
+        finally:
+            self.engine.train()
+            loader.close()
+        vec = torch.cat([acc.sums["nmse"], acc.sums["l0"]]) / max(acc.count, 1)
+        if self.layout.fp_size > 1:  # L0 is per feature slice: sum it over the group
+            l0 = vec[vec.numel() // 2:].clone()
+            dist.all_reduce(l0, group=self.layout.fp_group)
+            vec[vec.numel() // 2:] = l0
+        N = self.full_cfg.n_layers
+        nmse, l0 = vec[:N].tolist(), vec[N:].tolist()
+        out = {"eval/nmse": sum(nmse) / N, "eval/l0": sum(l0) / N, "eval/tokens": seen}
+        out.update({f"eval/nmse/layer_{i}": v for i, v in enumerate(nmse)})
+        return out
+
+    def where(self) -> str:
+        """What this rank was doing: the step phase (the FP all-reduce runs in decode, DeepSpeed's
+        gradient reduction in backward) or the checkpoint."""
+        return f"step {self.step + 1}, {self.timer.current or 'between phases'}"
+
     def close(self):
         for name in ("logger", "loader"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
+
+
+# Exit code of a run that checkpointed because of a preemption signal (EX_TEMPFAIL: try again). The
+# launch scripts resubmit (SLURM: requeue) on it; torchrun's --max-restarts relaunches on any failure.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Raised by Trainer.fit after the checkpoint a preemption signal asked for."""
+
+
+class PreemptionSignal:
+    """SIGTERM (what SLURM and Kubernetes send before killing a job) and SIGUSR1 (SLURM's --signal
+    warning) set a flag instead of ending the process; `requested` (a collective) tells every rank at
+    the same step, so all of them checkpoint together. Active inside `with`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "no signal"
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def requested(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.signum:
+            self.signum = signal.SIGTERM  # another rank got it
+        return bool(flag.item())
+
+
+class RankTimeout(RuntimeError):
+    """A collective timed out: another rank is hung or dead. The message names this rank and where."""
 
 
 class OutOfMemory(ConfigError):
@@ -542,6 +651,13 @@ def train(cfg: DictConfig) -> Path:
         return trainer.fit()
     except (RuntimeError, MemoryError) as e:
         text = str(e)
+        if not isinstance(e, MemoryError) and ("timed out" in text.lower() or "timeout" in text.lower()):
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            where = trainer.where() if trainer is not None else "start-up"
+            raise RankTimeout(
+                f"rank {rank}: a collective ({where}) waited longer than CLTRAIN_DIST_TIMEOUT="
+                f"{int(dist_timeout().total_seconds())} s for another rank, which is hung or dead; the job "
+                f"stops (resume=true continues from the last checkpoint). {text.splitlines()[0][:200]}") from None
         if not isinstance(e, MemoryError) and "can't allocate memory" not in text and "out of memory" not in text.lower():
             raise
         estimate = f"; estimated need {trainer.memory.describe()}" if trainer is not None else ""
@@ -560,9 +676,14 @@ def train(cfg: DictConfig) -> Path:
 def _hydra_job(cfg: DictConfig):
     try:
         train(cfg)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)
     except (ConfigError, DatasetError, ckpt.CheckpointError) as e:
         print(f"clt-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RankTimeout as e:
+        print(f"clt-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 def main():
