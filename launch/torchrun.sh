@@ -3,6 +3,9 @@
 #   NPROC=8 launch/torchrun.sh data.path=/data/acts model.n_features=32768 parallel=fp2
 #   multi-node: NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> launch/torchrun.sh ...
 # Everything after the script name is a Hydra override for clt-train.
+# Automatic relaunch: MAX_RESTARTS=3 launch/torchrun.sh resume=true ... lets torchrun restart every
+# rank after one dies (a killed or OOM-killed process); with resume=true they continue from the last
+# checkpoint (tests/test_faults.py::test_a_killed_rank_is_relaunched_by_torchrun_and_resumes_by_itself).
 set -euo pipefail
 NPROC=${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 NPROC=$(( NPROC > 0 ? NPROC : 1 ))
@@ -15,4 +18,4 @@ else
 fi
 # Without a GPU each process runs gloo on CPU: give every rank its share of the cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-exec torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" -m cltrain.train.trainer "$@"
+exec torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" --max-restarts "${MAX_RESTARTS:-0}" -m cltrain.train.trainer "$@"
