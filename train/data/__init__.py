@@ -1,0 +1,51 @@
+"""Activation shards (DESIGN section 2): the format, dataset.json, a synthetic writer, and the loader.
+
+Format
+------
+A dataset is a folder or URL prefix holding `dataset.json` and WebDataset shards NAME-000000.tar, ...
+Each tar member `<key>.safetensors` is one sample of T tokens (safetensors keeps bf16):
+
+    x          [T, N, D]  bfloat16 | float16   raw residual stream at each MLP block's input
+    y          [T, N, D]  same dtype           raw MLP block output as added to the residual stream
+    token_ids  [T]        int64                the token each row belongs to (vocabulary ids)
+    doc        [T]        int64                provenance: source document index
+    ctx        [T]        int64                provenance: context index (contexts fed to the model, in order)
+    pos        [T]        int64                provenance: position of the token in its context
+
+Tokens were shuffled across documents before they were written, so a sample's rows are unrelated
+tokens. Activations are stored raw; `DatasetInfo.scale_x/scale_y` normalize them (the loader applies
+them), so that E||s_x[l] x_l|| = sqrt(D).
+
+URLs: a local folder, `http(s)://...`, `gs://...` or anything WebDataset's `gopen` opens, or a
+`pipe:` command with `{}` where the file name goes, e.g. `pipe:aws s3 cp s3://bucket/acts/{} -`.
+
+Loader order (deterministic given seed, dp_size, num_workers, batch_tokens, shuffle_buffer)
+-------------------------------------------------------------------------------------------
+1. Epoch e permutes the shards with seed+e; data-parallel rank r takes every dp_size-th shard, and
+   worker w of that rank every num_workers-th of those (0 workers reads local files in-process, in the
+   same order as 1 worker).
+2. The rank's sample stream interleaves its workers round-robin, one sample each. Every sample declared
+   in dataset.json is a "slot" of this stream, present or not; a skipped bad sample leaves an empty slot,
+   so the schedule never depends on the data.
+3. Consecutive windows of ceil(shuffle_buffer / T) slots are loaded, their tokens permuted (seeded by
+   seed, epoch, rank and window), and cut into batches of batch_tokens; a batch may span windows and
+   epochs. The position is therefore (epoch, window, tokens taken from the window): `state_dict()`
+   records it, and a restarted loader re-reads only that window.
+   Within a batch, rows are grouped by the sample they came from (a cheaper gather; the set is random).
+Across ranks and workers every token of the split is delivered exactly once per epoch. Ranks may hold
+different token counts per epoch (whole shards are split); with epochs=None (the default) the stream
+continues into the next epoch, so that never starves a rank.
+
+Checks: every sample's shape, dtype and finiteness, each shard's sample count and (when read from its
+start) sha256 against dataset.json. A bad sample raises DatasetError naming the shard and what is wrong,
+or with on_error="skip" leaves an empty slot, counted in `ActivationLoader.skipped` and logged. Worker
+processes read samples straight into shared memory; a worker that dies or a URL that stalls for
+`timeout` seconds is an error, never a hang.
+"""
+from .format import (DATASET_JSON, DTYPES, FORMAT, SAMPLE_EXT, SCALE_TOKENS, DatasetError, DatasetInfo,  # noqa: F401
+                     SampleError, all_finite, check_dataset_matches, decode_sample, encode_sample, is_url,
+                     join_url, normalization_scales, open_url)
+from .loader import (ActivationLoader, Batch, _mix, epoch_shards, loader_from_config,  # noqa: F401
+                     rr_consumed)
+from .shards import ShardWriter, read_samples, read_shard, shard_name  # noqa: F401
+from .synthetic import write_synthetic_dataset  # noqa: F401
