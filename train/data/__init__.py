@@ -42,10 +42,11 @@ or with on_error="skip" leaves an empty slot, counted in `ActivationLoader.skipp
 processes read samples straight into shared memory; a worker that dies or a URL that stalls for
 `timeout` seconds is an error, never a hang.
 """
-from .format import (DATASET_JSON, DTYPES, FORMAT, SAMPLE_EXT, SCALE_TOKENS, DatasetError, DatasetInfo,  # noqa: F401
-                     SampleError, all_finite, check_dataset_matches, decode_sample, encode_sample, is_url,
-                     join_url, normalization_scales, open_url)
-from .loader import (ActivationLoader, Batch, _mix, epoch_shards, loader_from_config,  # noqa: F401
-                     rr_consumed)
-from .shards import ShardWriter, read_samples, read_shard, shard_name  # noqa: F401
+from .format import (DATASET_JSON, DTYPES, FORMAT, QUANTIZED_DTYPES, SAMPLE_EXT, SCALE_TOKENS,  # noqa: F401
+                     STORAGE_DTYPES, DatasetError, DatasetInfo, Sample, SampleError, all_finite,
+                     check_dataset_matches, decode_sample, encode_sample, is_url, join_url, normalization_scales,
+                     open_url, quantize_rows, seed_mix)
+from .loader import (ActivationLoader, Batch, Schedule, _mix, epoch_shards, loader_from_config,  # noqa: F401
+                     remaining_pieces, reshard_loader_states, rr_consumed, to_training)
+from .shards import EmptySlot, ShardWriter, read_samples, read_shard, shard_name, verify_shards  # noqa: F401
 from .synthetic import write_synthetic_dataset  # noqa: F401

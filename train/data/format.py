@@ -1,12 +1,20 @@
-"""The activation format: dataset.json (DatasetInfo), URLs, and encoding/decoding one sample."""
+"""The activation format: dataset.json (DatasetInfo), URLs, and encoding/decoding one sample.
+
+Storage dtypes: bfloat16 / float16 store x and y as they are. int8 stores each row (one token, one
+layer: D values) as round(v / s) with its own scale s = max|v| / 127, in float32 tensors `x_scale` and
+`y_scale` of shape [T, N] beside `x` and `y`: half of bf16's bytes, and an error of at most s / 2 per
+value (measured cost in benchmarks/data.md)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save as st_save
@@ -18,7 +26,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "cltrain-activations/1"
 DATASET_JSON = "dataset.json"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # float storage: values as they are
+QUANTIZED_DTYPES = {"int8": torch.int8}  # per-row scaled storage (module docstring)
+STORAGE_DTYPES = {**DTYPES, **QUANTIZED_DTYPES}
 SAMPLE_EXT = ".safetensors"
 SCALE_TOKENS = 4096  # tokens the normalization scales are estimated on (the first harvested ones)
 
@@ -95,7 +105,11 @@ class DatasetInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return STORAGE_DTYPES[self.dtype]
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED_DTYPES
 
     def to_json(self) -> dict:
         doc = asdict(self)
@@ -155,8 +169,8 @@ class DatasetInfo:
             pos_int(key)
         if self.format != FORMAT:
             bad("format", self.format, repr(FORMAT))
-        if self.dtype not in DTYPES:
-            bad("dtype", self.dtype, f"one of {list(DTYPES)}")
+        if self.dtype not in STORAGE_DTYPES:
+            bad("dtype", self.dtype, f"one of {list(STORAGE_DTYPES)}")
         if not isinstance(self.layers, list) or len(self.layers) != self.n_layers or \
                 not all(isinstance(l, int) and l >= 0 for l in self.layers):
             bad("layers", self.layers, f"a list of n_layers={self.n_layers} layer indices")
@@ -243,21 +257,32 @@ def normalization_scales(x: torch.Tensor, y: torch.Tensor) -> tuple[list[float],
     return scales(x), scales(y)
 
 
+def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and float32 per-row scales of v [..., D]: v ~ q * scale[..., None] (module docstring)."""
+    v = v.float()
+    scale = v.abs().amax(dim=-1) / 127.0
+    q = torch.round(v / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
 def encode_sample(x: torch.Tensor, y: torch.Tensor, token_ids: torch.Tensor, doc: torch.Tensor | None = None,
                   ctx: torch.Tensor | None = None, pos: torch.Tensor | None = None,
-                  metadata: dict | None = None) -> bytes:
+                  metadata: dict | None = None, dtype: str | None = None) -> bytes:
+    """One sample's safetensors bytes. dtype="int8" quantizes x and y per row; otherwise they are stored
+    in the dtype they come in."""
     t = x.shape[0]
-    tensors = {"x": x.contiguous(), "y": y.contiguous(), "token_ids": token_ids.to(torch.int64).contiguous()}
+    tensors = {"token_ids": token_ids.to(torch.int64).contiguous()}
+    if dtype in QUANTIZED_DTYPES:
+        (tensors["x"], tensors["x_scale"]), (tensors["y"], tensors["y_scale"]) = quantize_rows(x), quantize_rows(y)
+    elif dtype is None or dtype in DTYPES:
+        tensors["x"], tensors["y"] = (v.to(DTYPES[dtype]) if dtype else v for v in (x.contiguous(), y.contiguous()))
+    else:
+        raise ValueError(f"dtype={dtype!r}: expected one of {list(STORAGE_DTYPES)}")
     for key, v in (("doc", doc), ("ctx", ctx), ("pos", pos)):  # provenance; -1 where unknown
         tensors[key] = (v if v is not None else torch.full((t,), -1)).to(torch.int64).contiguous()
     # One metadata key holding sorted JSON: safetensors writes several keys in a random order, and
     # shards must be byte-identical when a harvest is repeated or resumed.
     return st_save(tensors, metadata={"provenance": json.dumps(metadata or {}, sort_keys=True)})
-
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading shards
 
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -304,12 +329,27 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
-def decode_sample(data, info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode and check one sample (bytes, or a uint8 tensor it is read into, whose views the result
-    shares); raises SampleError saying what is wrong."""
-    t = _st_tensors(data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8))
+class Sample(NamedTuple):
+    """One decoded, checked sample: x, y [T, N, D] in the stored dtype; x_scale, y_scale [T, N] float32
+    for int8 storage (None otherwise)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    token_ids: torch.Tensor
+    x_scale: torch.Tensor | None = None
+    y_scale: torch.Tensor | None = None
+
+
+def decode_sample(data, info: DatasetInfo) -> Sample:
+    """Decode and check one sample (bytes, or a uint8 tensor whose views the result shares); raises
+    SampleError saying what is wrong."""
+    if not isinstance(data, torch.Tensor):
+        with warnings.catch_warnings():  # a read-only buffer: only ever read from, never written
+            warnings.simplefilter("ignore")
+            data = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    t = _st_tensors(data)
     want = (info.tokens_per_sample, info.n_layers, info.d_model)
-    for key in ("x", "y", "token_ids"):
+    keys = ("x", "y", "token_ids") + (("x_scale", "y_scale") if info.quantized else ())
+    for key in keys:
         if key not in t:
             raise SampleError(f"no tensor '{key}' (found {sorted(t)})")
     for key in ("x", "y"):
@@ -318,10 +358,24 @@ def decode_sample(data, info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor, 
             raise SampleError(f"'{key}' has shape {list(v.shape)}, expected [T, N, D] = {list(want)} from dataset.json")
         if v.dtype != info.torch_dtype:
             raise SampleError(f"'{key}' has dtype {v.dtype}, expected {info.torch_dtype} from dataset.json")
-        if not all_finite(v):
+        if not info.quantized and not all_finite(v):
             raise SampleError(f"'{key}' holds {int((~torch.isfinite(v)).sum())} NaN/Inf value(s)")
+    scales = [None, None]
+    if info.quantized:
+        for i, key in enumerate(("x_scale", "y_scale")):
+            s = t[key]
+            if tuple(s.shape) != want[:2] or s.dtype != torch.float32:
+                raise SampleError(f"'{key}' is {s.dtype} {list(s.shape)}, expected float32 [T, N] = {list(want[:2])}")
+            if not all_finite(s) or bool((s < 0).any()):
+                raise SampleError(f"'{key}' holds {int((~torch.isfinite(s) | (s < 0)).sum())} NaN/Inf/negative value(s)")
+            scales[i] = s
     ids = t["token_ids"]
     if tuple(ids.shape) != want[:1] or ids.dtype != torch.int64:
         raise SampleError(f"'token_ids' is {ids.dtype} {list(ids.shape)}, expected int64 [{want[0]}]")
-    return t["x"], t["y"], ids
+    return Sample(t["x"], t["y"], ids, *scales)
 
+
+def seed_mix(*xs: int) -> int:
+    """A seed from several integers (stable across runs and processes, unlike hash())."""
+    h = hashlib.sha256(",".join(str(int(x)) for x in xs).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)

@@ -1,41 +1,87 @@
-"""Shards: writing (ShardWriter) and reading (read_shard, read_samples) WebDataset tar files."""
+"""Shards: writing (ShardWriter) and reading (read_shard, read_samples, verify_shards) WebDataset tar files.
+
+Both directions use webdataset's own pieces: `webdataset.TarWriter` writes (fixed mtime, mode and owner,
+so a repeated harvest writes byte-identical shards) over a file object that hashes every byte, and
+`webdataset.tariterators.tar_file_iterator` reads, over a file object that hashes every byte read; so
+`wds.WebDataset(urls)` reads our shards and we read what any WebDataset writer writes in this layout.
+"""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
+from tqdm import tqdm
 
-from .format import (SAMPLE_EXT, DatasetError, DatasetInfo, SampleError, decode_sample, encode_sample,
-                     open_url)
+from .format import (SAMPLE_EXT, STORAGE_DTYPES, DatasetError, DatasetInfo, Sample, SampleError, decode_sample,
+                     encode_sample, is_url, open_url)
 
 log = logging.getLogger(__name__)
 
+_EXT = SAMPLE_EXT.lstrip(".")  # webdataset names a member KEY.EXT
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it."""
+
+    def __init__(self, f, h):
+        self.f, self.h = f, h
+
+    def write(self, b):
+        self.h.update(b)
+        return self.f.write(b)
+
+
+class _HashingReader:
+    """A read-only file object that hashes what is read through it; str() is the URL (webdataset's
+    iterator puts str(fileobj) into its error messages)."""
+
+    def __init__(self, f, h, url: str):
+        self.f, self.h, self.url = f, h, url
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        if self.h is not None:
+            self.h.update(b)
+        return b
+
+    def drain(self):
+        """Read (and hash) what tarfile left after the end-of-archive blocks."""
+        while self.read(1 << 20):
+            pass
+
+    def __str__(self):
+        return self.url
+
 
 class ShardWriter:
-    """Write samples into folder/NAME.tar under a temporary name; `close()` renames it and returns its
-    dataset.json record {name, n_tokens, sha256}. Member timestamps are fixed so shards are reproducible."""
+    """Write samples into folder/NAME.tar under a temporary name; `close()` fsyncs and renames it and
+    returns its dataset.json record {name, n_tokens, sha256}. dtype="int8" quantizes x and y per row
+    (train/data/format.py); None stores them in the dtype they come in."""
 
-    def __init__(self, folder: str | os.PathLike, name: str):
-        self.folder, self.name = Path(folder), name
+    def __init__(self, folder: str | os.PathLike, name: str, dtype: str | None = None):
+        import webdataset as wds  # noqa: PLC0415  (webdataset is slow to import; only writers need it here)
+        if dtype is not None and dtype not in STORAGE_DTYPES:
+            raise ValueError(f"ShardWriter: dtype={dtype!r}, expected one of {list(STORAGE_DTYPES)}")
+        self.folder, self.name, self.dtype = Path(folder), name, dtype
         self.tmp = self.folder / f".{name}.tmp-{os.getpid()}"
         self._f = open(self.tmp, "wb")
         self._hash = hashlib.sha256()
-        self._tar = tarfile.open(fileobj=_HashingWriter(self._f, self._hash), mode="w|", format=tarfile.USTAR_FORMAT)
+        self._tar = wds.TarWriter(_HashingWriter(self._f, self._hash), encoder=False, compress=False, mtime=0.0,
+                                  mode=0o444, user="cltrain", group="cltrain")
         self.n_tokens = self.n_samples = self.n_bytes = 0
 
     def add(self, key: str, x: torch.Tensor, y: torch.Tensor, token_ids: torch.Tensor, **kw):
-        data = encode_sample(x, y, token_ids, **kw)
-        ti = tarfile.TarInfo(key + SAMPLE_EXT)
-        ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
-        self._tar.addfile(ti, io.BytesIO(data))
+        data = encode_sample(x, y, token_ids, dtype=self.dtype, **kw)
+        self._tar.write({"__key__": key, _EXT: data})
         self.n_tokens += x.shape[0]
         self.n_samples += 1
         self.n_bytes += len(data) + 512
@@ -55,129 +101,45 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-class _HashingWriter:
-    def __init__(self, f, h):
-        self.f, self.h = f, h
-
-    def write(self, b):
-        self.h.update(b)
-        return self.f.write(b)
-
-
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-
-class TarFormatError(ValueError):
-    pass
-
-
-class _TarReader:
-    """Sequential reader of the tar members of a stream (local file, pipe, HTTP), hashing every byte.
-    Members are read straight into uint8 tensors (in shared memory for loader workers): one copy."""
-
-    def __init__(self, f, hasher=None, shared: bool = False):
-        self.f, self.h, self.shared = f, hasher, shared
-        self.readinto = getattr(f, "readinto", None)
-
-    def _fill(self, buf: torch.Tensor) -> int:
-        mv, got = memoryview(buf.numpy()).cast("B"), 0
-        while got < len(mv):
-            if self.readinto is not None:
-                n = self.readinto(mv[got:])
-            else:
-                b = self.f.read(len(mv) - got)
-                n = len(b)
-                mv[got:got + n] = b
-            if not n:
-                break
-            got += n
-        if self.h is not None:
-            self.h.update(mv[:got])
-        return got
-
-    def _read(self, n: int, shared: bool = False) -> torch.Tensor:
-        buf = torch.empty(n, dtype=torch.uint8)
-        if shared:
-            buf.share_memory_()
-        got = self._fill(buf)
-        if got < n:
-            raise TarFormatError(f"unexpected end of data ({got} of {n} bytes)")
-        return buf
-
-    def drain(self):
-        buf = torch.empty(1 << 20, dtype=torch.uint8)
-        while self._fill(buf) == len(buf):
-            pass
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        long_name = None
-        while True:
-            hdr = torch.empty(512, dtype=torch.uint8)
-            got = self._fill(hdr)
-            if got == 0:
-                return  # end of stream without the end-of-archive blocks: a short shard is caught by counting
-            if got < 512:
-                raise TarFormatError(f"truncated header ({got} of 512 bytes)")
-            h = hdr.numpy().tobytes()
-            if h == bytes(512):
-                self.drain()  # end-of-archive; the rest (padding) still counts in the digest
-                return
-            try:
-                stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            except ValueError:
-                raise TarFormatError("header checksum field is not a number") from None
-            if stored != sum(h[:148]) + 8 * 32 + sum(h[156:]):
-                raise TarFormatError("header checksum mismatch")
-            field = h[124:136]
-            size = int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if h[257:262] == b"ustar" and h[345:500].strip(b"\0"):
-                name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-            kind = h[156:157]
-            data = self._read(size, shared=self.shared and kind in (b"0", b"\0"))
-            pad = -size % 512
-            if pad and self._fill(torch.empty(pad, dtype=torch.uint8)) < pad:
-                raise TarFormatError("unexpected end of data in padding")
-            if kind == b"L":  # GNU long name of the next member
-                long_name = data.numpy().tobytes().split(b"\0", 1)[0].decode("utf-8", "replace")
-            elif kind == b"x":  # pax header: only the path matters here
-                for rec in data.numpy().tobytes().decode("utf-8", "replace").splitlines():
-                    if " path=" in rec:
-                        long_name = rec.split(" path=", 1)[1]
-            elif kind in (b"0", b"\0"):
-                yield (long_name or name), data
-                long_name = None
+class EmptySlot(NamedTuple):
+    """A slot of the schedule whose sample is missing or bad (skipped with on_error="skip"): why."""
+    message: str
 
 
-# Items a shard reader yields, one per slot: ("s", x, y, ids) a sample, ("h", message) an empty slot
-# (a skipped bad sample). With on_error="raise" a bad sample raises DatasetError instead.
-
-def read_shard(rec: dict, info: DatasetInfo, start: int = 0, on_error: str = "raise",
-               verify: bool = True, shared: bool = False) -> Iterator[tuple]:
-    """Yield one item per slot start..n-1 of a shard (n = its n_tokens / T from dataset.json)."""
+def read_shard(rec: dict, info: DatasetInfo, start: int = 0, stop: int | None = None, on_error: str = "raise",
+               verify: bool = True, shared: bool = False) -> Iterator[Sample | EmptySlot]:
+    """One Sample or EmptySlot per slot start..stop-1 of a shard (stop defaults to its n_tokens / T from
+    dataset.json). The sha256 is checked when the whole shard is read. shared=True puts each sample in
+    shared memory (loader workers hand them to the training process by handle). With on_error="raise"
+    a bad sample raises DatasetError naming the shard."""
+    from webdataset.tariterators import tar_file_iterator  # noqa: PLC0415
     url, n = rec["url"], rec["n_tokens"] // info.tokens_per_sample
+    stop = n if stop is None else min(stop, n)
     where = f"shard {rec['name']} ({url})"
 
     def problem(msg):
         if on_error == "raise":
             raise DatasetError(f"{where}: {msg}")
-        return ("h", f"{where}: {msg}")
+        return EmptySlot(f"{where}: {msg}")
 
     try:
         stream = open_url(url)
     except (OSError, ValueError) as e:
         item = problem(f"cannot open ({e})")
-        for _ in range(start, n):
+        for _ in range(start, stop):
             yield item
         return
-    h = hashlib.sha256() if verify and start == 0 else None
+    whole = start == 0 and stop == n
+    reader = _HashingReader(stream, hashlib.sha256() if verify and whole else None, url)
     i, broken = 0, None
     try:
-        reader = _TarReader(stream, h, shared)
         try:
-            for name, data in reader:
+            for member in tar_file_iterator(reader):
+                name, data = member["fname"], member["data"]
                 if i >= n:
                     broken = (f"holds more samples than dataset.json says ({n} = n_tokens {rec['n_tokens']} / T); "
                               f"the extra ones are ignored")
@@ -189,24 +151,32 @@ def read_shard(rec: dict, info: DatasetInfo, start: int = 0, on_error: str = "ra
                     item = problem(f"member {name!r} (sample {i}) is not a {SAMPLE_EXT} sample")
                 else:
                     try:
-                        item = ("s", *decode_sample(data, info))
+                        if shared:  # one copy, into memory the training process maps
+                            buf = torch.empty(len(data), dtype=torch.uint8).share_memory_()
+                            buf.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+                            data = buf
+                        item = decode_sample(data, info)
                     except SampleError as e:
                         item = problem(f"sample {i} ({name}): {e}")
                 i += 1
                 yield item
+                if i >= stop and not whole:
+                    return
+            if whole and broken is None:
+                reader.drain()  # the end-of-archive padding counts in the digest
         except DatasetError:
             raise
-        except (TarFormatError, OSError, ValueError) as e:
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             broken = f"corrupt or truncated tar after {i} sample(s) ({type(e).__name__}: {e})"
-        if broken is None and i < n:
+        if broken is None and i < stop:
             broken = (f"holds {i} sample(s) but dataset.json says {n} (n_tokens {rec['n_tokens']}): "
                       f"truncated, or dataset.json disagrees with the shard")
-        if broken is None and h is not None and h.hexdigest() != rec["sha256"]:
-            broken = f"sha256 {h.hexdigest()[:16]}... differs from dataset.json's {rec['sha256'][:16]}..."
+        if broken is None and reader.h is not None and reader.h.hexdigest() != rec["sha256"]:
+            broken = f"sha256 {reader.h.hexdigest()[:16]}... differs from dataset.json's {rec['sha256'][:16]}..."
         if broken is not None:
-            if i < n:  # the remaining slots stay empty
+            if i < stop:  # the remaining slots stay empty
                 item = problem(broken)
-                for _ in range(i, n):
+                for _ in range(max(i, start), stop):
                     yield item
             elif on_error == "raise":
                 raise DatasetError(f"{where}: {broken}")
@@ -219,14 +189,53 @@ def read_shard(rec: dict, info: DatasetInfo, start: int = 0, on_error: str = "ra
             log.warning("%s: closing the stream: %s", where, e)
 
 
-
 def read_samples(url: str) -> Iterator[tuple[str, dict[str, torch.Tensor], dict]]:
     """(member name, tensors, provenance dict) of every sample of one shard, unchecked: for inspection and tests."""
-    with open_url(url) as f, tarfile.open(fileobj=f, mode="r|") as tf:
-        for member in tf:
-            if member.isfile():
-                data = tf.extractfile(member).read()
-                n = int.from_bytes(data[:8], "little")  # safetensors: header length, JSON header, data
-                meta = json.loads(json.loads(data[8:8 + n]).get("__metadata__", {}).get("provenance", "{}"))
-                yield member.name, st_load(data), meta
+    from webdataset.tariterators import tar_file_iterator  # noqa: PLC0415
+    with open_url(url) as f:
+        for member in tar_file_iterator(f):
+            data = member["data"]
+            n = int.from_bytes(data[:8], "little")  # safetensors: header length, JSON header, data
+            meta = json.loads(json.loads(data[8:8 + n]).get("__metadata__", {}).get("provenance", "{}"))
+            yield member["fname"], st_load(data), meta
 
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 22):  # hashlib releases the GIL on large updates: threads run in parallel
+            h.update(b)
+    return h.hexdigest()
+
+
+def verify_shards(dataset, split: str = "all", heldout_shards: int = 0, threads: int | None = None,
+                  progress: bool = True) -> dict:
+    """Check the sha256 of every local shard of a split against dataset.json before training starts, in
+    parallel threads with a progress bar. Raises DatasetError naming the first bad shard (missing, or
+    expected vs found digest) and how many others are bad. Shards behind URLs are not downloaded for
+    this (the loader checks them as it streams them). Returns {"checked": [names], "remote": [names]}."""
+    info = DatasetInfo.load(dataset)
+    recs = info.shard_records(split, heldout_shards)
+    local = [r for r in recs if not is_url(r["url"])]
+    remote = [r["name"] for r in recs if is_url(r["url"])]
+    threads = threads or min(8, os.cpu_count() or 1)
+    bad = []
+
+    def check(r):
+        try:
+            found = _file_sha256(r["url"])
+        except OSError as e:
+            return r, f"cannot read ({e.strerror or e})"
+        return r, None if found == r["sha256"] else f"sha256 is {found} but dataset.json expects {r['sha256']}"
+
+    total = sum(os.path.getsize(r["url"]) for r in local if os.path.isfile(r["url"]))
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
+                                                   desc=f"sha256 of {len(local)} shard(s)", dynamic_ncols=True) as bar:
+        for r, msg in pool.map(check, local):
+            if msg:
+                bad.append(f"shard {r['name']} ({r['url']}): {msg}")
+            bar.update(os.path.getsize(r["url"]) if os.path.isfile(r["url"]) else 0)
+    if bad:
+        more = f" ({len(bad) - 1} more bad shard(s), e.g. {bad[1]})" if len(bad) > 1 else ""
+        raise DatasetError(f"{bad[0]}{more}; listed in {info.json_path}")
+    return {"checked": [r["name"] for r in local], "remote": remote}
