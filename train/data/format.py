@@ -259,7 +259,7 @@ def normalization_scales(x: torch.Tensor, y: torch.Tensor) -> tuple[list[float],
 
 def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values and float32 per-row scales of v [..., D]: v ~ q * scale[..., None] (module docstring)."""
-    v = v.float()
+    v = v.float().contiguous()
     scale = v.abs().amax(dim=-1) / 127.0
     q = torch.round(v / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .format import DTYPES, SCALE_TOKENS, DatasetInfo, normalization_scales
+from .format import DTYPES, SCALE_TOKENS, STORAGE_DTYPES, DatasetInfo, normalization_scales
 from .shards import ShardWriter, shard_name
 
 
@@ -30,8 +30,8 @@ def write_synthetic_dataset(path: str | os.PathLike, n_layers: int, d_model: int
     T = int(tokens_per_sample)
     if n_tokens <= 0 or n_tokens % T:
         raise ValueError(f"n_tokens={n_tokens} must be a positive multiple of tokens_per_sample={T}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {list(STORAGE_DTYPES)}")
     per_shard = max(1, int(shard_tokens) // T) * T
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def write_synthetic_dataset(path: str | os.PathLike, n_layers: int, d_model: int
     else:
         raise ValueError(f"generator={generator!r}: expected None, 'sparse', 'gaussian' or a callable")
 
-    tdt = DTYPES[dtype]
+    tdt = DTYPES.get(dtype, torch.bfloat16)  # int8 is quantized from bf16 values, as clt-harvest does
     shards, head_x, head_y, written = [], [], [], 0
     while written < n_tokens:
         count = min(per_shard, n_tokens - written)
@@ -66,7 +66,7 @@ def write_synthetic_dataset(path: str | os.PathLike, n_layers: int, d_model: int
         x, y = x.to(tdt), y.to(tdt)
         if sum(h.shape[0] for h in head_x) < SCALE_TOKENS:
             head_x.append(x), head_y.append(y)
-        w = ShardWriter(folder, shard_name(name, len(shards)))
+        w = ShardWriter(folder, shard_name(name, len(shards)), dtype=dtype)
         for i in range(0, count, T):
             ids = torch.arange(written + i, written + i + T)
             w.add(f"{len(shards):06d}-{i // T:06d}", x[i:i + T], y[i:i + T], ids,
