@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/data.py                    # loader vs the disk's limit, profile, projection
     .venv/bin/python benchmarks/data.py --quant            # int8 vs bf16 shards: a CLT trained on each (SmolLM2)
+    .venv/bin/python benchmarks/data.py --harvest-tokens 512   # also clt-harvest tokens/s on SmolLM2-135M
 
 Loader section, on SmolLM2-135M-shaped data (N=30 layers, D=576, bf16, T=128; synthetic Gaussian values
 written with write_synthetic_dataset), all in one run:
@@ -172,6 +173,22 @@ def bench_loader(args, root: Path):
                   f"{cores * best_raw * 1e3 / kb:,.0f} with")
 
 
+def bench_harvest(tokens: int, out: Path, threads: int | None) -> None:
+    """clt-harvest of SmolLM2-135M: tokens/s fed to the model, model loading excluded."""
+    from cltrain.train.config import compose
+    from cltrain.train.harvest import harvest
+    t0 = time.perf_counter()
+    caller = torch.get_num_threads()
+    info = harvest(compose("harvest", ["base_model=smollm2", f"max_tokens={tokens}", "context=128", "batch_size=4",
+                                       f"out_dir={out}", "tokens_per_sample=128", "shard_tokens=1024",
+                                       "shuffle_buffer=4096", f"threads={threads or 'null'}"]))
+    torch.set_num_threads(caller)
+    secs = info.harvest["seconds_per_rank"][0]
+    print(f"harvest SmolLM2-135M (fp32, CPU, threads={threads or caller}): {info.harvest['tokens_fed']} tokens fed, "
+          f"{info.n_tokens} written, {secs:.2f} s -> {info.harvest['tokens_fed'] / secs:.0f} tokens/s "
+          f"(model load + run: {time.perf_counter() - t0:.1f} s)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Quantization: a CLT trained on int8 vs bf16 shards of the same SmolLM2 tokens
 
@@ -240,6 +257,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192, help="tokens of SmolLM2-shaped data for the loader")
     ap.add_argument("--quant", action="store_true", help="run the int8-vs-bf16 CLT comparison instead")
+    ap.add_argument("--harvest-tokens", type=int, default=0, help="also time clt-harvest on SmolLM2 (0: skip)")
     ap.add_argument("--quant-tokens", type=int, default=10240)
     ap.add_argument("--quant-layers", type=int, default=10)
     ap.add_argument("--quant-steps", type=int, default=200)
@@ -248,6 +266,8 @@ def main():
     root = Path(args.dir or tempfile.mkdtemp(prefix="cltrain-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
+        for threads in (None, 1) if args.harvest_tokens else ():
+            bench_harvest(args.harvest_tokens, root / f"harvest-{threads}", threads)
         (bench_quant if args.quant else bench_loader)(args, root)
     finally:
         if args.dir is None:

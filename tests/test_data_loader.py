@@ -186,3 +186,16 @@ def test_reshard_refuses_what_cannot_map(make_dataset):
     other = dict(s[1], seed=9)
     with pytest.raises(ValueError, match="saved seed=9"):
         reshard_loader_states([s[0], other], 2, info)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_raw_batches_to_the_gpu_equal_the_float32_path(make_dataset):
+    info = make_dataset()
+    kw = dict(batch_tokens=48, epochs=1, shuffle_buffer=80)
+    ref = list(ActivationLoader(info, **kw))
+    gpu = ActivationLoader(info, normalize=False, device="cuda", **kw)
+    for a, b in zip(ref, gpu):
+        assert b.x.is_cuda and b.x.dtype == torch.bfloat16
+        x, y = gpu.to_training(b)
+        torch.testing.assert_close(x.cpu(), a.x, rtol=0, atol=0)
+        torch.testing.assert_close(y.cpu(), a.y, rtol=0, atol=0)
