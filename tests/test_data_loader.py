@@ -199,3 +199,25 @@ def test_raw_batches_to_the_gpu_equal_the_float32_path(make_dataset):
         x, y = gpu.to_training(b)
         torch.testing.assert_close(x.cpu(), a.x, rtol=0, atol=0)
         torch.testing.assert_close(y.cpu(), a.y, rtol=0, atol=0)
+
+
+def test_reshard_with_skipped_bad_samples(make_dataset):
+    """A bad sample inside the partly served window (an empty slot) does not shift what is excluded."""
+    from test_data import nan_at, rewrite_shard
+    info = make_dataset(n_tokens=1280, shard_tokens=128)
+    for index in range(10):  # sample 3 of every shard is bad: every window holds empty slots
+        rewrite_shard(info, index, lambda j, t: dict(t, x=nan_at(t["x"])) if j == 3 else t)
+    bad = {i for i in range(1280) if (i // 16) % 8 == 3}
+    kw = dict(seed=3, shuffle_buffer=70, on_error="skip")
+    old_seen, states = [], []
+    for r, k in enumerate((1, 2)):
+        got, state = run_batches(ActivationLoader(info, 24, dp_rank=r, dp_size=2, **kw), k)
+        assert state["offset"] and state["holes"] == [3]  # window 0 (5 slots) is partly served
+        old_seen += ids_of(got)
+        states.append(state)
+    new_seen = []
+    for r, s in enumerate(reshard_loader_states(states, 3, info)):
+        loader = ActivationLoader(info, 32, dp_rank=r, dp_size=3, epochs=1, **kw)
+        loader.load_state_dict(s)
+        new_seen += ids_of(loader)
+    assert sorted(old_seen + new_seen) == sorted(set(range(1280)) - bad)
