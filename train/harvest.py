@@ -7,7 +7,7 @@ Pipeline per rank: documents (train/text.py) -> tokens -> contexts of `context` 
 BOS and with documents separated by BOS -> rank r takes contexts r, r + W, r + 2W, ... (W = WORLD_SIZE) ->
 forward passes of `batch_size` contexts with hooks on every MLP site (train/lm.py), x_l and y_l captured
 and cast to the storage dtype -> BOS positions dropped (bos=drop) -> a buffer of `shuffle_buffer` tokens is
-shuffled across documents and written as shards of `shard_tokens` tokens (train/data.py's format).
+shuffled across documents and written as shards of `shard_tokens` tokens (train/data/format.py; int8 with dtype=int8).
 Rank r's j-th shard is NAME-{j*W + r:06d}.tar, so ranks never collide.
 
 Resume: after every flush a rank records, atomically, the shards it wrote, the next context it owes, and
