@@ -198,7 +198,8 @@ class WorkerDone(NamedTuple):
 
 def _die_with_parent(parent: int):
     """Ask the kernel to SIGKILL this process when its parent dies (Linux), so a killed training
-    process never leaves a worker behind holding memory and pipes."""
+    process never leaves a worker behind holding memory and pipes. (The kernel means the thread that
+    forked: iterate the loader from a thread that outlives it, e.g. the main thread.)"""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
