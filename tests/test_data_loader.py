@@ -221,3 +221,15 @@ def test_reshard_with_skipped_bad_samples(make_dataset):
         loader.load_state_dict(s)
         new_seen += ids_of(loader)
     assert sorted(old_seen + new_seen) == sorted(set(range(1280)) - bad)
+
+
+def test_a_position_saved_by_the_previous_loader_still_loads(make_dataset):
+    """Checkpoints written before this loader version hold version 1 states (no `holes`)."""
+    info = make_dataset()
+    kw = dict(batch_tokens=48, shuffle_buffer=80, seed=1, epochs=1)
+    got, state = run_batches(ActivationLoader(info, **kw), 4)
+    assert state["offset"]  # mid-window
+    state = {k: v for k, v in state.items() if k != "holes"} | {"version": 1}
+    again = ActivationLoader(info, **kw)
+    again.load_state_dict(state)
+    assert sorted(ids_of(got) + ids_of(again)) == list(range(640))
