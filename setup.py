@@ -8,10 +8,11 @@ setup(
     python_requires=">=3.10",
     # The repo keeps the design card's top-level layout (train/, kernels/, configs/); installed they
     # live under one namespace, cltrain.*, so they never collide with other packages' "train"/"kernels".
-    packages=["cltrain", "cltrain.train", "cltrain.kernels", "cltrain.configs"],
+    packages=["cltrain", "cltrain.train", "cltrain.train.data", "cltrain.kernels", "cltrain.configs"],
     package_dir={
         "cltrain": "cltrain",
         "cltrain.train": "train",
+        "cltrain.train.data": "train/data",
         "cltrain.kernels": "kernels",
         "cltrain.configs": "configs",
     },

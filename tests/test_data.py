@@ -1,4 +1,4 @@
-"""Activation shards and the streaming loader (train/data.py)."""
+"""Activation shards and the streaming loader (train/data/)."""
 import collections
 import json
 import math
@@ -80,8 +80,10 @@ def test_resume_sees_the_same_tokens(make_dataset, workers, stop):
     for a, b in zip(full, got):
         assert a.token_ids.tolist() == b.token_ids.tolist()
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
-    with pytest.raises(ValueError, match="batch_tokens"):
-        ActivationLoader(info, **dict(kw, batch_tokens=32)).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved seed=1 but this loader has seed=2"):
+        ActivationLoader(info, **dict(kw, seed=2)).load_state_dict(state)
+    with pytest.raises(ValueError, match="dp_size.*reshard_loader_states"):
+        ActivationLoader(info, **dict(kw, dp_size=2)).load_state_dict(state)
 
 
 def test_two_processes_two_workers_see_every_token_once(make_dataset, tmp_path):
@@ -149,8 +151,8 @@ def rewrite_shard(info, index, mutate, declare_extra=0):
     rec = info.shard_records("all")[index]
     samples = [it for it in read_shard(rec, info)]
     w = ShardWriter(info.path, rec["name"])
-    for j, (_, x, y, ids) in enumerate(samples):
-        t = mutate(j, dict(x=x, y=y, token_ids=ids))
+    for j, s in enumerate(samples):
+        t = mutate(j, dict(x=s.x, y=s.y, token_ids=s.token_ids))
         if t is not None:
             w.add(f"s{j:04d}", **t)
     new = w.close()

@@ -7,7 +7,7 @@ Pipeline per rank: documents (train/text.py) -> tokens -> contexts of `context` 
 BOS and with documents separated by BOS -> rank r takes contexts r, r + W, r + 2W, ... (W = WORLD_SIZE) ->
 forward passes of `batch_size` contexts with hooks on every MLP site (train/lm.py), x_l and y_l captured
 and cast to the storage dtype -> BOS positions dropped (bos=drop) -> a buffer of `shuffle_buffer` tokens is
-shuffled across documents and written as shards of `shard_tokens` tokens (train/data.py's format).
+shuffled across documents and written as shards of `shard_tokens` tokens (train/data/format.py; int8 with dtype=int8).
 Rank r's j-th shard is NAME-{j*W + r:06d}.tar, so ranks never collide.
 
 Resume: after every flush a rank records, atomically, the shards it wrote, the next context it owes, and
@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save as st_save
 from tqdm import tqdm
 
 from .config import CONFIG_DIR, ConfigError, require_choice, require_positive_int
-from .data import DATASET_JSON, DTYPES, DatasetInfo, ShardWriter, _mix, all_finite, shard_name
+from .data import (DATASET_JSON, DTYPES, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetInfo, ShardWriter, _mix, all_finite,
+                   shard_name)
 from .lm import TINY, hook_names, load_lm, mlp_sites, tiny_config
 from .model_io import atomic_write_bytes
 from .parallel import resolve_device
@@ -73,7 +74,7 @@ def validate_harvest(cfg: DictConfig):
     require_choice(cfg, "x_source", ("resid", "normalized"))
     require_choice(cfg, "bos", ("drop", "keep"))
     require_choice(cfg, "model_dtype", ("fp32", "bf16"))
-    require_choice(cfg, "dtype", tuple(DTYPES))
+    require_choice(cfg, "dtype", tuple(STORAGE_DTYPES))
     require_choice(cfg, "device", ("auto", "cpu", "cuda"))
     if cfg.shard_tokens % cfg.tokens_per_sample:
         raise ConfigError(f"config key 'shard_tokens' = {cfg.shard_tokens}: expected a multiple of "
@@ -222,7 +223,9 @@ def estimate(cfg: DictConfig, n_layers: int, d_model: int) -> dict:
     n = hi - lo + 1
     n_ctx = cfg.max_tokens // cfg.context
     kept = n_ctx * (cfg.context - (1 if cfg.bos == "drop" else 0))  # at least one BOS per context dropped
-    per_token = 2 * n * d_model * DTYPES[cfg.dtype].itemsize + 4 * 8
+    per_token = 2 * n * d_model * STORAGE_DTYPES[cfg.dtype].itemsize + 4 * 8
+    if cfg.dtype in QUANTIZED_DTYPES:
+        per_token += 2 * n * 4  # a float32 scale per row of x and y
     per_sample = 512 + 512  # tar header + safetensors header (approx.)
     total = kept * per_token + kept // cfg.tokens_per_sample * per_sample
     return {"contexts": n_ctx, "tokens": kept, "layers": [lo, hi], "d_model": d_model,
@@ -312,7 +315,8 @@ def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
         raise ConfigError(f"{progress_path(out, rank)}: the model's layers/width/hooks differ from the ones "
                           f"recorded ({prog['meta']} vs {meta})")
     prog["meta"] = meta
-    store = DTYPES[cfg.dtype]
+    # int8 shards are quantized per row when a shard is written; until then tokens wait in bf16.
+    store = DTYPES.get(cfg.dtype, torch.bfloat16)
     T, C, W = cfg.tokens_per_sample, cfg.context, size
 
     # Hooks: x_l (the MLP site's input, or its norm's output) and y_l; stop after the last layer.
@@ -449,7 +453,7 @@ def _width(c) -> int:
 def _write_shard(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict, data: dict[str, torch.Tensor]):
     index = len(prog["shards"]) * size + rank
     name = shard_name(cfg.name, index)
-    w = ShardWriter(out, name)
+    w = ShardWriter(out, name, dtype=cfg.dtype)
     T = cfg.tokens_per_sample
     try:
         for j in range(0, data["ids"].shape[0], T):
