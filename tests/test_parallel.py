@@ -24,7 +24,7 @@ from cltrain.train import trainer
 from cltrain.train.checkpoint import CheckpointError
 from cltrain.train.clt import CLT, CLTConfig
 from cltrain.train.config import ConfigError, compose
-from cltrain.train.data import ActivationLoader, Batch, write_synthetic_dataset
+from cltrain.train.data import ActivationLoader, write_synthetic_dataset
 from cltrain.train.model_io import ModelReader
 
 pytestmark = pytest.mark.timeout(900)
@@ -101,11 +101,18 @@ def runs(tmp_path_factory):
                          "stop_at_step=10"])
     _torchrun(4, base + [f"out_dir={root / 'z2s'}", "parallel=fp2", "deepspeed=zero2", f"batch_tokens={B}",
                          "resume=true"])
-    # the step-10 checkpoint resumed as FP=1 x DP=2 (ZeRO-1) to step 15, then as FP=4 x DP=1 to the end
+    # the step-10 checkpoint resumed as FP=1 x DP=2 (ZeRO-1) to step 15, then as FP=4 x DP=1 (the data-
+    # parallel size halves, so the batch per replica doubles) to the end
     _torchrun(2, base + [f"out_dir={root / 'fp1'}", "deepspeed=zero1", f"batch_tokens={B}", "stop_at_step=15",
                          f"resume={root / 'z2s' / 'checkpoints' / 'step-000010'}"])
-    _torchrun(4, base + [f"out_dir={root / 'fp4'}", "parallel.feature_parallel=4", "deepspeed=zero1",
-                         f"batch_tokens={2 * B}", f"resume={root / 'fp1' / 'checkpoints' / 'step-000015'}"], check=False)  # TEMP  # TEMP
+    _torchrun(4, base + [f"out_dir={root / 'dp1'}", "parallel.feature_parallel=4", "deepspeed=zero1",
+                         f"batch_tokens={2 * B}", f"resume={root / 'fp1' / 'checkpoints' / 'step-000015'}"])
+    # one process to step 10, then FP=4 (same data-parallel size) to the end; and one process straight
+    one = [*base, "deepspeed=zero1", f"batch_tokens={2 * B}"]
+    trainer.train(compose("train", one + [f"out_dir={root / 'one'}"]))
+    trainer.train(compose("train", one + [f"out_dir={root / 'one10'}", "stop_at_step=10"]))
+    _torchrun(4, one + [f"out_dir={root / 'fp4'}", "parallel.feature_parallel=4",
+                        f"resume={root / 'one10' / 'checkpoints' / 'step-000010'}"])
     return r
 
 
@@ -119,7 +126,7 @@ def test_dp2_fp2_equals_one_process_on_the_same_tokens(runs, tmp_path):
         ref = {}
         for _ in range(STEPS):
             parts = [next(r) for r in replicas]
-            batch = Batch(*(torch.cat(v) for v in zip(*parts)))
+            batch = (torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))  # normalized float32
             step = t.step + 1
             ref[step] = t.train_step([batch])
         ref_w = {k: v.detach().clone() for k, v in t.clt.state_dict().items()}
@@ -145,12 +152,29 @@ def test_multi_rank_resume_is_bit_for_bit(runs):
 
 
 def test_resume_on_other_layouts_continues_the_run(runs):
-    straight = _losses(runs["root"] / "z2")
-    fp1, fp4 = _losses(runs["root"] / "fp1"), _losses(runs["root"] / "fp4")
-    assert sorted(fp1) == list(range(11, 16)) and sorted(fp4) == list(range(16, STEPS + 1))
-    for s, v in {**fp1, **fp4}.items():
-        assert v["loss/total"] == pytest.approx(straight[s]["loss/total"], rel=1e-5), s
-    _close(_weights(runs["root"] / "z2" / "model"), _weights(runs["root"] / "fp4" / "model"))
+    """FP=2 -> FP=1 (and ZeRO-2 -> ZeRO-1) and FP=1 -> FP=4 continue with the uninterrupted run's losses
+    and end on its weights."""
+    z2, fp1 = _losses(runs["root"] / "z2"), _losses(runs["root"] / "fp1")
+    assert sorted(fp1) == list(range(11, 16))
+    for s, v in fp1.items():
+        assert v["loss/total"] == pytest.approx(z2[s]["loss/total"], rel=1e-5), s
+    one, fp4 = _losses(runs["root"] / "one"), _losses(runs["root"] / "fp4")
+    assert sorted(fp4) == list(range(11, STEPS + 1))
+    for s, v in fp4.items():
+        assert v["loss/total"] == pytest.approx(one[s]["loss/total"], rel=1e-5), s
+    _close(_weights(runs["root"] / "one" / "model"), _weights(runs["root"] / "fp4" / "model"))
+
+
+def test_resume_on_another_data_parallel_size_continues_the_epoch(runs):
+    """DP=2 -> DP=1 (with FP=1 -> FP=4): the loader positions of both old replicas are merged, so the
+    run continues the epoch where the two replicas were (each token once: tests/test_data_loader.py
+    checks the token accounting) and trains on."""
+    dp1 = _losses(runs["root"] / "dp1")
+    assert sorted(dp1) == list(range(16, STEPS + 1))
+    assert all(v["tokens"] == s * 2 * B for s, v in dp1.items())
+    z2 = _losses(runs["root"] / "z2")
+    # other batches than the DP=2 run's (the same tokens, grouped differently): close, not equal
+    assert dp1[STEPS]["loss/total"] == pytest.approx(z2[STEPS]["loss/total"], rel=0.1)
 
 
 def test_per_rank_state_is_a_feature_slice(runs):
@@ -171,7 +195,7 @@ def test_bad_layouts_are_named(tmp_path, make_dataset):
     base = [f"data.path={info.path}", f"out_dir={tmp_path / 'r'}", *COMMON, "steps=2", f"batch_tokens={B}"]
     with pytest.raises(ConfigError, match=r"model\.n_features.*parallel\.feature_parallel=3"):
         trainer.train(compose("train", base + ["parallel.feature_parallel=3"]))
-    with pytest.raises(ConfigError, match=r"feature_parallel' = 2 does not divide the world size 1"):
+    with pytest.raises(ConfigError, match=r"feature_parallel' = 2: expected a divisor of the world size 1"):
         trainer.train(compose("train", base + ["parallel=fp2"]))
     assert not (tmp_path / "r" / "checkpoints").exists()
 

@@ -33,7 +33,7 @@ from .clt import CLT, batch_metrics, loss_terms
 from .config import (CONFIG_DIR, ConfigError, clips_in_optimizer, clt_config, deepspeed_overrides, loss_weights,
                      resolve_precision, resolve_steps, validate_runtime, validate_train)
 from .grad_clip import ClippedAdam
-from .data import DatasetError, DatasetInfo, loader_from_config
+from .data import DatasetError, DatasetInfo, loader_from_config, reshard_loader_states, verify_shards
 from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss, PhasePeaks
 from .model_io import atomic_write_bytes
 from .metrics import FeatureStats, RunLogger, StepReport, StepTimer, gpu_memory, peak_flops
@@ -289,8 +289,11 @@ class Trainer:
             from cltrain.kernels import retain_freed_cpu_memory
             retain_freed_cpu_memory()
 
+        self._verify_shards()
+        # Batches stay in the shards' dtype (pinned on CUDA); TrainStep normalizes them on the device.
         self.loader = loader_from_config(cfg.data, int(cfg.batch_tokens), dp_rank=layout.dp_rank,
-                                         dp_size=layout.dp_size, seed=int(cfg.seed), device=device)
+                                         dp_size=layout.dp_size, seed=int(cfg.seed), device=device,
+                                         normalize=False)
         self.timer = StepTimer(cuda=device.type == "cuda")
         self.step_module = TrainStep(clt, cfg.model, self.timer)
         self.optimizer = make_optimizer(self.step_module.parameters(), cfg, device, layout, self.precision)
@@ -358,6 +361,25 @@ class Trainer:
                 f"data.shuffle_buffer, or set check_memory=false to try anyway")
         return est
 
+    def _verify_shards(self):
+        """Every local shard's sha256 before the first step (data.verify_upfront): rank 0 hashes them
+        (shared storage), every rank stops with its message if one is bad."""
+        if not bool(self.cfg.data.get("verify_upfront", True)):
+            return
+        error = None
+        if self.rank == 0:
+            try:
+                verify_shards(str(self.cfg.data.path), split="all", heldout_shards=int(self.cfg.data.heldout_shards),
+                              progress=bool(self.cfg.get("progress", True)))
+            except DatasetError as e:
+                error = e
+        if not ckpt._all_ok(error is None, self.device):
+            raise error or DatasetError(f"{self.info.json_path}: a shard failed its sha256 check (see rank 0)")
+
+    def batch_tensors(self, batch):
+        """Normalized float32 (x, y) on this rank's device from a loader batch (cast and scaled there)."""
+        return self.loader.to_training(batch, dtype=torch.float32)
+
     def _calibrate(self):
         rate = self.cfg.model.get("threshold_calibration_rate")
         if rate is None or self.full_cfg.activation != "jumprelu":
@@ -366,7 +388,7 @@ class Trainer:
         # slices agree; DP replicas average their estimates so every replica starts identical.
         batches = iter(self.loader)
         self.pending = next(batches)
-        self.clt.calibrate_thresholds(self.pending.x, float(rate))
+        self.clt.calibrate_thresholds(self.batch_tensors(self.pending)[0], float(rate))
         if self.layout.dp_size > 1:
             dist.all_reduce(self.clt.log_threshold.data, group=self.layout.dp_group)
             self.clt.log_threshold.data.div_(self.layout.dp_size)
@@ -416,8 +438,9 @@ class Trainer:
             raise DatasetError(f"{self.info.json_path}: the loader ended at step {self.step}") from None
 
     def train_step(self, batches: list) -> dict | None:
-        """One optimizer step over len(batches) micro-batches (grad_accum of them); returns the reported
-        values on report steps (log_every), else None. Collective."""
+        """One optimizer step over len(batches) micro-batches (grad_accum of them: loader batches, or
+        normalized (x, y) pairs); returns the reported values on report steps (log_every), else None.
+        Collective."""
         cfg, layout, timer = self.cfg, self.layout, self.timer
         step, steps = self.step, self.steps
         lr = lr_at(step, steps, float(cfg.optim.lr), int(cfg.optim.warmup_steps), float(cfg.optim.decay_fraction))
@@ -432,10 +455,11 @@ class Trainer:
         B = int(cfg.batch_tokens)
         acc = StepReport()
         for batch in batches:
-            loss, terms, enc, y_hat = self.engine(batch.x, batch.y, lam, self.stats.dead_mask() if use_dead else None)
+            x, y = self.batch_tensors(batch) if hasattr(batch, "token_ids") else batch
+            loss, terms, enc, y_hat = self.engine(x, y, lam, self.stats.dead_mask() if use_dead else None)
             self.stats.update(enc.acts, B * layout.dp_size)
             if report:
-                acc.add(terms, batch_metrics(enc, y_hat, batch.y))
+                acc.add(terms, batch_metrics(enc, y_hat, y))
             del enc, y_hat
             with timer.phase("backward"):
                 self.engine.backward(loss)
@@ -480,17 +504,9 @@ class Trainer:
             self.loader.load_state_dict(rank_states["loader"])
         else:
             olds = rank_states["loader_states"]
-            if len(olds) == self.layout.dp_size:
-                self.loader.load_state_dict(olds[self.layout.dp_rank])
-            else:
-                from . import data
-
-                if not hasattr(data, "reshard_loader_states"):
-                    raise ckpt.CheckpointError(
-                        f"{path}: written with {len(olds)} data-parallel replica(s), this run has "
-                        f"{self.layout.dp_size}; this cltrain cannot remap the loader position across a "
-                        f"data-parallel change")
-                self.loader.load_state_dict(data.reshard_loader_states(olds, self.layout.dp_size)[self.layout.dp_rank])
+            state = olds[self.layout.dp_rank] if len(olds) == self.layout.dp_size else \
+                reshard_loader_states(olds, self.layout.dp_size, self.info)[self.layout.dp_rank]
+            self.loader.load_state_dict(state)
         ckpt.set_rng_state(rank_states["rng"])
 
     # --- the loop ---
