@@ -46,13 +46,32 @@ def _weights(model_dir):
     return {k: reader.tensor(k) for k in reader.expected_shapes()}
 
 
+def _start(cmd, tmp_path: Path, **env):
+    """Popen with output to files (a pipe nobody reads while waiting would fill and block the job)."""
+    log = open(tmp_path / f"job-{len(list(tmp_path.glob('job-*')))}.log", "w+")
+    proc = subprocess.Popen(cmd, env=_env(**env), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def _finish(proc, timeout) -> str:
+    """Wait for the job; its whole output."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        proc.log.seek(0)
+        text = proc.log.read()
+        proc.log.close()
+    return text
+
+
 def _wait_for_step(out: Path, step: int, proc, timeout=120):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         f = out / "metrics.jsonl"
         if f.is_file() and any(json.loads(x)["step"] >= step for x in f.read_text().splitlines() if x.strip()):
             return
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, _finish(proc, 1)[-3000:]
         time.sleep(0.2)
     raise AssertionError(f"no step {step} within {timeout} s")
 
@@ -61,13 +80,12 @@ def _wait_for_step(out: Path, step: int, proc, timeout=120):
 def test_preemption_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(data, tmp_path, sig):
     args = [f"data.path={data}", *COMMON, "steps=400", "checkpoint_every=1000"]
     out = tmp_path / "pre"
-    proc = subprocess.Popen([sys.executable, "-m", "cltrain.train.trainer", f"out_dir={out}", *args],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start([sys.executable, "-m", "cltrain.train.trainer", f"out_dir={out}", *args], tmp_path)
     _wait_for_step(out, 3, proc)
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == trainer.EXIT_PREEMPTED, stderr[-3000:]
-    assert f"{signal.Signals(sig).name} received: checkpointed at step" in stdout + stderr
+    text = _finish(proc, 120)
+    assert proc.returncode == trainer.EXIT_PREEMPTED, text[-3000:]
+    assert f"{signal.Signals(sig).name} received: checkpointed at step" in text
     saved = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert saved >= 3 and not (out / "model").exists()  # checkpointed, not finished
     cut = compose("train", [f"out_dir={out}", *args, "resume=true", f"stop_at_step={saved + 3}"])
@@ -101,7 +119,7 @@ def test_a_killed_rank_is_relaunched_by_torchrun_and_resumes_by_itself(data, tmp
             "data.num_workers=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--max-restarts", "1", "-m", "cltrain.train.trainer", f"out_dir={out}", *args]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(cmd, tmp_path)
     _wait_for_step(out, 7, proc)
     workers = _children(proc.pid)
     assert len(workers) == 2
@@ -113,9 +131,9 @@ def test_a_killed_rank_is_relaunched_by_torchrun_and_resumes_by_itself(data, tmp
     while any(_alive(p) for p in loader_workers) and time.monotonic() - t0 < 10:
         time.sleep(0.2)
     assert not any(_alive(p) for p in loader_workers), "orphaned loader worker"
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "resumed from" in stdout
+    text = _finish(proc, 300)
+    assert proc.returncode == 0, text[-3000:]
+    assert "resumed from" in text
     ref = trainer.train(compose("train", [f"out_dir={tmp_path / 'ref'}", *[a for a in args if a != "parallel=fp2"]]))
     a, b = _weights(ref), _weights(out / "model")
     for k in a:
@@ -127,14 +145,13 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "cltrain.train.trainer", f"out_dir={out}", f"data.path={data}", *COMMON, "steps=400",
            "checkpoint_every=1000", "parallel=fp2"]
-    proc = subprocess.Popen(cmd, env=_env(CLTRAIN_DIST_TIMEOUT="10"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start(cmd, tmp_path, CLTRAIN_DIST_TIMEOUT="10")
     _wait_for_step(out, 3, proc)
     hung = _children(proc.pid)[1]
     os.kill(hung, signal.SIGSTOP)
     t0 = time.monotonic()
     try:
-        stdout, stderr = proc.communicate(timeout=90)
+        stderr = _finish(proc, 90)
     finally:
         for p in _children(proc.pid) + [hung]:
             try:

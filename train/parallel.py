@@ -87,8 +87,19 @@ def init_distributed(backend: str = "auto", device: torch.device | None = None) 
     if backend == "auto":
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if backend == "nccl" else "cpu")
+    kwargs = {}
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and world > 1:
+        # Under torchrun every round of a restarted group meets in the same key-value store; keys of this
+        # round get their own prefix, so no rank reads the dead round's gloo addresses ("connectFullMesh
+        # ... Connection refused" after --max-restarts, torch 2.13).
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent_store, timeout=dist_timeout(),
+                              wait_for_workers=False)
+        kwargs["store"] = dist.PrefixStore(f"cltrain/round-{restart}", store)
     dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=dist_timeout(),
-                            device_id=device if backend == "nccl" else None)
+                            device_id=device if backend == "nccl" else None, **kwargs)
     return rank, world
 
 

@@ -667,7 +667,8 @@ def train(cfg: DictConfig) -> Path:
         return trainer.fit()
     except (RuntimeError, MemoryError) as e:
         text = str(e)
-        if not isinstance(e, MemoryError) and ("timed out" in text.lower() or "timeout" in text.lower()):
+        if not isinstance(e, MemoryError) and ("timed out" in text.lower() or "timeout" in text.lower()) \
+                and "connect" not in text.lower():
             rank = dist.get_rank() if dist.is_initialized() else 0
             where = trainer.where() if trainer is not None else "start-up"
             raise RankTimeout(
