@@ -46,7 +46,8 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args(argv)
 
-    from .evaluate import evaluate, plot_frontier
+    from .evaluate import evaluate
+    from .plots import plot_frontier
     from .export import export
     from .harvest import harvest
     from .trainer import train
