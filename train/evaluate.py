@@ -12,6 +12,9 @@ Two parts, both written to <out_dir>/metrics.json, PNG plots, and W&B (DESIGN se
 2. The replacement model (train/replacement.py), modes (a) clean inputs and (b) full replacement: top-1
    agreement, KL and CE recovered against the original model, on held-out text.
 
+3. With graphs.enabled: attribution graphs through circuit-tracer from the model's own export, one per
+   prompt, with the mean and spread of the graph replacement and completeness scores (train/graphs.py).
+
 The PNG plots are train/plots.py's. Every activation rule is the CLT module's inference rule
 (clt.inference_forward: a BatchTopK CLT is evaluated with its running threshold, as it is exported).
 """
@@ -21,6 +24,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,7 +34,10 @@ from tqdm.auto import tqdm
 
 from .clt import CLT, inference_forward
 from .config import CONFIG_DIR, ConfigError
-from .export import dataset_scales, resolve_model_dir
+from .export import dataset_scales, export, resolve_model_dir
+from .graphs import GraphSettings, require_circuit_tracer
+from .graphs import prepare as graph_prepare
+from .graphs import run as graph_run
 from .model_io import META, atomic_write_bytes, load_clt
 from .plots import METRICS_FILE, plot_frontier, write_plots
 from .replacement import replacement_for
@@ -144,7 +152,13 @@ def log_wandb(logger_cfg, metrics: dict, plots: list[Path], out_dir: Path, confi
                      settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True))
     try:
         values = flat_metrics(metrics)
-        run.log({**values, **{f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+        extra = {f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plots}
+        rows = (metrics.get("graphs") or {}).get("per_prompt")
+        if rows:  # one row per prompt's graph, beside the mean and spread in `values`
+            cols = ["slug", "kind", "prompt", "tokens", "replacement_score", "completeness_score",
+                    "active_features", "feature_nodes", "seconds"]
+            extra["eval/graphs/per_prompt"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+        run.log({**values, **extra})
         run.summary.update(values)
     finally:
         run.finish()
@@ -160,7 +174,7 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
              dense_threshold: float = DENSE_THRESHOLD, replacement: bool = True, lm: str | None = None,
              text: str | os.PathLike | None = None, skip_documents: int = 0, n_sequences: int = 32,
              seq_len: int = 128, lm_batch: int = 8, skip_bos: bool = True, skip_harvested: bool = True,
-             device: str = "auto",
+             device: str = "auto", graphs: GraphSettings | None = None,
              logger_cfg=None, write: bool = True, progress: bool = True) -> dict:
     """Evaluate the CLT in model_dir; returns the metrics dict (also written to out_dir/metrics.json,
     default <model_dir>/eval, with the PNG plots, unless write=False).
@@ -172,6 +186,9 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
       source) after its first `skip_documents` documents and, with skip_harvested and the harvest's text
       source, after the tokens the harvest fed the model (see eval_token_batches); with skip_bos,
       BOS/separator positions keep the original MLP outputs and are not scored (see replacement_metrics).
+    graphs: attribution-graph settings (train/graphs.py); when enabled, the CLT is exported (to
+      <out_dir>/circuit_tracer, unless graphs.export names an export) and every input is checked
+      before the held-out metrics run; graphs are written to <out_dir>/graphs.
     """
     from .data import ActivationLoader, DatasetInfo
 
@@ -193,6 +210,9 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
         raise ConfigError(f"{info.json_path}: n_layers={info.n_layers}, d_model={info.d_model} but {source} "
                           f"has a CLT with n_layers={cfg.n_layers}, d_model={cfg.d_model}")
     out_dir = Path(out_dir) if out_dir is not None else model_dir / "eval"
+    graph_job, scratch = None, None
+    if graphs is not None and graphs.enabled:
+        graph_job, scratch = _prepare_graphs(graphs, model_dir, meta, info, out_dir, write, device)
 
     loader = ActivationLoader(info, batch_tokens, split=split, heldout_shards=heldout_shards,
                               epochs=1, device=device)
@@ -212,6 +232,15 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
                                                      skip_harvested, n_sequences, seq_len, lm_batch,
                                                      skip_bos, device, progress)
 
+    if graph_job is not None:
+        try:
+            metrics["graphs"] = graph_run(graph_job, out_dir if write else None, progress)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+    elif graphs is not None and graphs.enabled:
+        metrics["graphs"] = {"skipped": f"no base model for dataset model {info.model!r}"}
+
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
         plots = write_plots(metrics, density, out_dir)
@@ -224,6 +253,33 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
                                     "per_layer", "tokens")})
     _print_summary(metrics)
     return metrics
+
+
+def _prepare_graphs(settings: GraphSettings, model_dir: Path, meta: dict, info, out_dir: Path, write: bool,
+                    device: str):
+    """(checked GraphJob, scratch folder to delete or None); (None, None) without a base model."""
+    spec = settings.model or meta["dataset"].get("model") or info.model
+    if str(spec).startswith("synthetic"):
+        log.warning("attribution graphs skipped: the dataset %s has no base model (%s)", info.path, spec)
+        return None, None
+    require_circuit_tracer()
+    settings.validate()
+    scratch = None
+    if settings.export is not None:
+        export_dir = Path(settings.export)
+    else:  # the model's own export, made the way clt-export makes it
+        if write:
+            export_dir = out_dir / "circuit_tracer"
+        else:
+            scratch = Path(tempfile.mkdtemp(prefix="clt-eval-export-"))
+            export_dir = scratch / "circuit_tracer"
+        export(model_dir, export_dir, overwrite=True)
+    try:
+        return graph_prepare(export_dir, spec, settings, info=info, device=device), scratch
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 def _print_summary(metrics: dict):
@@ -239,6 +295,14 @@ def _print_summary(metrics: dict):
                          f"CE {r['ce']:.3f} (original {rep['ce_original']:.3f}, zero-ablation "
                          f"{rep['ce_zero_ablation']:.3f}), CE recovered "
                          + ("n/a" if r["ce_recovered"] is None else f"{r['ce_recovered']:.3f}"))
+    g = metrics.get("graphs") or {}
+    if "replacement_score" in g:
+        r, c = g["replacement_score"], g["completeness_score"]
+        lines.append(f"  attribution graphs ({g['n_prompts']} prompts, circuit-tracer): replacement score "
+                     f"{r['mean']:.3f} +- {r['std']:.3f} (min {r['min']:.3f}), completeness score "
+                     f"{c['mean']:.3f} +- {c['std']:.3f} (min {c['min']:.3f})")
+        if "open_with" in g:
+            lines.append(f"  graphs in {g['graph_dir']}: {g['open_with']}")
     print("\n".join(lines), flush=True)
 
 
@@ -264,6 +328,10 @@ def _validate(cfg):
     if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
         raise ConfigError(f"config key 'replacement.skip_documents' = {skip!r}: expected an integer >= 0")
     require_choice(cfg, "logger.mode", ("offline", "online", "disabled"))
+    graphs = GraphSettings.from_config(cfg.get("graphs"))
+    if graphs.enabled:
+        graphs.validate()
+    return graphs
 
 
 def run(cfg) -> dict:
@@ -274,15 +342,15 @@ def run(cfg) -> dict:
         if not cfg.get("out_dir"):
             raise ConfigError("config key 'out_dir' = None: expected where to write frontier.png")
         return {"frontier": str(plot_frontier(frontier, Path(cfg.out_dir) / "frontier.png"))}
-    _validate(cfg)
-    metrics = _evaluate_from_config(cfg)
+    graphs = _validate(cfg)
+    metrics = _evaluate_from_config(cfg, graphs)
     if frontier:
         out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else resolve_model_dir(cfg.model_dir) / "eval"
         metrics["frontier"] = str(plot_frontier(frontier + [out_dir], out_dir / "frontier.png"))
     return metrics
 
 
-def _evaluate_from_config(cfg) -> dict:
+def _evaluate_from_config(cfg, graphs: GraphSettings) -> dict:
     r = cfg.replacement
     return evaluate(cfg.model_dir, dataset=cfg.get("dataset"), out_dir=cfg.get("out_dir"), split=cfg.split,
                     heldout_shards=int(cfg.heldout_shards), max_tokens=cfg.get("max_tokens"),
@@ -291,7 +359,8 @@ def _evaluate_from_config(cfg) -> dict:
                     skip_documents=int(r.get("skip_documents", 0)),
                     n_sequences=int(r.n_sequences), seq_len=int(r.seq_len), lm_batch=int(r.batch_size),
                     skip_bos=bool(r.get("skip_bos", True)), skip_harvested=bool(r.get("skip_harvested", True)),
-                    device=cfg.device, logger_cfg=cfg.logger, progress=bool(cfg.get("progress", True)))
+                    device=cfg.device, graphs=graphs, logger_cfg=cfg.logger,
+                    progress=bool(cfg.get("progress", True)))
 
 
 def _main(cfg):

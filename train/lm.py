@@ -289,13 +289,25 @@ def load_lm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, device
     return model.to(device).eval(), tok
 
 
+def cache_root() -> Path:
+    """$CLTRAIN_CACHE, default ~/.cache/cltrain."""
+    return Path(os.environ.get("CLTRAIN_CACHE", Path.home() / ".cache" / "cltrain"))
+
+
+def _transformers_major() -> str:
+    import transformers
+    return "tf" + transformers.__version__.split(".")[0]
+
+
 def _gguf_cache(path: Path) -> Path | None:
     """A Hugging Face folder converted from a GGUF file, made on first use: dequantizing SmolLM2-135M takes
     ~30 s on a 2-core CPU, reading the converted copy 0.5 s (same weights and tokenizer, identical logits).
-    In $CLTRAIN_CACHE (default ~/.cache/cltrain); None if it cannot be written (then the GGUF is read)."""
+    In cache_root(); None if it cannot be written (then the GGUF is read).
+
+    One folder per transformers major version: a folder written by transformers 5 names its tokenizer
+    class TokenizersBackend, which transformers 4 (the version circuit-tracer needs) cannot load."""
     st = path.stat()
-    root = Path(os.environ.get("CLTRAIN_CACHE", Path.home() / ".cache" / "cltrain"))
-    folder = root / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    folder = cache_root() / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-{_transformers_major()}"
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -315,5 +327,41 @@ def _gguf_cache(path: Path) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
         if (folder / "config.json").is_file():  # another process (harvest rank) finished it first
             return folder
-        log.warning("could not cache the converted %s in %s (%s); reading the GGUF file each time", path, root, e)
+        log.warning("could not cache the converted %s in %s (%s); reading the GGUF file each time", path,
+                    folder.parent, e)
         return None
+
+
+def hf_folder(spec: str, seed: int = 0) -> str:
+    """A transformers folder (or hub name) holding model `spec` (a load_lm spec) with its tokenizer, for
+    tools that load a model by name themselves (circuit-tracer): the converted GGUF cache for 'smollm2'
+    and .gguf files; for the tiny test models, a folder written once per (model, seed) in cache_root();
+    a folder or hub name as given."""
+    spec = str(spec)
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_path() if spec == "smollm2" else Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: GGUF file not found")
+        cached = _gguf_cache(path)
+        if cached is None:
+            raise OSError(f"{cache_root()}: cannot write the transformers folder converted from {path} "
+                          f"(set CLTRAIN_CACHE to a writable folder)")
+        return str(cached)
+    if spec in TINY:
+        folder = cache_root() / "tiny" / f"{spec}-seed{seed}-{_transformers_major()}"
+        if not (folder / "config.json").is_file():
+            model, tok = load_lm(spec, seed=seed)
+            tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+            try:
+                model.save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, folder)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (folder / "config.json").is_file():  # not written by a concurrent process either
+                    raise
+        return str(folder)
+    if spec.startswith((".", "/")) and not Path(spec).exists():
+        raise FileNotFoundError(f"{spec}: model folder not found")
+    return spec
