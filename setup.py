@@ -28,14 +28,31 @@ setup(
         "webdataset>=0.2.100",
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
-        "transformers>=4.46",
+        # 4.56 is the oldest with the `dtype=` keyword train/lm.py passes. The `graphs` extra narrows
+        # this to 4.57.x (circuit-tracer 0.5.0 requires transformers<=4.57.3); the code runs on 5.x too.
+        "transformers>=4.56",
         "gguf>=0.10",
         "numpy",
         "tqdm",
         "pyyaml",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout"],
+        # Attribution graphs in clt-eval (train/graphs.py) through circuit-tracer. Pins, each where a
+        # newer release breaks the combination:
+        "graphs": [
+            "circuit-tracer==0.5.0",
+            # nnsight 0.7+ removed nnsight.intervention.tracing, which circuit-tracer 0.5.0 imports.
+            "nnsight==0.6.3",
+            # circuit-tracer 0.5.0 requires transformers<=4.57.3 (and huggingface-hub<1.0 with it).
+            "transformers>=4.57,<=4.57.3",
+            "huggingface-hub<1.0",
+            # transformer-lens 3.3+ requires transformers>=5.4; left open, pip backtracks through
+            # every release to find 3.2.x.
+            "transformer-lens>=3.0,<3.3",
+        ],
+    },
     entry_points={
         "console_scripts": [
             "clt-harvest=cltrain.train.harvest:main",

@@ -1,5 +1,6 @@
 """clt-eval: held-out metrics against a hand computation, the replacement model's code path (an oracle
-that reproduces each MLP exactly, a zero CLT that equals zero-ablation), and bad input."""
+that reproduces each MLP exactly, a zero CLT that equals zero-ablation), BatchTopK evaluated at its
+running threshold, and bad input."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from cltrain.train import evaluate as ev
-from cltrain.train.clt import CLT, CLTConfig
+from cltrain.train import plots
+from cltrain.train import replacement as rp
+from cltrain.train.clt import CLT, CLTConfig, inference_encode_layer
 from cltrain.train.config import ConfigError, compose
 from cltrain.train.data import ActivationLoader, DatasetError
 from cltrain.train.model_io import clt_state, save_clt
@@ -66,7 +69,7 @@ def test_shard_metrics_match_hand_computation(tmp_path, make_dataset):
 
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["nmse"] == m["nmse"] and on_disk["layers"] == [0, 1, 2]
-    for name in ev.PLOTS:
+    for name in plots.PLOTS:
         assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     flat = ev.flat_metrics(m)
     assert flat["eval/nmse/layer_2"] == m["nmse"]["per_layer"][2]
@@ -122,11 +125,36 @@ def test_layerwise_replacement_equals_clt_forward(kw):
     clt = make_clt(**kw)
     s_x, s_y = torch.tensor([[0.5], [2.0], [3.0]]), torch.tensor([[4.0], [0.25], [1.5]])
     x_raw = torch.randn(2, 5, N, D) / s_x.view(1, 1, N, 1)
-    rep = ev.CLTReplacement(clt, s_x, s_y)
+    rep = rp.CLTReplacement(clt, s_x, s_y)
     got = torch.stack([rep(t, x_raw[:, :, t]) for t in range(N)], 2)
     with torch.no_grad():
         _, y_norm = clt((x_raw * s_x.view(1, 1, N, 1)).reshape(10, N, D))
     torch.testing.assert_close(got.reshape(10, N, D), y_norm / s_y.view(1, N, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_batchtopk_is_evaluated_at_its_running_threshold(tmp_path, make_dataset):
+    """A trained BatchTopK CLT is evaluated as clt-export writes it: JumpReLU at the running threshold
+    per layer, so a token's features do not depend on the other tokens of the batch."""
+    info = make_dataset(n_layers=N, d_model=D, n_tokens=256, shard_tokens=128)
+    clt = make_clt(activation="batchtopk", topk=3)
+    cut = torch.tensor([0.2, 0.5, 0.1])
+    clt.batchtopk_threshold.copy_(cut)
+    x = torch.randn(7, D)
+    pre = x @ clt.W_enc[1].T + clt.b_enc[1]
+    torch.testing.assert_close(inference_encode_layer(clt, x, 1), pre * (pre > 0.5))
+    # one token alone gets the same features as in a batch (the batch's top-k would not)
+    torch.testing.assert_close(inference_encode_layer(clt, x[:1], 1), inference_encode_layer(clt, x, 1)[:1])
+
+    m = ev.evaluate(save(tmp_path, clt, info), max_tokens=None, replacement=False, write=False, progress=False)
+    x = torch.cat([b.x for b in ActivationLoader(info, 10_000, split="heldout", heldout_shards=1, epochs=1)])
+    pre = clt.preactivations(x)
+    expected_l0 = (pre > cut[None, :, None]).float().sum(-1).mean(0)
+    torch.testing.assert_close(torch.tensor(m["l0"]["per_layer"]), expected_l0)
+    assert not torch.allclose(expected_l0, torch.full((N,), 3.0)), "the threshold should not give L0 = k exactly"
+    # the replacement model uses the same rule
+    rep = rp.CLTReplacement(clt, torch.ones(N, 1), torch.ones(N, 1))
+    rep(0, x[:, 0])
+    torch.testing.assert_close(rep.acts[0], inference_encode_layer(clt, x[:, 0], 0))
 
 
 def tiny_lm(n_layer=3):
@@ -149,7 +177,7 @@ def test_replacement_oracle_agrees_and_zero_clt_is_zero_ablation():
     batches = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(2)]
 
     # each MLP replaced by its own recorded output, through the same hooks: a perfect replacement
-    oracle = ev.replacement_metrics(model, sites, batches, None, oracle=True, progress=False)
+    oracle = rp.replacement_metrics(model, sites, batches, None, oracle=True, progress=False)
     for mode in ("mode_a", "mode_b"):
         assert oracle[mode]["top1_agreement"] == 1.0
         assert abs(oracle[mode]["kl"]) < 1e-6
@@ -164,7 +192,7 @@ def test_replacement_oracle_agrees_and_zero_clt_is_zero_ablation():
             if p is not zero.log_threshold:
                 p.zero_()
     ones = torch.ones(N, 1)
-    m = ev.replacement_metrics(model, sites, batches, ev.CLTReplacement(zero, ones, ones), progress=False)
+    m = rp.replacement_metrics(model, sites, batches, rp.CLTReplacement(zero, ones, ones), progress=False)
     for mode in ("mode_a", "mode_b"):
         assert m[mode]["ce"] == pytest.approx(m["ce_zero_ablation"], abs=1e-5)
         assert m[mode]["ce_recovered"] == pytest.approx(0.0, abs=1e-4)
@@ -179,13 +207,13 @@ def test_modes_a_and_b_differ_only_through_compounding():
     batches = [torch.randint(0, 64, (2, 16), generator=g)]
     clt = make_clt()
     ones = torch.ones(N, 1)
-    m = ev.replacement_metrics(model, sites, batches, ev.CLTReplacement(clt, ones, ones), progress=False)
+    m = rp.replacement_metrics(model, sites, batches, rp.CLTReplacement(clt, ones, ones), progress=False)
     assert m["mode_a"]["kl"] != pytest.approx(m["mode_b"]["kl"], rel=1e-6)
 
     one = CLT(CLTConfig(n_layers=1, d_model=D, n_features=F)).eval()
     with torch.no_grad():
         one.b_enc.fill_(0.2)
-    r = ev.replacement_metrics(model, sites[1:2], batches, ev.CLTReplacement(one, ones[:1], ones[:1]),
+    r = rp.replacement_metrics(model, sites[1:2], batches, rp.CLTReplacement(one, ones[:1], ones[:1]),
                                progress=False)
     assert r["mode_a"]["kl"] == pytest.approx(r["mode_b"]["kl"], rel=1e-5)
     assert r["mode_a"]["kl"] > 0
@@ -200,7 +228,7 @@ def test_oracle_through_real_mlp_sites(name):
     sites = mlp_sites(model)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (2, 12), generator=g)]
-    m = ev.replacement_metrics(model, sites[1:3], batches, None, oracle=True, progress=False)
+    m = rp.replacement_metrics(model, sites[1:3], batches, None, oracle=True, progress=False)
     for mode in ("mode_a", "mode_b"):
         assert m[mode]["top1_agreement"] == 1.0 and abs(m[mode]["kl"]) < 1e-6
 
@@ -253,6 +281,6 @@ def test_frontier_plot(tmp_path):
     assert m["frontier"] == str(tmp_path / "out" / "frontier.png")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
-        ev.plot_frontier([tmp_path / "bad.json"], tmp_path / "f.png")
+        plots.plot_frontier([tmp_path / "bad.json"], tmp_path / "f.png")
     with pytest.raises(FileNotFoundError, match="nothere"):
-        ev.plot_frontier([tmp_path / "nothere"], tmp_path / "f.png")
+        plots.plot_frontier([tmp_path / "nothere"], tmp_path / "f.png")

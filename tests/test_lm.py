@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cltrain.train.lm import TINY, UnsupportedArchitecture, find_blocks, load_lm, mlp_sites, smollm2_path
+from cltrain.train.lm import (TINY, UnsupportedArchitecture, find_blocks, hook_mlp_sites, load_lm, mlp_sites,
+                              smollm2_path)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,6 +77,34 @@ def test_hooks_read_resid_mid_and_mlp_out(name):
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, logits)
     h.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma2", "tiny-neox"])
+def test_shared_hook_helper_reads_and_replaces(name):
+    """hook_mlp_sites (used by clt-harvest and clt-eval) reads what the hand-written hooks above read,
+    the normalized input with x_from_output, replaces y, and leaves no hook behind."""
+    model, _ = load_lm(name, seed=1)
+    sites = mlp_sites(model)
+    _, blocks = find_blocks(model)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits, rec = capture(model, ids, sites, blocks, name)
+    xs, ys, normed = {}, {}, {}
+    with hook_mlp_sites(sites, xs.__setitem__, lambda i, y: ys.__setitem__(i, y.clone())):
+        with torch.no_grad():
+            model(ids)
+    with hook_mlp_sites(sites, normed.__setitem__, x_from_output=True):
+        with torch.no_grad():
+            model(ids)
+    for l in range(4):
+        torch.testing.assert_close(xs[l], rec["x"][l], rtol=0, atol=0)
+        torch.testing.assert_close(ys[l], rec["y"][l], rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(normed[l], first(sites[l].input_module(rec["x"][l])), rtol=0, atol=0)
+    with hook_mlp_sites(sites[1:2], on_y=lambda i, y: torch.zeros_like(y)), torch.no_grad():
+        ablated = model(ids).logits
+    assert not torch.allclose(ablated, logits)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=0)  # hooks removed
 
 
 def test_unknown_architecture_is_named():

@@ -493,3 +493,42 @@ def batch_metrics(enc: Encoded, y_hat, y) -> dict[str, torch.Tensor]:
     err = (y_hat - y).float().pow(2).sum(-1).mean(0)  # [N]
     var = (y - y.mean(0)).float().pow(2).sum(-1).mean(0).clamp_min(1e-12)
     return {"nmse": err / var, "l0": (enc.acts != 0).float().sum(-1).mean(0)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inference: the activation rules of a trained CLT, layer by layer
+
+
+@torch.no_grad()
+def inference_encode_layer(clt: CLT, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """Activations [B, F] of source layer `layer` from normalized x [B, D], as the trained CLT is used
+    after training (clt-eval, and what clt-export writes):
+      - JumpReLU: h * 1[h > theta];
+      - TopK: each token's k largest pre-activations, kept where positive;
+      - BatchTopK: the running threshold kept during training (CLT.batchtopk_threshold), i.e.
+        h * 1[h > max(cut, 0)], the JumpReLU rule clt-export writes -- never the batch's own top-k,
+        which would make a token's features depend on the other tokens evaluated with it. A BatchTopK
+        CLT that recorded no threshold (never trained) falls back to the batch's top-k.
+    Every rule acts per layer, so layers can be encoded as a forward pass reaches them."""
+    cfg = clt.cfg
+    pre = x @ clt.W_enc[layer].T + clt.b_enc[layer]
+    if cfg.activation == "jumprelu":
+        return pre * (pre > clt.log_threshold[layer].exp())
+    if cfg.activation == "batchtopk" and bool((clt.batchtopk_threshold > 0).any()):
+        return pre * (pre > clt.batchtopk_threshold[layer].clamp_min(0))
+    if cfg.activation == "topk":
+        keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, pre.topk(cfg.topk, dim=-1).indices, True)
+    else:  # batchtopk without a recorded threshold: the B*k largest pre-activations of the layer
+        flat = pre.reshape(-1)
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[flat.topk(min(cfg.topk * pre.shape[0], flat.numel())).indices] = True
+        keep = keep.view_as(pre)
+    return Fn.relu(pre) * keep
+
+
+@torch.no_grad()
+def inference_forward(clt: CLT, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activations [B, N, F], y_hat [B, N, D]) of normalized x [B, N, D] under the inference rules of
+    `inference_encode_layer`, decoded by the CLT's own decode."""
+    acts = torch.stack([inference_encode_layer(clt, x[:, l], l) for l in range(clt.cfg.n_layers)], 1)
+    return acts, clt.decode(acts)

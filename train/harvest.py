@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .config import CONFIG_DIR, ConfigError, require_choice, require_positive_int
 from .data import (DATASET_JSON, DTYPES, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetInfo, ShardWriter, _mix, all_finite,
                    shard_name)
-from .lm import TINY, hook_names, load_lm, mlp_sites, tiny_config
+from .lm import TINY, hook_mlp_sites, hook_names, load_lm, mlp_sites, tiny_config
 from .model_io import atomic_write_bytes
 from .parallel import resolve_device
 from .text import describe, documents
@@ -321,20 +321,13 @@ def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
 
     # Hooks: x_l (the MLP site's input, or its norm's output) and y_l; stop after the last layer.
     cap: dict[str, list] = {"x": [None] * len(sites), "y": [None] * len(sites)}
-    handles = []
-    for i, s in enumerate(sites):
-        if cfg.x_source == "resid":
-            handles.append(s.input_module.register_forward_pre_hook(
-                lambda m, a, i=i: cap["x"].__setitem__(i, a[0].detach())))
-        else:
-            handles.append(s.input_module.register_forward_hook(
-                lambda m, a, o, i=i: cap["x"].__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach())))
 
-        def out_hook(m, a, o, i=i):
-            cap["y"][i] = (o[0] if isinstance(o, tuple) else o).detach()
-            if i == len(sites) - 1:
-                raise _StopForward
-        handles.append(s.output_module.register_forward_hook(out_hook))
+    def on_y(i, y):
+        cap["y"][i] = y.detach()
+        if i == len(sites) - 1:
+            raise _StopForward
+    hooks = hook_mlp_sites(sites, lambda i, x: cap["x"].__setitem__(i, x.detach()), on_y,
+                           x_from_output=cfg.x_source != "resid")
 
     # Carry (tokens shuffled in the last flush but not yet written) comes back first.
     buf: list[dict[str, torch.Tensor]] = []
@@ -441,8 +434,7 @@ def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
             flush(final=True)
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
+        hooks.remove()
 
 
 def _width(c) -> int:

@@ -11,8 +11,9 @@
 `mlp_sites(model)` finds, for every layer, the module whose input is x_l (the residual stream entering the
 MLP block, before its norm: "resid_mid", or the block input for parallel-residual blocks such as
 GPT-NeoX's) and the module whose output is y_l (what the block adds to the residual stream: the MLP, or
-the post-MLP norm where there is one, as in Gemma-2/3 and OLMo-2). Read x with a forward pre-hook
-(args[0]), read or replace y with a forward hook (returning a tensor replaces the output).
+the post-MLP norm where there is one, as in Gemma-2/3 and OLMo-2). `hook_mlp_sites(sites, on_x, on_y)`
+is the one place that hooks them (clt-harvest reads x and y with it, clt-eval also replaces y): x is
+the input module's input (or its output, for the normalized MLP input), y the output module's output.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +113,84 @@ def hook_names(sites: list[MLPSite], x_source: str = "resid") -> dict:
                          "input where attention and MLP run in parallel)"
                          if x_source == "resid" else "normalized MLP input",
             "y_meaning": "MLP block output as added to the residual stream"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hooks
+
+
+def output_tensor(output) -> torch.Tensor:
+    """A module's output tensor (decoder blocks and some norms return tuples)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor a module was called with (positional, or a keyword such as hidden_states)."""
+    if args:
+        return args[0]
+    for v in kwargs.values():
+        if torch.is_tensor(v):
+            return v
+    raise ValueError("MLP input module called without a tensor input")
+
+
+class MLPHooks:
+    """Forward hooks on a list of MLP sites; `remove()` takes them off (also on leaving a `with`)."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def hook_mlp_sites(sites: list, on_x: Callable[[int, torch.Tensor], None] | None = None,
+                   on_y: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+                   x_from_output: bool = False) -> MLPHooks:
+    """Hook sites[i] for i = 0.. (the index into `sites`, not the model layer):
+    on_x(i, x_i) when x_i is computed: the input of the site's input module (the residual stream
+      entering the MLP's norm), or with x_from_output its output (the normalized MLP input);
+    on_y(i, y_i) with the MLP block's output; returning a tensor replaces it in the forward pass
+      (reshaped and cast to y_i's), None keeps it.
+    A hook may raise to end the forward pass early (the caller catches it)."""
+    handles = []
+
+    def read_x(i):
+        if x_from_output:
+            return lambda module, args, output: on_x(i, output_tensor(output))
+        return lambda module, args, kwargs: on_x(i, first_tensor(args, kwargs))
+
+    def write_y(i):
+        def hook(module, args, output):
+            y = output_tensor(output)
+            new = on_y(i, y)
+            if new is None:
+                return None
+            new = new.to(y.dtype).view_as(y)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    try:
+        for i, site in enumerate(sites):
+            if on_x is not None:
+                if x_from_output:
+                    handles.append(site.input_module.register_forward_hook(read_x(i)))
+                else:
+                    handles.append(site.input_module.register_forward_pre_hook(read_x(i), with_kwargs=True))
+            if on_y is not None:
+                handles.append(site.output_module.register_forward_hook(write_y(i)))
+    except BaseException:
+        MLPHooks(handles).remove()
+        raise
+    return MLPHooks(handles)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,13 +289,25 @@ def load_lm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, device
     return model.to(device).eval(), tok
 
 
+def cache_root() -> Path:
+    """$CLTRAIN_CACHE, default ~/.cache/cltrain."""
+    return Path(os.environ.get("CLTRAIN_CACHE", Path.home() / ".cache" / "cltrain"))
+
+
+def _transformers_major() -> str:
+    import transformers
+    return "tf" + transformers.__version__.split(".")[0]
+
+
 def _gguf_cache(path: Path) -> Path | None:
     """A Hugging Face folder converted from a GGUF file, made on first use: dequantizing SmolLM2-135M takes
     ~30 s on a 2-core CPU, reading the converted copy 0.5 s (same weights and tokenizer, identical logits).
-    In $CLTRAIN_CACHE (default ~/.cache/cltrain); None if it cannot be written (then the GGUF is read)."""
+    In cache_root(); None if it cannot be written (then the GGUF is read).
+
+    One folder per transformers major version: a folder written by transformers 5 names its tokenizer
+    class TokenizersBackend, which transformers 4 (the version circuit-tracer needs) cannot load."""
     st = path.stat()
-    root = Path(os.environ.get("CLTRAIN_CACHE", Path.home() / ".cache" / "cltrain"))
-    folder = root / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    folder = cache_root() / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-{_transformers_major()}"
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -235,5 +327,41 @@ def _gguf_cache(path: Path) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
         if (folder / "config.json").is_file():  # another process (harvest rank) finished it first
             return folder
-        log.warning("could not cache the converted %s in %s (%s); reading the GGUF file each time", path, root, e)
+        log.warning("could not cache the converted %s in %s (%s); reading the GGUF file each time", path,
+                    folder.parent, e)
         return None
+
+
+def hf_folder(spec: str, seed: int = 0) -> str:
+    """A transformers folder (or hub name) holding model `spec` (a load_lm spec) with its tokenizer, for
+    tools that load a model by name themselves (circuit-tracer): the converted GGUF cache for 'smollm2'
+    and .gguf files; for the tiny test models, a folder written once per (model, seed) in cache_root();
+    a folder or hub name as given."""
+    spec = str(spec)
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_path() if spec == "smollm2" else Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: GGUF file not found")
+        cached = _gguf_cache(path)
+        if cached is None:
+            raise OSError(f"{cache_root()}: cannot write the transformers folder converted from {path} "
+                          f"(set CLTRAIN_CACHE to a writable folder)")
+        return str(cached)
+    if spec in TINY:
+        folder = cache_root() / "tiny" / f"{spec}-seed{seed}-{_transformers_major()}"
+        if not (folder / "config.json").is_file():
+            model, tok = load_lm(spec, seed=seed)
+            tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+            try:
+                model.save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, folder)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (folder / "config.json").is_file():  # not written by a concurrent process either
+                    raise
+        return str(folder)
+    if spec.startswith((".", "/")) and not Path(spec).exists():
+        raise FileNotFoundError(f"{spec}: model folder not found")
+    return spec
