@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -311,8 +312,9 @@ def _print_summary(metrics: dict):
 
 
 def _validate(cfg):
-    from .config import require_choice, require_number, require_positive_int
+    from .config import require_choice, require_number, require_positive_int, validate_eval
 
+    validate_eval(cfg)
     if not cfg.get("model_dir"):
         raise ConfigError("config key 'model_dir' = None: expected the folder of a trained CLT "
                           "(model.safetensors + model.json) or a clt-train run folder, e.g. clt-eval model_dir=runs/clt")
@@ -367,7 +369,8 @@ def _main(cfg):
     try:
         run(cfg)
     except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
-        raise SystemExit(f"clt-eval: {e}") from None
+        print(f"clt-eval: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def main():

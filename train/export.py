@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -326,8 +327,9 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
 
 def _validate(cfg):
-    from .config import require_choice, require_positive_int
+    from .config import require_choice, require_positive_int, validate_export
 
+    validate_export(cfg)
     if not cfg.get("model_dir"):
         raise ConfigError("config key 'model_dir' = None: expected the folder of a trained CLT "
                           "(model.safetensors + model.json) or a clt-train run folder, e.g. clt-export model_dir=runs/clt")
@@ -347,7 +349,8 @@ def _main(cfg):
     try:
         out = run(cfg)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-        raise SystemExit(f"clt-export: {e}") from None
+        print(f"clt-export: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     print(json.dumps({"exported": str(out)}))
 
 

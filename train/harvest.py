@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -35,9 +36,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save as st_save
 from tqdm import tqdm
 
-from .config import CONFIG_DIR, ConfigError, require_choice, require_positive_int
-from .data import (DATASET_JSON, DTYPES, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetInfo, ShardWriter, _mix, all_finite,
-                   shard_name)
+from .config import CONFIG_DIR, ConfigError, require_choice, require_positive_int, validate_harvest_config
+from .data import (DATASET_JSON, DTYPES, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetError, DatasetInfo, ShardWriter,
+                   _mix, all_finite, shard_name)
 from .lm import TINY, hook_mlp_sites, hook_names, load_lm, mlp_sites, tiny_config
 from .model_io import atomic_write_bytes
 from .parallel import resolve_device
@@ -67,6 +68,7 @@ def world() -> tuple[int, int]:
 
 
 def validate_harvest(cfg: DictConfig):
+    validate_harvest_config(cfg)
     for key in ("max_tokens", "context", "batch_size", "tokens_per_sample", "shard_tokens", "shuffle_buffer",
                 "scale_tokens", "merge_timeout"):
         require_positive_int(cfg, key)
@@ -464,7 +466,11 @@ def _write_shard(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict, d
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="harvest", version_base="1.3")
 def _hydra_main(cfg: DictConfig):
-    info = harvest(cfg)
+    try:
+        info = harvest(cfg)
+    except (ConfigError, DatasetError) as e:
+        print(f"clt-harvest: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if info is not None:
         print(f"clt-harvest: wrote {info.n_tokens:,} tokens in {len(info.shards)} shard(s) of "
               f"{info.n_layers} layers x D={info.d_model} to {info.path} (dataset.json)")
