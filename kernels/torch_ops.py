@@ -237,9 +237,13 @@ class SparseLayers:
         ptr[:, 1:] = torch.bincount(key, minlength=self.N * n_rows).view(self.N, n_rows).cumsum(1)
         return ptr
 
+    def token_pointers(self):
+        """[N, B + 1]: per layer, token b's entries are [ptr[s, b], ptr[s, b + 1]) of that layer's."""
+        return self._ptr(self.s * self.B + self.b, self.B)
+
     def token_major(self):
         """Per layer: (row pointers [B + 1], feature index, value)."""
-        crow = self._ptr(self.s * self.B + self.b, self.B)
+        crow = self.token_pointers()
         vals = self.values.split(self.counts) if self.values is not None else [None] * self.N
         return list(zip(crow, self.f.split(self.counts), vals))
 

@@ -51,14 +51,29 @@ ENCODE_BLOCKS = dict(block_b=128, block_f=128, block_d=64)
 # shared memory); the interpreter takes none.
 ENCODE_LAUNCH = {} if INTERPRET else dict(num_warps=8, num_stages=3)
 # The encode backward walks [BLOCK_B, BLOCK_F] tiles of up to five [N, B, F] tensors: 128-row tiles
-# need more than 255 registers per thread at 4 warps (spills); 32 rows do not.
-ENCODE_BWD_BLOCK_B = 32
+# need more than 255 registers per thread at 4 warps (spills); 16 rows do not (128-134).
+ENCODE_BWD_BLOCK_B = 16
 ENCODE_BWD_LAUNCH = {} if INTERPRET else dict(num_warps=4)
 # Decode D-block: the forward walks all tokens for one (slot, D-block) before the next (token is the
 # fastest grid axis), so the decoder slice in use, F x DECODE_BLOCK_D values, stays in L2 (2 MB at
 # F = 4096, 16 MB at F = 65536 in bf16) and each decoder row is fetched from memory about once.
 DECODE_BLOCK_D = 128
-DECODE_LAUNCH = {} if INTERPRET else dict(num_warps=4)
+# The forward reads, for one target layer, the slices of every source layer before it: keep that
+# working set, (N) x F x BLOCK_D decoder values, within this many bytes (H100 L2: 50 MB, A100: 40 MB).
+DECODE_L2_BUDGET = 24 * 2 ** 20
+
+
+def decode_block_d(N: int, F: int, D: int, itemsize: int) -> int:
+    """The forward's D-block: DECODE_BLOCK_D, halved (down to 32) until the slices in use fit L2."""
+    bd = DECODE_BLOCK_D
+    while bd > 32 and N * F * bd * itemsize > DECODE_L2_BUDGET:
+        bd //= 2
+    return min(bd, max(32, triton.next_power_of_2(D)))
+
+
+def _decode_launch(block_d: int) -> dict:
+    # one element of the D-block per thread: 1 to 4 warps
+    return {} if INTERPRET else dict(num_warps=max(1, min(4, block_d // 32)))
 # Grid limits (CUDA): axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65535.
 _GRID0_MAX, _GRID12_MAX = 2 ** 31 - 1, 65535
 
@@ -269,26 +284,36 @@ def triton_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact
 
 
 @triton.jit
-def _decode_fwd_kernel(y_ptr, w_ptr, rowptr_ptr, col_ptr, val_ptr,
-                       s, D, syb, syn, swf, sws,
-                       BLOCK_D: tl.constexpr):
-    # y[b, s + j, d-block] += sum over token b's active features f of a[b, s, f] * W_s[f, j, d-block].
-    # Token is the fastest grid axis: the programs in flight share (j, d-block), so the decoder slice
-    # they read, F x BLOCK_D, stays in L2 while every token passes over it.
+def _decode_fwd_kernel(y_ptr, w0_ptr, wptrs_ptr, wrows_ptr, rowptr_ptr, col_ptr, val_ptr,
+                       B, D, syb, syn,
+                       PER_LAYER: tl.constexpr, BLOCK_D: tl.constexpr):
+    # y[b, t, d-block] = sum over source layers s <= t, over token b's active features f in layer s,
+    # of a[b, s, f] * W_s[f, t - s, d-block]: all source layers in one launch, so y is written once
+    # (no zero-fill, no read-modify-write per source layer). Token is the fastest grid axis: the
+    # programs in flight share (t, d-block), so the decoder slices they read, (t + 1) x F x BLOCK_D
+    # values, stay in L2 while every token passes over them.
     b = tl.program_id(0)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    j = tl.program_id(2).to(tl.int64)
+    t = tl.program_id(2)
     ok = rd < D
-    start = tl.load(rowptr_ptr + b)
-    end = tl.load(rowptr_ptr + b + 1)
-    w_slot = w_ptr + j * sws + rd
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for k in range(start, end):
-        f = tl.load(col_ptr + k).to(tl.int64)
-        a = tl.load(val_ptr + k).to(tl.float32)
-        acc += a * tl.load(w_slot + f * swf, mask=ok, other=0.0).to(tl.float32)
-    y_at = y_ptr + b.to(tl.int64) * syb + (s + j) * syn + rd
-    tl.store(y_at, tl.load(y_at, mask=ok, other=0.0) + acc, mask=ok)
+    if PER_LAYER:
+        s_lo = t
+    else:
+        s_lo = 0
+    for s in range(s_lo, t + 1):
+        # W_dec[s] is its own tensor: its address and row stride come from tables ([F, S_s, D],
+        # slots contiguous in D)
+        w = tl.load(wptrs_ptr + s).to(tl.pointer_type(w0_ptr.dtype.element_ty))
+        row_stride = tl.load(wrows_ptr + s)  # int64
+        w_slot = w + (t - s).to(tl.int64) * D + rd
+        start = tl.load(rowptr_ptr + s * (B + 1) + b)
+        end = tl.load(rowptr_ptr + s * (B + 1) + b + 1)
+        for k in range(start, end):
+            f = tl.load(col_ptr + k).to(tl.int64)
+            a = tl.load(val_ptr + k).to(tl.float32)
+            acc += a * tl.load(w_slot + f * row_stride, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + b.to(tl.int64) * syb + t.to(tl.int64) * syn + rd, acc, mask=ok)
 
 
 @triton.jit
@@ -344,8 +369,8 @@ def check_decode_inputs(acts, W_dec, grad_mask, where: str = "triton_decode"):
     for s, w in enumerate(W_dec):
         _require(w.dim() == 3 and w.shape[0] == F and w.shape[2] == D and w.shape[1] in (N - s, 1),
                  f"{where}: W_dec[{s}] must be [F={F}, {N - s} or 1, D={D}], got {tuple(w.shape)}")
-        _require(w.stride(-1) == 1, f"{where}: W_dec[{s}] rows must be contiguous in D "
-                                    f"(strides {tuple(w.stride())})")
+        _require(w.is_contiguous(), f"{where}: W_dec[{s}] must be contiguous (strides {tuple(w.stride())})")
+        _require(w.dtype == W_dec[0].dtype, f"{where}: W_dec[{s}] is {w.dtype}, W_dec[0] {W_dec[0].dtype}")
         _require(w.device == acts.device, f"{where}: W_dec[{s}] is on {w.device}, acts on {acts.device}")
         _require(w.dtype.is_floating_point, f"{where}: W_dec[{s}] must be floating, got {w.dtype}")
     _require(acts.dtype.is_floating_point, f"{where}: acts must be floating, got {acts.dtype}")
@@ -356,13 +381,17 @@ def check_decode_inputs(acts, W_dec, grad_mask, where: str = "triton_decode"):
         _require(grad_mask.device == acts.device, f"{where}: grad_mask is on {grad_mask.device}")
 
 
-def _check_csr(ptr, idx, n_rows: int, n_cols: int, what: str):
+def _check_index(idx, n: int, what: str):
     # The listings are built here from nonzero(), so this is cheap insurance against a caller's
     # tensors (or a future listing) pointing outside the tensors the kernels index.
-    _require(ptr.numel() == n_rows + 1, f"{what}: {ptr.numel()} row pointers for {n_rows} rows")
     if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
-        _require(0 <= lo and hi < n_cols, f"{what}: index range [{lo}, {hi}] outside [0, {n_cols})")
+        _require(0 <= lo and hi < n, f"{what}: index range [{lo}, {hi}] outside [0, {n})")
+
+
+def _check_csr(ptr, idx, n_rows: int, n_cols: int, what: str):
+    _require(ptr.numel() == n_rows + 1, f"{what}: {ptr.numel()} row pointers for {n_rows} rows")
+    _check_index(idx, n_cols, what)
 
 
 class _TritonDecode(torch.autograd.Function):
@@ -371,26 +400,37 @@ class _TritonDecode(torch.autograd.Function):
         check_decode_inputs(acts, W_dec, grad_mask)
         B, N, F = acts.shape
         D = W_dec[0].shape[-1]
-        y = torch.zeros(B, N, D, dtype=torch.float32, device=acts.device)
         # Listed once, shared with the sparsity term; none above DENSE_ACTS_ABOVE (early in training
         # nearly half the activations fire: dense cuBLAS products are then cheaper than any listing).
         indices = nonzero_positions(acts, DENSE_ACTS_ABOVE)
         nz = None if indices is None else SparseLayers(acts.detach(), indices=indices)
         dense = [nz is None or nz.counts[s] > DENSE_ACTS_ABOVE * B * F for s in range(N)]
-        for s, (crow, f_idx, values) in enumerate(nz.token_major() if nz else [(None,) * 3] * N):
-            w = W_dec[s]
-            n_slots = w.shape[1]
+        if all(dense):
+            y = torch.zeros(B, N, D, dtype=torch.float32, device=acts.device)
+        else:
+            y = torch.empty(B, N, D, dtype=torch.float32, device=acts.device)  # every element written
+            # row pointers of all layers into the one (layer, token, feature)-sorted listing; a dense
+            # layer gets empty rows (its product is added below)
+            rowptr = nz.token_pointers()
+            offsets = torch.tensor([0] + nz.counts[:-1], device=acts.device).cumsum(0)
+            rowptr = rowptr + offsets[:, None]
+            for s in range(N):
+                if dense[s]:
+                    rowptr[s] = rowptr[s, :1]
+            _check_index(nz.f, F, "triton_decode: feature index")
+            tables = torch.tensor([[w.data_ptr() for w in W_dec], [w.stride(0) for w in W_dec]],
+                                  dtype=torch.int64, device=acts.device)
+            grid = (B, triton.cdiv(D, block_d), N)
+            _check_grid(grid, "triton_decode forward")
+            _decode_fwd_kernel[grid](y, W_dec[0], tables[0], tables[1], rowptr, nz.f, nz.values, B, D,
+                                     *y.stride()[:2], PER_LAYER=N > 1 and all(w.shape[1] == 1 for w in W_dec),
+                                     BLOCK_D=block_d, **_decode_launch(block_d))
+        for s in range(N):
             if dense[s]:
+                w = W_dec[s]
+                n_slots = w.shape[1]
                 y_s = y[:, s:s + n_slots].view(B, n_slots * D)
                 y_s += acts[:, s].detach().to(w.dtype).mm(w.detach().reshape(F, n_slots * D)).float()
-                continue
-            if values.numel() == 0:
-                continue
-            _check_csr(crow, f_idx, B, F, f"triton_decode layer {s}")
-            grid = (B, triton.cdiv(D, block_d), n_slots)
-            _check_grid(grid, "triton_decode forward")
-            _decode_fwd_kernel[grid](y, w, crow, f_idx, values, s, D, *y.stride()[:2], *w.stride()[:2],
-                                     BLOCK_D=block_d, **DECODE_LAUNCH)
         ctx.nz, ctx.dense = nz, dense
         ctx.dense_grad_above, ctx.block_d = dense_grad_above, block_d
         ctx.grad_mask = grad_mask  # the object itself: it keys mask_positions (a bool tensor, no grad)
@@ -426,7 +466,7 @@ class _TritonDecode(torch.autograd.Function):
                     grid = (F, triton.cdiv(D, block_d), n_slots)
                     _check_grid(grid, "triton_decode weight gradient")
                     _decode_dw_kernel[grid](dw, dY, ccol, b_idx, values, s, D, *dY.stride()[:2],
-                                            *dw.stride()[:2], BLOCK_D=block_d, **DECODE_LAUNCH)
+                                            *dw.stride()[:2], BLOCK_D=block_d, **_decode_launch(block_d))
                 grad_W.append(dw)
             else:
                 grad_W.append(None)
@@ -437,7 +477,7 @@ class _TritonDecode(torch.autograd.Function):
                         _check_grid((pb.numel(),), "triton_decode activation gradient")
                         _decode_sampled_grad_kernel[(pb.numel(),)](
                             grad_acts[s], dY, w, pb, pf, s, D, n_slots, grad_acts.stride(1),
-                            *dY.stride()[:2], *w.stride()[:2], BLOCK_D=block_d, **DECODE_LAUNCH)
+                            *dY.stride()[:2], *w.stride()[:2], BLOCK_D=block_d, **_decode_launch(block_d))
                 else:
                     dY_s = dY[:, s:s + n_slots].reshape(B, n_slots * D)
                     grad_acts[s] = (dY_s.to(w.dtype) @ w.reshape(F, n_slots * D).t()).float()
@@ -447,7 +487,9 @@ class _TritonDecode(torch.autograd.Function):
 
 
 def triton_decode(acts, W_dec, grad_mask=None, *, dense_grad_above: float = DENSE_GRAD_ABOVE,
-                  block_d: int = DECODE_BLOCK_D):
+                  block_d: int | None = None):
     """Sparse decode (Triton); same result as `reference_decode`, exact gradients for every W_dec[s]
     and for acts where grad_mask is True (everywhere when None; 0 elsewhere)."""
+    if block_d is None:
+        block_d = decode_block_d(acts.shape[1], acts.shape[2], W_dec[0].shape[-1], W_dec[0].element_size())
     return _TritonDecode.apply(acts, grad_mask, dense_grad_above, block_d, *W_dec)

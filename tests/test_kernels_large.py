@@ -117,16 +117,24 @@ SCRIPT = textwrap.dedent(r'''
     B, N, F, D, s = 3, 2, 3, 8, 0
     S = N - s
     Wd = put(view(torch.float32, (F, S, D), (L, D, 1)), grid_vals(F, S, D))
-    y = put(view(torch.float32, (B, N, D), (L, D, 1)), torch.zeros(B, N, D))
-    a = grid_vals(B, F).abs() + 0.125
-    a[0, 1] = 0
-    crow = torch.arange(0, B * F + 1, F)
-    crow = torch.tensor([0] + torch.cumsum((a != 0).sum(1), 0).tolist())
+    W1 = grid_vals(F, 1, D)  # source layer 1 (target 1 only), small
+    y = view(torch.float32, (B, N, D), (L, D, 1))
+    a = grid_vals(B, N, F).abs() + 0.125
+    a[0, 0, 1] = 0
+    lay, tok, feat = a.transpose(0, 1).nonzero(as_tuple=True)
+    vals = a[tok, lay, feat]
+    counts = torch.bincount(lay * B + tok, minlength=N * B).view(N, B)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.view(-1).cumsum(0)])
+    rowptr = torch.stack([rowptr[:B + 1], rowptr[B:]])  # [N, B + 1], global offsets
+    tables = torch.tensor([[Wd.data_ptr(), W1.data_ptr()], [Wd.stride(0), W1.stride(0)]])
+    T._decode_fwd_kernel[(B, 1, N)](y, Wd, tables[0], tables[1], rowptr, feat, vals, B, D,
+                                    *y.stride()[:2], PER_LAYER=False, BLOCK_D=8)
+    y_r = torch.zeros(B, N, D)
+    y_r += (a[:, 0] @ Wd.clone().reshape(F, S * D)).view(B, S, D)
+    y_r[:, 1] += a[:, 1] @ W1[:, 0]
+    check("decode forward", y, y_r)
+    a = a[:, 0]
     tok, feat = a.nonzero(as_tuple=True)
-    T._decode_fwd_kernel[(B, 1, S)](y, Wd, crow, feat, a[tok, feat], s, D, *y.stride()[:2],
-                                    *Wd.stride()[:2], BLOCK_D=8)
-    y_r = (a @ Wd.clone().reshape(F, S * D)).view(B, S, D)
-    check("decode forward", y[:, s:s + S], y_r)
 
     dY = put(view(torch.float32, (B, N, D), (L, D, 1)), grid_vals(B, N, D))
     dw = view(torch.float32, (F, S, D), (L, D, 1))
