@@ -96,6 +96,17 @@ class _TorchEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap):
+        grads = _TorchEncode._backward(ctx, grad_pre, grad_acts, grad_gap)
+        extra = getattr(ctx, "window_extra", None)  # [N, F], from the fused encode+decode (fused.py)
+        if extra is not None and grads[3] is not None:
+            # d loss / d theta -= (theta / eps) * extra; times theta for the log parameterization
+            theta = ctx.saved_tensors[3].squeeze(1)
+            grads = (*grads[:3], grads[3] - (extra * (theta * theta / ctx.bandwidth)).to(grads[3].dtype),
+                     *grads[4:])
+        return grads
+
+    @staticmethod
+    def _backward(ctx, grad_pre, grad_acts, grad_gap):
         x, W_enc, pre, theta = ctx.saved_tensors
         need_x, need_W, need_b, need_lt = ctx.needs_input_grad[:4]
         if grad_pre is None and not need_x:

@@ -164,6 +164,10 @@ def _identity(t):
 
 
 class CLT(nn.Module):
+    # Set by kernels.install: encode and decode as one autograd Function (JumpReLU only), with the
+    # signature of kernels.fused.torch_encode_decode; None composes encode_impl and decode_impl.
+    encode_decode_impl: Callable | None = None
+
     def __init__(self, cfg: CLTConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
@@ -246,9 +250,22 @@ class CLT(nn.Module):
         partial = self.decode_impl(acts, list(self.W_dec), grad_mask)
         return self.reduce_partial(partial) + self.b_dec
 
-    def forward(self, x):
+    def encode_decode(self, x) -> tuple[Encoded, torch.Tensor]:
+        """(Encoded, y_hat) for x: encode then decode. The same values and gradients as
+        `enc = self.encode(x); self.decode(enc.acts, enc.grad_mask)`; with `encode_decode_impl` set
+        (a fused Function), the backward can skip per-position activation gradients that only feed
+        per-feature threshold-gradient sums (the straight-through window, kernels/fused.py)."""
+        cfg = self.cfg
+        if cfg.activation == "jumprelu" and self.encode_decode_impl is not None:
+            enc, partial = self.encode_decode_impl(x, self.W_enc, self.b_enc, self.log_threshold,
+                                                   list(self.W_dec), cfg.bandwidth,
+                                                   cfg.straight_through_to_preact)
+            return enc, self.reduce_partial(partial) + self.b_dec
         enc = self.encode(x)
         return enc, self.decode(enc.acts, enc.grad_mask)
+
+    def forward(self, x):
+        return self.encode_decode(x)
 
     # -- initialization from data ---------------------------------------------------------------------
 
