@@ -142,11 +142,14 @@ def torch_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float,
 
 
 def triton_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float, st_to_preact: bool, *,
-                         dense_grad_above: float = DENSE_GRAD_ABOVE, blocks: dict | None = None,
+                         dense_grad_above: float | None = None, blocks: dict | None = None,
                          block_d: int | None = None):
-    """(Encoded, partial y_hat): `triton_encode` then `triton_decode` in one Function."""
+    """(Encoded, partial y_hat): `triton_encode` then `triton_decode` in one Function (the decode's
+    density switch defaults to triton_ops.DENSE_GRAD_ABOVE, a GPU figure)."""
     from . import triton_ops as T
 
+    if dense_grad_above is None:
+        dense_grad_above = T.DENSE_GRAD_ABOVE
     if block_d is None:
         block_d = T.decode_block_d(x.shape[1], W_enc.shape[1], x.shape[2], W_dec[0].element_size())
     impl = _Impl(T._TritonEncode, T._TritonDecode, (bandwidth, st_to_preact, {**T.ENCODE_BLOCKS, **(blocks or {})}),

@@ -21,8 +21,9 @@ token as the fastest grid axis: programs in flight share one (slot, D-block), wh
 decoder slice stays in L2, so each decoder row is fetched from memory about once per step while its
 ~B*density logical re-reads hit L2 (a feature-major forward would read rows once but scatter into y
 with atomics: as many fp32 read-modify-writes as the token-major's bf16 reads; benchmarks/
-kernels_compile.md counts both). Above DENSE_ACTS_ABOVE non-zero activations in a source layer (early
-in training), its forward and weight gradient are dense cuBLAS products, as on the torch path.
+kernels_compile.md counts both). Above DENSE_ACTS_ABOVE non-zero activations in a source layer, its
+forward and weight gradient are dense cuBLAS products, as on the torch path (the GPU switches below
+are far lower than the CPU's: see their comment).
 The activation gradient is exact wherever grad_mask says JumpReLU reads it: a sampled dense-dense
 kernel (one program per masked (token, feature) pair) when the mask is sparse, a dense cuBLAS product
 when it is dense (the straight-through window, eps = 2, is wide early in training; the fused
@@ -39,9 +40,17 @@ import triton.language as tl
 
 from cltrain.train.clt import Encoded, nonzero_positions
 
-from .torch_ops import DENSE_ACTS_ABOVE, DENSE_GRAD_ABOVE, SparseLayers, _sampled_pairs
+from .torch_ops import SparseLayers, _sampled_pairs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Density switches on a GPU, from the cost model in benchmarks/kernels_compile.md (projections, to be
+# replaced by `make bench-gpu` measurements): each FMA of the sparse kernels loads an operand from L2
+# (2-6 bytes), so against bf16 tensor-core matmuls they pay off only below ~0.7% non-zero activations
+# (forward, weight gradient) and ~0.2% masked positions (the sampled activation gradient). Above
+# these, the products are dense cuBLAS matmuls. (The torch path's switches are CPU measurements.)
+DENSE_ACTS_ABOVE = 0.005
+DENSE_GRAD_ABOVE = 0.003
 
 # Default block sizes for a GPU; every wrapper takes them as arguments (tests under the interpreter
 # pass large ones: its cost is per block operation, not per element). Chosen with the compile report
