@@ -44,7 +44,8 @@ nvidia-smi >>"$OUT/device.txt" 2>&1 || true
 status=0
 
 echo "== 1. kernel tests on $DEVICE"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_fused.py \
+# --noconftest: tests/conftest.py builds datasets through train/config.py, which needs omegaconf
+"$PY" -m pytest -q -p no:cacheprovider --noconftest tests/test_kernels.py tests/test_kernels_fused.py \
     tests/test_kernels_compile.py 2>&1 | tee "$OUT/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
