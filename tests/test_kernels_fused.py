@@ -153,3 +153,36 @@ def test_clt_encode_decode_matches_composition():
         grads[impl] = {n: p.grad for n, p in clt.named_parameters()}
     for name, r in grads["dense"].items():
         _close(grads["torch_sparse"][name], r, 1e-10, f"grad {name}")
+
+
+@pytest.mark.skipif(not CUDA or not TRITON_IN_PROCESS, reason="needs CUDA and triton")
+@pytest.mark.parametrize("complement", [True, False], ids=["window-complement", "composed"])
+def test_triton_encode_decode_bf16(complement, monkeypatch):
+    # bf16 on the GPU against the float64 reference on the same (bf16-rounded) inputs. Each stored
+    # bf16 tensor (pre, acts, y, the gradients) carries a relative rounding of 2^-8 ~ 3.9e-3, and the
+    # gradients are a few such roundings deep (acts -> y -> dY W^T -> gh -> gh^T x): 2e-2 of the
+    # largest magnitude. Thresholds sit on a grid that bf16 pre-activations cannot cross by rounding.
+    B, N, D, F = 512, 4, 64, 256
+    x, W, b, lt, W_dec = _inputs(B, N, D, F, False, seed=4)
+    bf = [t.to(torch.bfloat16).double() for t in (x, W, b, lt, *W_dec)]
+    x, W, b, lt, W_dec = bf[0], bf[1], bf[2], bf[3], bf[4:]
+    eps = 0.9
+    g = _gen(3)
+    gy = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    gg = torch.randn(N, F, generator=g, dtype=torch.float64)
+    params = [t.clone().requires_grad_() for t in (W, b, lt, *W_dec)]
+    enc = reference_encode(x, *params[:3], eps, False)
+    y = reference_decode(enc.acts, params[3:])
+    ref = torch.autograd.grad(_loss(enc, y, gy, None, gg, "mse+gap"), params)
+    calls = []
+    original = fused._window_totals
+    monkeypatch.setattr(fused, "_window_totals", lambda *a: calls.append(1) or original(*a))
+    params_k = [t.detach().cuda().to(torch.bfloat16).requires_grad_() for t in (W, b, lt, *W_dec)]
+    enc_k, y_k = fused.triton_encode_decode(x.cuda().to(torch.bfloat16), *params_k[:3], params_k[3:], eps,
+                                            False, dense_grad_above=0.5 if complement else 0.0)
+    got = torch.autograd.grad(_loss(enc_k, y_k, gy.cuda().bfloat16(), None, gg.cuda().bfloat16(), "mse+gap"),
+                              params_k)
+    assert len(calls) == int(complement)
+    _close(y_k.detach().float(), y.detach(), 2e-2, "y_hat (bf16)")
+    for name, a, r in zip(["W_enc", "b_enc", "log_threshold"] + [f"W_dec[{s}]" for s in range(N)], got, ref):
+        _close(a.float(), r, 2e-2, f"grad {name} (bf16)")
