@@ -164,10 +164,6 @@ def _identity(t):
 
 
 class CLT(nn.Module):
-    # Set by kernels.install: encode and decode as one autograd Function (JumpReLU only), with the
-    # signature of kernels.fused.torch_encode_decode; None composes encode_impl and decode_impl.
-    encode_decode_impl: Callable | None = None
-
     def __init__(self, cfg: CLTConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
@@ -256,10 +252,12 @@ class CLT(nn.Module):
         (a fused Function), the backward can skip per-position activation gradients that only feed
         per-feature threshold-gradient sums (the straight-through window, kernels/fused.py)."""
         cfg = self.cfg
-        if cfg.activation == "jumprelu" and self.encode_decode_impl is not None:
-            enc, partial = self.encode_decode_impl(x, self.W_enc, self.b_enc, self.log_threshold,
-                                                   list(self.W_dec), cfg.bandwidth,
-                                                   cfg.straight_through_to_preact)
+        # `encode_decode_impl`, set by kernels.install (absent or None: compose encode and decode),
+        # has the signature of kernels.fused.torch_encode_decode
+        fused = getattr(self, "encode_decode_impl", None)
+        if cfg.activation == "jumprelu" and fused is not None:
+            enc, partial = fused(x, self.W_enc, self.b_enc, self.log_threshold, list(self.W_dec),
+                                 cfg.bandwidth, cfg.straight_through_to_preact)
             return enc, self.reduce_partial(partial) + self.b_dec
         enc = self.encode(x)
         return enc, self.decode(enc.acts, enc.grad_mask)
