@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo install clean bench
+.PHONY: test demo install clean bench bench-compile bench-gpu
 
 install: $(STAMP)
 
@@ -35,3 +35,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb
+
+# Compile every Triton kernel for sm_80 and sm_90 here (no GPU needed): benchmarks/kernels_compile.md
+bench-compile: $(STAMP)
+	$(PY) benchmarks/kernels_compile.py
+
+# On a machine with a GPU, from a clean clone (system python3, no install): kernel tests, kernel
+# timings and a short training run, written to benchmarks/ (see benchmarks/gpu.sh)
+bench-gpu:
+	PYTHON=$(PYTHON) bash benchmarks/gpu.sh

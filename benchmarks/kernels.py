@@ -11,7 +11,10 @@ Activity: thresholds are calibrated on the batch so each feature fires on ~1% of
 regime, "L0 in the low hundreds"). What the decode's activation gradient costs depends on the JumpReLU
 straight-through window (grad_mask = active | |h - theta| < eps/2), reported for two settings:
   - eps = 2, the default: on normalized activations it covers nearly every position (measured and
-    printed), so the activation gradient is a dense product;
+    printed), so the decode computes a dense activation gradient. The training step goes through
+    CLT.encode_decode (kernels/fused.py), whose window-complement path (exact activation gradients
+    only where h > theta, the ~5% below the window as per-feature sums) is off at this density by
+    default; `--steps` times it forced on as well;
   - a trained-like window: eps chosen so grad_mask holds ~2% of positions (active 1% + 1% just below
     threshold), where the sampled product is used.
 Times are the best of `reps` runs after a warm-up, on a possibly shared machine (load average shown).
@@ -98,7 +101,9 @@ def rel_err(a, b) -> float:
 def impls_here() -> list[str]:
     names = ["dense", "torch_sparse"]
     if CUDA and kernels.triton_available():
-        names.append("triton")
+        # "triton": what training runs (dense cuBLAS products above the GPU density switches);
+        # "triton-sparse": the sparse Triton kernels at any density, to measure them against dense
+        names += ["triton", "triton-sparse"]
     return names
 
 
@@ -107,7 +112,18 @@ def impl_fns(name):
         return kernels.reference_encode, kernels.reference_decode
     if name == "torch_sparse":
         return kernels.torch_encode, kernels.torch_sparse_decode
-    return kernels.triton_encode, kernels.triton_decode
+    if name == "triton":
+        return kernels.triton_encode, kernels.triton_decode
+    from cltrain.kernels import triton_ops
+
+    def forced_decode(acts, W_dec, grad_mask=None):
+        saved = triton_ops.DENSE_ACTS_ABOVE
+        triton_ops.DENSE_ACTS_ABOVE = 1.0
+        try:
+            return triton_ops.triton_decode(acts, W_dec, grad_mask, dense_grad_above=1.0)
+        finally:
+            triton_ops.DENSE_ACTS_ABOVE = saved
+    return kernels.triton_encode, forced_decode
 
 
 class Shape:
@@ -253,7 +269,7 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
             opt.step()
 
         comps = {"enc_fb": enc_fb, "dec_f": dec_f, "dec_fb": dec_fb}
-        if sh.step:
+        if sh.step and name in kernels.IMPLEMENTATIONS:
             comps["step"] = step
         return comps
 
@@ -294,11 +310,20 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
                  f"{r['enc_fb']:.3g} s ({enc_tf:.3g} TFLOP/s, {enc_tf / ceil['tflops']:.0%})",
                  fwd_note, dec_note]
         ratios = [dense["enc_fb"] / r["enc_fb"], dense["dec_fb"] / r["dec_fb"]]
-        if sh.step:
+        if sh.step and "step" in r:
             cells.append(f"{r['step']:.3g} s ({B / r['step']:.0f})")
             ratios.append(dense["step"] / r["step"])
+        elif sh.step:
+            cells.append("-")
         cells.append(" / ".join(f"{v:.2f}" for v in ratios))
         lines.append("| " + " | ".join(cells) + " |")
+    if sh.step:
+        # The floor of a step: the encoder's matmuls, 6BNFD FLOPs, at this run's matmul rate (DESIGN 4)
+        floor = enc_flops / (ceil["tflops"] * 1e12)
+        lines += ["", f"Step floor (encoder 6BNFD = {enc_flops / 1e9:.3g} GFLOP at the measured matmul rate): "
+                  f"{floor:.3g} s; step / floor: " + ", ".join(
+                      f"{n} / {r} {best[(n, r)]['step'] / floor:.1f}x" for n, r, _ in configs
+                      if "step" in best[(n, r)]) + "."]
     if breakdown:
         lines += ["", "Where a torch_sparse step (trained-like window) goes: " + "; ".join(
             f"{k} {v:.3g} s" for k, v in breakdown.items()) + "."]
@@ -341,10 +366,11 @@ def step_breakdown(clt, opt, x, y, weights, eps, reps) -> dict:
             "grad clipping": t_clip, "Adam(fused=True)": t_adam}
 
 
-def whole_steps(calibrated: bool, reps: int):
+def whole_steps(calibrated: bool, reps: int, eps2: bool = False):
     """Best-of-`reps` training-step times (dense, torch_sparse) at the CPU default shape, interleaved
-    after a warm-up round. calibrated: thresholds at 1% firing and a trained-like window; else the
-    default initialization (theta = 0.03, eps = 2), where nearly half the activations fire."""
+    after a warm-up round. calibrated: thresholds at 1% firing and a trained-like window (eps2: the
+    default eps = 2 instead); else the default initialization (theta = 0.03, eps = 2), where nearly
+    half the activations fire."""
     B, N, D, F = 1024, 12, 768, 4096
     g = torch.Generator().manual_seed(0)
     clt = CLT(CLTConfig(n_layers=N, d_model=D, n_features=F), generator=g)
@@ -352,7 +378,8 @@ def whole_steps(calibrated: bool, reps: int):
     if calibrated:
         with torch.no_grad():
             clt.calibrate_thresholds(x, TARGET_ACTIVE)
-            clt.cfg.bandwidth = window_eps(clt.preactivations(x), clt.threshold, TRAINED_MASK)
+            if not eps2:
+                clt.cfg.bandwidth = window_eps(clt.preactivations(x), clt.threshold, TRAINED_MASK)
     opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True)
     weights = LossWeights(sparsity=1e-3, preact=3e-6)
 
@@ -425,12 +452,59 @@ def crossover(lines, log, reps):
               + f". The switch (`dense_grad_above`) is at {kernels.torch_ops.DENSE_GRAD_ABOVE:.0%}.", ""]
 
 
+STEPS_HEADING = "### Whole training steps, both windows (CPU default shape, ~1% firing; --steps)"
+
+
+def steps_only(out: Path, reps: int):
+    """Re-measure only the whole CPU training steps at calibrated thresholds (trained-like window and
+    eps = 2) and put them in `out` as their own section, replacing that section of an earlier run:
+    for a machine too loaded (or too short of memory) for the whole benchmark."""
+    kernels.retain_freed_cpu_memory()
+    start_load = load_avg()
+    t0 = time.time()
+    from cltrain.kernels import fused
+    trained = whole_steps(True, reps)
+    eps2 = whole_steps(True, reps, eps2=True)
+    saved, fused.COMPLEMENT_BELOW = fused.COMPLEMENT_BELOW, 1.0
+    try:  # the window-complement path forced on (kernels/fused.py: off by default at this density)
+        forced = whole_steps(True, reps, eps2=True)
+    finally:
+        fused.COMPLEMENT_BELOW = saved
+    section = [STEPS_HEADING, "",
+               f"Measured by `python benchmarks/kernels.py --steps` "
+               f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}) on {device_name()}, torch "
+               f"{torch.__version__}, load average {start_load} at start and {load_avg()} at the end "
+               f"({time.time() - t0:.0f} s). Best of {reps} interleaved steps each after a warm-up round; "
+               "freed memory retained. The step is forward (CLT.encode_decode: with torch_sparse the fused "
+               "encode+decode of kernels/fused.py), loss terms, backward, clipping, Adam(fused=True).", "",
+               f"- trained-like window (grad_mask ~2%): {_dense_vs_sparse(trained)}",
+               f"- default eps = 2 (grad_mask ~95%): {_dense_vs_sparse(eps2)}",
+               f"- default eps = 2 with the fused window-complement path forced on (exact activation "
+               f"gradients only where h > theta, the ~5% of positions below the window as per-feature "
+               f"sums through CSR products; `fused.COMPLEMENT_BELOW = 1`): {_dense_vs_sparse(forced)}",
+               ""]
+    text = out.read_text() if out.exists() else "# Kernel benchmark\n"
+    if STEPS_HEADING in text:  # replace the earlier section (up to the next heading)
+        head, rest = text.split(STEPS_HEADING, 1)
+        nxt = rest.find("\n### ")
+        text = head + "\n".join(section) + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:  # after the header block, before the first section
+        at = text.find("\n### ")
+        text = text[:at + 1] + "\n".join(section) + "\n" + text[at + 1:] if at >= 0 else text + "\n".join(section)
+    out.write_text(text)
+    print("\n".join(section))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shape only, fewer repetitions")
+    ap.add_argument("--steps", action="store_true",
+                    help="only the whole CPU training steps (both windows), as a section of --out")
     ap.add_argument("--out", default=str(Path(__file__).with_name("kernels.md")))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.steps:
+        return steps_only(Path(args.out), 2)
     t_start = time.time()
 
     def log(msg):

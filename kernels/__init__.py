@@ -6,6 +6,9 @@ impl is one of
     "dense"         train/clt.py's reference_encode / reference_decode (the definitions)
     "torch_sparse"  plain PyTorch: fused JumpReLU encode, sparse CSR decode (the CPU path)
     "triton"        Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for tests)
+
+and sets clt.encode_decode_impl to the matching fused encode+decode (kernels/fused.py; None for
+"dense"), which CLT.encode_decode (and so CLT.forward) uses.
     "auto"          triton on CUDA when triton imports, torch_sparse otherwise
 
 The individual implementations are exported too: torch_encode, torch_sparse_decode (kernels/torch_ops.py)
@@ -21,6 +24,7 @@ import importlib.util
 
 from cltrain.train.clt import reference_decode, reference_encode
 
+from .fused import torch_encode_decode
 from .torch_ops import torch_encode, torch_sparse_decode
 
 IMPLEMENTATIONS = ("dense", "torch_sparse", "triton")
@@ -31,7 +35,7 @@ def triton_available() -> bool:
 
 
 __all__ = ["install", "IMPLEMENTATIONS", "triton_available", "torch_encode", "torch_sparse_decode",
-           "reference_encode", "reference_decode"]
+           "torch_encode_decode", "reference_encode", "reference_decode"]
 if triton_available():
     __all__ += ["triton_encode", "triton_decode"]
 
@@ -86,10 +90,11 @@ def install(clt, impl: str = "auto") -> str:
     on_cuda = device is not None and device.type == "cuda"
     if impl == "auto":
         impl = "triton" if on_cuda and triton_available() else "torch_sparse"
+    fused = None
     if impl == "dense":
         encode, decode = reference_encode, reference_decode
     elif impl == "torch_sparse":
-        encode, decode = torch_encode, torch_sparse_decode
+        encode, decode, fused = torch_encode, torch_sparse_decode, torch_encode_decode
     else:
         if not triton_available():
             raise RuntimeError("impl='triton' needs the triton package, which is not importable")
@@ -98,6 +103,8 @@ def install(clt, impl: str = "auto") -> str:
             raise RuntimeError("impl='triton' needs a CUDA model (or TRITON_INTERPRET=1 set before "
                                "cltrain.kernels.triton_ops is imported, for CPU tests)")
         encode, decode = ops.triton_encode, ops.triton_decode
+        fused = importlib.import_module(f"{__name__}.fused").triton_encode_decode
     clt.encode_impl = encode
     clt.decode_impl = decode
+    clt.encode_decode_impl = fused  # CLT.encode_decode: one Function for encode + decode
     return impl

@@ -96,6 +96,17 @@ class _TorchEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap):
+        grads = _TorchEncode._backward(ctx, grad_pre, grad_acts, grad_gap)
+        extra = getattr(ctx, "window_extra", None)  # [N, F], from the fused encode+decode (fused.py)
+        if extra is not None and grads[3] is not None:
+            # d loss / d theta -= (theta / eps) * extra; times theta for the log parameterization
+            theta = ctx.saved_tensors[3].squeeze(1)
+            grads = (*grads[:3], grads[3] - (extra * (theta * theta / ctx.bandwidth)).to(grads[3].dtype),
+                     *grads[4:])
+        return grads
+
+    @staticmethod
+    def _backward(ctx, grad_pre, grad_acts, grad_gap):
         x, W_enc, pre, theta = ctx.saved_tensors
         need_x, need_W, need_b, need_lt = ctx.needs_input_grad[:4]
         if grad_pre is None and not need_x:
@@ -237,9 +248,13 @@ class SparseLayers:
         ptr[:, 1:] = torch.bincount(key, minlength=self.N * n_rows).view(self.N, n_rows).cumsum(1)
         return ptr
 
+    def token_pointers(self):
+        """[N, B + 1]: per layer, token b's entries are [ptr[s, b], ptr[s, b + 1]) of that layer's."""
+        return self._ptr(self.s * self.B + self.b, self.B)
+
     def token_major(self):
         """Per layer: (row pointers [B + 1], feature index, value)."""
-        crow = self._ptr(self.s * self.B + self.b, self.B)
+        crow = self.token_pointers()
         vals = self.values.split(self.counts) if self.values is not None else [None] * self.N
         return list(zip(crow, self.f.split(self.counts), vals))
 

@@ -195,10 +195,15 @@ def test_torch_sparse_decode_bf16_cpu_upcasts():
 @needs_triton
 @pytest.mark.parametrize("case", ["ragged", "no-mask", "N=1", "per-layer", "rows"])
 @pytest.mark.parametrize("acts_grad", ["sampled", "dense"])
-def test_triton_decode(case, acts_grad):
+@pytest.mark.parametrize("products", ["csr", "dense"])
+def test_triton_decode(case, acts_grad, products, monkeypatch):
     _, _, _, _, per_layer, density, mask_density, _ = next(c for c in DECODE_CASES if c[-1] == case)
     if case == "no-mask" and acts_grad == "sampled":
         pytest.skip("without a mask the activation gradient is always dense")
+    if products == "dense" and acts_grad == "sampled" and case != "ragged":
+        pytest.skip("dense products: one case is enough")
+    # forward and weight gradient: the kernels over the non-zeros, or cuBLAS above the density cap
+    monkeypatch.setattr(triton_ops, "DENSE_ACTS_ABOVE", 1.0 if products == "csr" else -1.0)
     B, N, D, F = SMALL[case]
     acts, W, dY, mask = _decode_inputs(B, N, D, F, per_layer, density, mask_density, case, torch.float32)
     acts, W, dY = acts.to(DEV), [w.to(DEV) for w in W], dY.to(DEV)
@@ -209,13 +214,15 @@ def test_triton_decode(case, acts_grad):
 
 
 @pytest.mark.parametrize("impl", ["torch_sparse", "triton"])
-def test_decode_mixed_mask_density(impl):
+def test_decode_mixed_mask_density(impl, monkeypatch):
     """Layers on both sides of dense_grad_above in one call: dense product for some, sampled for others."""
     if impl == "triton" and triton_ops is None:
         pytest.skip("triton is not importable")
     B, N, D, F = (13, 3, 20, 24) if impl == "triton" else (37, 3, 20, 50)
     acts, W, dY, mask = _decode_inputs(B, N, D, F, False, 0.1, 0.05, "mixed", torch.float32)
     mask[:, 1] = True
+    if impl == "triton":  # the kernels, not the dense products above the density cap
+        monkeypatch.setattr(triton_ops, "DENSE_ACTS_ABOVE", 1.0)
     fn = torch_sparse_decode if impl == "torch_sparse" else triton_ops.triton_decode
     kw = {} if impl == "torch_sparse" else {"block_d": DEC_BLOCK_D}
     dev = DEV if impl == "triton" else "cpu"
@@ -225,7 +232,8 @@ def test_decode_mixed_mask_density(impl):
 
 @needs_cuda
 @pytest.mark.parametrize("acts_grad", ["sampled", "dense"])
-def test_triton_decode_bf16(acts_grad):
+def test_triton_decode_bf16(acts_grad, monkeypatch):
+    monkeypatch.setattr(triton_ops, "DENSE_ACTS_ABOVE", 1.0)  # the kernels, not the dense products
     acts, W, dY, mask = _decode_inputs(300, 4, 200, 520, False, 0.02, 0.02, "bf16", torch.bfloat16)
     acts, W, dY, mask = acts.cuda(), [w.cuda() for w in W], dY.cuda(), mask.cuda()
     # bf16 output rounding (2^-8 relative) dominates: fp32 accumulation of the products is exact-ish.

@@ -312,9 +312,24 @@ class CLT(nn.Module):
         partial = self.decode_impl(acts, list(self.W_dec), grad_mask)
         return self.reduce_partial(partial) + self.b_dec
 
-    def forward(self, x):
+    def encode_decode(self, x) -> tuple[Encoded, torch.Tensor]:
+        """(Encoded, y_hat) for x: encode then decode. The same values and gradients as
+        `enc = self.encode(x); self.decode(enc.acts, enc.grad_mask)`; with `encode_decode_impl` set
+        (a fused Function), the backward can skip per-position activation gradients that only feed
+        per-feature threshold-gradient sums (the straight-through window, kernels/fused.py)."""
+        cfg = self.cfg
+        # `encode_decode_impl`, set by kernels.install (absent or None: compose encode and decode),
+        # has the signature of kernels.fused.torch_encode_decode
+        fused = getattr(self, "encode_decode_impl", None)
+        if cfg.activation == "jumprelu" and fused is not None:
+            enc, partial = fused(x, self.W_enc, self.b_enc, self.log_threshold, list(self.W_dec),
+                                 cfg.bandwidth, cfg.straight_through_to_preact)
+            return enc, self.reduce_partial(partial) + self.b_dec
         enc = self.encode(x)
         return enc, self.decode(enc.acts, enc.grad_mask)
+
+    def forward(self, x):
+        return self.encode_decode(x)
 
     # -- initialization from data ---------------------------------------------------------------------
 

@@ -1,0 +1,198 @@
+"""Encode and decode as one autograd Function, so the backward can skip per-position activation
+gradients that nothing needs.
+
+Why: with straight-through to h off (the default), JumpReLU's backward reads d loss / d a at active
+positions (for d loss / d h) and, inside the straight-through window |h - theta| < eps/2, only as
+per-feature sums (for d loss / d theta):
+    d loss / d theta_f  +=  -(theta_f / eps) * sum_{b in window_f} g[b, f]
+with g = d loss / d a. At eps = 2 on normalized activations the window holds ~95% of positions, so a
+decode that must return g at every window position computes a dense product dY_s W_s^T. But
+    sum_{b in window} g[b, f] = T_f - sum_{b not in window} g[b, f],   T_f = W_s[f] . sum_b dY_s[b]
+(the decode's part of g is <dY_s[b], W_s[f]>), and the complement of the window is small (~5%).
+So the decode's part of g is computed exactly only on P = active | not in window (a sampled
+product), T_f from one matrix-vector product per source layer, and the encode backward receives
+the window's missing mass T_f - sum_{b in P} g[b, f] as a per-feature term (`window_extra`). The
+sparsity term's part of g (given by autograd as a dense [B, N, F] tensor) is summed directly.
+
+Elsewhere (straight-through to h on, d loss / d pre or d loss / d x asked for, a narrow window whose
+mask is already sparse, or P dense) the backward is exactly the encode's and the decode's composed.
+Results and gradients equal train/clt.py's reference_encode followed by reference_decode.
+"""
+from __future__ import annotations
+
+import torch
+
+from cltrain.train.clt import Encoded, nonzero_positions
+
+from .torch_ops import (DENSE_GRAD_ABOVE, SparseLayers, _csr, _quiet_sparse, _TorchEncode,
+                        _TorchSparseDecode, _upcast)
+
+
+# The window-complement path runs only where P = active | below the window covers at most this
+# fraction of positions (and the implementation's own density switch allows it): its sparse
+# products over P cost as much as the dense activation gradient they replace once P holds a few
+# percent of positions on a 2-core CPU (benchmarks/kernels.md, "--steps"), and at eps = 2 P is ~6%.
+COMPLEMENT_BELOW = 0.02
+
+
+class _SubCtx:
+    """Stands in for an autograd ctx so the fused Function can run the encode's and the decode's own
+    forward and backward; what they save goes through the real ctx's save_for_backward."""
+
+    def __init__(self):
+        self.saved_tensors = ()
+        self.needs_input_grad = ()
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+class _Impl:
+    """One implementation's encode / decode Functions and their extra (non-tensor) arguments."""
+
+    def __init__(self, encode, decode, enc_args: tuple, dec_args: tuple, pre_theta, below_sums=None):
+        self.encode, self.decode = encode, decode
+        self.enc_args, self.dec_args = enc_args, dec_args
+        self.pre_theta = pre_theta  # saved encode tensors -> (pre [N, B, F], theta [N, 1, F])
+        # (below [B, N, F] bool, dY, W_dec) -> [N, F] sums of d loss / d a over the positions below
+        # the window; None: the decode computes those positions' values (sampled) instead
+        self.below_sums = below_sums
+
+
+class _EncodeDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl: _Impl, x, W_enc, b_enc, log_threshold, *W_dec):
+        ectx, dctx = _SubCtx(), _SubCtx()
+        pre, acts, mask, gap = impl.encode.forward(ectx, x, W_enc, b_enc, log_threshold, *impl.enc_args)
+        y = impl.decode.forward(dctx, acts, mask, *impl.dec_args, *W_dec)
+        ctx.save_for_backward(*ectx.saved_tensors, *dctx.saved_tensors)
+        ctx.n_enc_saved = len(ectx.saved_tensors)
+        ectx.saved_tensors = dctx.saved_tensors = ()
+        ctx.ectx, ctx.dctx, ctx.impl = ectx, dctx, impl
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(mask)
+        return pre, acts, mask, gap, y
+
+    @staticmethod
+    def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap, grad_y):
+        impl, ectx, dctx = ctx.impl, ctx.ectx, ctx.dctx
+        saved = ctx.saved_tensors
+        ectx.saved_tensors, dctx.saved_tensors = saved[:ctx.n_enc_saved], saved[ctx.n_enc_saved:]
+        need_enc, need_dec = ctx.needs_input_grad[1:5], ctx.needs_input_grad[5:]
+        n_dec_args = len(impl.dec_args)
+        ectx.needs_input_grad = tuple(need_enc) + (False,) * len(impl.enc_args)
+        dctx.needs_input_grad = (any(need_enc), False) + (False,) * n_dec_args + tuple(need_dec)
+
+        complement = (grad_y is not None and grad_pre is None and not need_enc[0] and not ectx.st_to_preact
+                      and any(need_enc))
+        if complement:
+            # The window's mask must be dense (else its own positions are the cheaper listing) and
+            # P = active | outside the window sparse.
+            dga = dctx.dense_grad_above
+            complement = nonzero_positions(ectx.grad_mask, dga) is None
+        if complement:
+            pre, theta = impl.pre_theta(ectx.saved_tensors)
+            diff = pre - theta
+            P = ((diff > 0) | (diff <= -ectx.bandwidth / 2)).transpose(0, 1)
+            complement = nonzero_positions(P, min(dga, COMPLEMENT_BELOW)) is not None
+        below = None
+        if complement and impl.below_sums is not None:
+            # exact d loss / d a at the active positions only; the positions below the window enter
+            # as per-feature sums (one sparse x dense product per layer, no per-position values)
+            dctx.grad_mask = (diff > 0).transpose(0, 1)
+            below = (diff <= -ectx.bandwidth / 2).transpose(0, 1)
+        elif complement:
+            dctx.grad_mask = P  # exact d loss / d a on P only
+        g_dec, grad_W_dec = None, (None,) * len(need_dec)
+        if grad_y is not None:
+            grads_dec = impl.decode.backward(dctx, grad_y)  # (acts, mask, *dec_args, *W_dec)
+            g_dec, grad_W_dec = grads_dec[0], grads_dec[2 + n_dec_args:]
+        if complement:
+            # the window's part of sum_b g[b, f] that P leaves out: T_f - sum_{b in P} g[b, f]
+            W_dec = dctx.saved_tensors[1:]
+            totals = _window_totals(grad_y, W_dec)
+            ectx.window_extra = totals - g_dec.sum(0).to(totals.dtype)
+            if below is not None:
+                ectx.window_extra -= impl.below_sums(below, grad_y, W_dec).to(totals.dtype)
+        g = g_dec if grad_acts is None else (grad_acts if g_dec is None else g_dec + grad_acts)
+        grads_enc = impl.encode.backward(ectx, grad_pre, g, None, grad_gap)
+        ectx.window_extra = None
+        return (None, *grads_enc[:4], *grad_W_dec)
+
+
+def _window_totals(grad_y, W_dec):
+    """[N, F]: T[s, f] = sum_b <dY[b, s:s+S_s], W_s[f]>, one matrix-vector product per source layer."""
+    col = grad_y.float().sum(0) if grad_y.dtype != torch.float64 else grad_y.sum(0)  # [N, D]
+    out = []
+    for s, w in enumerate(W_dec):
+        F, n_slots, D = w.shape
+        out.append(w.reshape(F, n_slots * D).to(col.dtype) @ col[s:s + n_slots].reshape(-1))
+    return torch.stack(out)
+
+
+def _torch_below_sums(below, grad_y, W_dec):
+    """[N, F]: sum over the positions b below the window of <dY[b, s:s+S], W_s[f]>, as
+    rowsum((M_s^T dY_s) * W_s) with M_s the [B, F] below-window pattern: a CSR x dense product (MKL)
+    and an elementwise pass, instead of a per-position (sampled) product."""
+    B, N, F = below.shape
+    layers = SparseLayers(below, with_values=False, indices=nonzero_positions(below))
+    dY = _upcast(grad_y)
+    out = dY.new_zeros(N, F)
+    with _quiet_sparse():
+        for s, (ccol, b_idx, _, _) in enumerate(layers.feature_major()):
+            if b_idx.numel() == 0:
+                continue
+            w = W_dec[s]
+            n_slots = w.shape[1]
+            W2 = _upcast(w).reshape(F, n_slots * w.shape[2])
+            dY_s = dY[:, s:s + n_slots].reshape(B, -1)
+            ones = torch.ones(b_idx.numel(), dtype=dY.dtype, device=dY.device)
+            R = torch.addmm(torch.empty_like(W2), _csr(ccol, b_idx, ones, (F, B)), dY_s, beta=0)
+            out[s] = R.mul_(W2).sum(1)
+    return out
+
+
+def _torch_pre_theta(saved):
+    _, _, pre, theta = saved
+    return pre, theta
+
+
+def _triton_pre_theta(saved):
+    _, _, pre, lt = saved
+    return pre, lt.float().exp().unsqueeze(1)
+
+
+def _apply(impl: _Impl, x, W_enc, b_enc, log_threshold, W_dec):
+    pre, acts, mask, gap, y = _EncodeDecode.apply(impl, x, W_enc, b_enc, log_threshold, *W_dec)
+    return Encoded(pre, acts, mask, gap), y
+
+
+def torch_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float, st_to_preact: bool, *,
+                        dense_grad_above: float = DENSE_GRAD_ABOVE):
+    """(Encoded, partial y_hat): `torch_encode` then `torch_sparse_decode` in one Function (see the
+    module docstring); results and gradients as reference_encode then reference_decode."""
+    impl = _Impl(_TorchEncode, _TorchSparseDecode, (bandwidth, st_to_preact, dense_grad_above),
+                 (dense_grad_above,), _torch_pre_theta, _torch_below_sums)
+    return _apply(impl, x, W_enc, b_enc, log_threshold, W_dec)
+
+
+def triton_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float, st_to_preact: bool, *,
+                         dense_grad_above: float | None = None, blocks: dict | None = None,
+                         block_d: int | None = None):
+    """(Encoded, partial y_hat): `triton_encode` then `triton_decode` in one Function (the decode's
+    density switch defaults to triton_ops.DENSE_GRAD_ABOVE, a GPU figure)."""
+    from . import triton_ops as T
+
+    if dense_grad_above is None:
+        dense_grad_above = T.DENSE_GRAD_ABOVE
+    if block_d is None:
+        block_d = T.decode_block_d(x.shape[1], W_enc.shape[1], x.shape[2], W_dec[0].element_size())
+    impl = _Impl(T._TritonEncode, T._TritonDecode, (bandwidth, st_to_preact, {**T.ENCODE_BLOCKS, **(blocks or {})}),
+                 (dense_grad_above, block_d), _triton_pre_theta)
+    return _apply(impl, x, W_enc, b_enc, log_threshold, W_dec)
