@@ -56,7 +56,7 @@ echo "== 2. kernel timings on $DEVICE"
 echo "== 3. a short training run on $DEVICE (synthetic data, precision=bf16)"
 missing=$("$PY" - <<'EOF'
 import importlib.util
-print(" ".join(m for m in ("hydra", "omegaconf", "webdataset") if importlib.util.find_spec(m) is None))
+print(" ".join(m for m in ("hydra", "omegaconf", "webdataset", "deepspeed") if importlib.util.find_spec(m) is None))
 EOF
 )
 if [ -n "$missing" ]; then
