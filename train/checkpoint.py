@@ -161,7 +161,7 @@ def set_rng_state(state: dict):
 # Collectives that tolerate one rank's failure
 
 
-def _all_ok(ok: bool, device) -> bool:
+def all_ranks_ok(ok: bool, device) -> bool:
     """True only if every rank's `ok` is True (a collective)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return ok
@@ -244,7 +244,7 @@ class CheckpointManager:
                     (tmp / sub).mkdir(parents=True)
             except OSError as e:
                 error = e
-        if not _all_ok(error is None, self.device):
+        if not all_ranks_ok(error is None, self.device):
             raise CheckpointError(f"{tmp}: cannot create the checkpoint folder ({error or 'failed on rank 0'})")
         files: dict[str, int] = {}
         try:
@@ -255,7 +255,7 @@ class CheckpointManager:
             files[rank_file(rank)] = _atomic_torch_save(rank_state, tmp / rank_file(rank))
         except (OSError, RuntimeError) as e:
             error = error or e
-        ok = _all_ok(error is None, self.device)
+        ok = all_ranks_ok(error is None, self.device)
         all_files = _gather_objects(files)
         if ok and rank == 0:
             try:
@@ -265,7 +265,7 @@ class CheckpointManager:
                 atomic_write_bytes(tmp / TRAINER, json.dumps(state, indent=2).encode())
             except OSError as e:
                 error = e
-        ok = _all_ok(error is None, self.device) and ok
+        ok = all_ranks_ok(error is None, self.device) and ok
         if not ok:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)

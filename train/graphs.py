@@ -413,22 +413,18 @@ def graph_score_rows(sources) -> list[dict]:
     """One row per evaluated model (a metrics.json, or a folder holding one) with its graph scores and
     what a sweep table compares them against: arch (CLT/PLT), F, activation, L0, NMSE. Models evaluated
     without graphs get None scores."""
-    from .plots import METRICS_FILE
+    from .plots import read_metrics
 
     rows = []
     for src in sources:
-        path = Path(src)
-        path = path / METRICS_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (expected a metrics.json written by clt-eval)")
+        path, m = read_metrics(src)
         try:
-            m = json.loads(path.read_text())
             g = m.get("graphs") or {}
             row = {"source": str(path), "arch": "PLT" if m["per_layer"] else "CLT",
                    "n_features": m["n_features"], "activation": m.get("activation"),
                    "l0_total": m["l0"]["total"], "nmse_mean": m["nmse"]["mean"],
                    "graph_prompts": g.get("n_prompts", 0)}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a clt-eval metrics.json ({e})") from None
         for score in ("replacement_score", "completeness_score"):
             spread = g.get(score) or {}

@@ -56,8 +56,13 @@ def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: in
     p = local_params
     shard = lambda n, stage: n / dp_size if zero_stage >= stage else n  # noqa: E731
     params = shard(p, 3) * weight_bytes
-    # ZeRO-1/2 reduce gradients through two bucket buffers (config: deepspeed.reduce_bucket_size)
-    grads = shard(p, 2) * weight_bytes + (2 * bucket_elements * 4 if zero_stage in (1, 2) else 0)
+    # ZeRO-1/2 reduce gradients through two bucket buffers (config: deepspeed.reduce_bucket_size) and
+    # step the optimizer on an fp32 copy of this replica's gradient partition
+    grads = shard(p, 2) * weight_bytes
+    if zero_stage in (1, 2):
+        grads += 2 * bucket_elements * 4 + shard(p, 1) * 4
+    elif zero_stage == 0:
+        grads += p * weight_bytes  # the flattened copy DeepSpeed all-reduces over data parallel
     # DeepSpeed keeps an fp32 master partition beside the module's weights whenever it wraps the
     # optimizer (ZeRO >= 1, or bf16); plain fp32 at ZeRO-0 updates the weights in place.
     master = shard(p, 1) * 4 if (zero_stage >= 1 or bf16) else 0
@@ -84,14 +89,19 @@ def _cgroup_limit() -> int | None:
     return None
 
 
-def _mem_available() -> int | None:
+def _proc_kib(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc file, in bytes; None where it cannot be read."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _mem_available() -> int | None:
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def memory_limit(device: torch.device, local_ranks: int) -> tuple[int | None, str]:
@@ -123,13 +133,7 @@ def local_world_size() -> int:
 
 def peak_rss() -> int | None:
     """This process's peak resident memory (VmHWM), in bytes; None where /proc is not available."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/self/status", "VmHWM")
 
 
 def reset_peak_rss():

@@ -67,6 +67,18 @@ def write_plots(metrics: dict, density: torch.Tensor, out_dir: Path, title: str 
     return paths
 
 
+def read_metrics(src) -> tuple[Path, dict]:
+    """(path, contents) of a clt-eval metrics.json, given the file or the eval folder holding it."""
+    path = Path(src)
+    path = path / METRICS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected a metrics.json written by clt-eval)")
+    try:
+        return path, json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a clt-eval metrics.json ({e})") from None
+
+
 def plot_frontier(sources: Iterable[str | os.PathLike], out_path: str | os.PathLike) -> Path:
     """The L0-vs-NMSE frontier of several evaluations (a sweep over dictionary sizes), CLT against PLT:
     one point per metrics.json (a file, or a folder holding one), x = total L0 per token, y = mean NMSE."""
@@ -77,14 +89,10 @@ def plot_frontier(sources: Iterable[str | os.PathLike], out_path: str | os.PathL
 
     points = {False: [], True: []}
     for src in sources:
-        path = Path(src)
-        path = path / METRICS_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (expected a metrics.json written by clt-eval)")
+        path, m = read_metrics(src)
         try:
-            m = json.loads(path.read_text())
             points[bool(m["per_layer"])].append((m["l0"]["total"], m["nmse"]["mean"], m["n_features"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a clt-eval metrics.json ({e})") from None
     fig, ax = plt.subplots(figsize=(6, 4))
     for per_layer, style in ((False, "o-"), (True, "s--")):

@@ -319,13 +319,14 @@ class Trainer:
                                                   self.full_cfg, self.fingerprint, device,
                                                   int(cfg.get("keep_checkpoints", 0)))
         self.step, self.tokens, run_id = 0, 0, None
-        self.pending = None  # a batch read ahead of the loop (calibration's)
+        self.pending = None  # a batch read ahead of the loop (calibration's), and the iterator it came from
+        self._first_batches = None
         if saved is not None:
             self.load(resume_from, saved)
             self.step, self.tokens, run_id = int(saved["step"]), int(saved["tokens"]), saved.get("wandb_run_id")
         else:
             self._calibrate()
-        self.batches = self.__dict__.pop("_first_batches", None) or iter(self.loader)
+        self.batches = self._first_batches or iter(self.loader)
 
         # stop_at_step: end this invocation early (checkpointed) while the schedules still span `steps` --
         # for jobs with a wall-clock limit, resubmitted with resume=true.
@@ -359,7 +360,7 @@ class Trainer:
             self.device.type == "cuda", bucket_elements(cfg, n_local))
         limit, source = memory_limit(self.device, local_world_size())
         fits = limit is None or est.total <= limit or not bool(cfg.get("check_memory", True))
-        if not ckpt._all_ok(fits, self.device):
+        if not ckpt.all_ranks_ok(fits, self.device):
             where = (f"this rank needs about {est.describe()}, more than its {limit / 2**30:.2f} GiB "
                      f"({source})" if not fits else "another rank does not fit (see its message)")
             raise OutOfMemory(
@@ -380,7 +381,7 @@ class Trainer:
                               progress=bool(self.cfg.get("progress", True)))
             except DatasetError as e:
                 error = e
-        if not ckpt._all_ok(error is None, self.device):
+        if not ckpt.all_ranks_ok(error is None, self.device):
             raise error or DatasetError(f"{self.info.json_path}: a shard failed its sha256 check (see rank 0)")
 
     def batch_tensors(self, batch):
