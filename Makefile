@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo install clean bench bench-compile bench-gpu
+.PHONY: test demo install clean bench bench-compile bench-gpu bench-parallel
 
 install: $(STAMP)
 
@@ -44,3 +44,7 @@ bench-compile: $(STAMP)
 # timings and a short training run, written to benchmarks/ (see benchmarks/gpu.sh)
 bench-gpu:
 	PYTHON=$(PYTHON) bash benchmarks/gpu.sh
+
+# Feature parallelism under a per-process memory cap, layouts compared, cluster projection: benchmarks/parallel.md
+bench-parallel: $(STAMP)
+	$(PY) benchmarks/parallel.py
