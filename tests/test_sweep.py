@@ -166,3 +166,13 @@ def test_dictionaries_bad_entry_is_named(dataset, tmp_path):
     with pytest.raises(ConfigError, match=r"dictionaries\[1\].*model.n_features"):
         trainer.train(_cfg(dataset, tmp_path / "x", "dictionaries=[{model.n_features: 8}, {model.n_features: -1}]"))
     assert not (tmp_path / "x").exists()
+
+
+def test_sweep_through_submitit_executor(dataset, tmp_path):
+    # submitit's local executor stands in for SLURM: the same launcher plugin pickles the job, runs it in
+    # its own process, and the run lands under its readable name
+    res = _cli(["-m", "+sweep=dict_sizes", "model=plt", "model.n_features=8", f"data.path={dataset}",
+                "logger.group=sub", "hydra/launcher=submitit_local", *TINY], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ModelReader(tmp_path / "runs" / "sub" / "plt-F8-ls1" / "model").cfg.per_layer
+    assert list((tmp_path / "runs" / "sub" / ".submitit").iterdir())  # submitit's job folders
