@@ -41,7 +41,8 @@ def main():
     sizes = [int(f) for f in args.features.split(",")]
     common = [f"data.path={Path(args.data).resolve()}", f"steps={args.steps}", f"batch_tokens={args.batch_tokens}",
               "logger.mode=disabled", "progress=false", f"checkpoint_every={args.steps}", "log_every=20",
-              "model.loss.lambda_s=5", "optim.lr=1e-3", "data.verify_upfront=false"]
+              "model.loss.lambda_s=5", "optim.lr=1e-3", "data.verify_upfront=false",
+              "data.shuffle_buffer=4096", "data.num_workers=0"]  # small: the machine is shared
     work = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     results = {}
     try:

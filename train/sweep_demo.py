@@ -16,8 +16,15 @@ from pathlib import Path
 
 
 def plt_nmse_at(l0: float, plt_points: list[tuple[float, float]]) -> float | None:
-    """The PLT frontier's NMSE at this L0 (linear in log L0 between its two neighbours); None outside it."""
+    """The PLT frontier's NMSE at this L0 (linear in log L0 between its two neighbours); an L0 within 5% beyond
+    the frontier's ends takes the end's NMSE; None further outside."""
     pts = sorted(plt_points)
+    if not pts:
+        return None
+    if pts[0][0] * 0.95 <= l0 < pts[0][0]:
+        return pts[0][1]
+    if pts[-1][0] < l0 <= pts[-1][0] * 1.05:
+        return pts[-1][1]
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= l0 <= x1:
             if x1 == x0:
@@ -51,8 +58,8 @@ def main(argv=None):
     p.add_argument("--out", default="demo_out", help="the demo's folder (activations shared with `make demo`)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--tokens", type=int, default=24576, help="tokens to harvest (as `make demo`)")
-    p.add_argument("--features", default="64,128,256", help="dictionary sizes (features per layer)")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--features", default="32,64,128", help="dictionary sizes (features per layer)")
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-tokens", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lambda-s", type=float, default=5.0, help="as `make demo` (see train/demo.py)")
@@ -82,6 +89,7 @@ def main(argv=None):
     overrides = [f"data.path={data_dir}", f"out_dir={sweep_dir}", f"steps={args.steps}",
                  f"batch_tokens={args.batch_tokens}", f"optim.lr={args.lr}", f"model.loss.lambda_s={args.lambda_s}",
                  f"checkpoint_every={args.steps}", "log_every=50", "resume=true", f"logger.mode={args.logger}",
+                 "data.shuffle_buffer=8192",  # 8k tokens x 30 layers: ~0.3 GiB (the default holds ~2 GiB)
                  "logger.run_name=sweep-demo", "logger.group=sweep-demo", dicts]
     print(f"== 2/3 train {len(sizes)} sizes x CLT/PLT on one data pass ({args.steps} steps x {args.batch_tokens} tokens)")
     print("clt-train " + " ".join(f"'{o}'" if " " in o else o for o in overrides), flush=True)
@@ -91,7 +99,7 @@ def main(argv=None):
 
     print("== 3/3 clt-eval over the sweep folder", flush=True)
     eval_overrides = [f"sweep_dir={sweep_dir}", f"replacement.n_sequences={args.eval_sequences}",
-                      f"logger.mode={args.logger}", "logger.group=sweep-demo", "max_tokens=16384"]
+                      f"logger.mode={args.logger}", "logger.group=sweep-demo", "max_tokens=8192"]
     print("clt-eval " + " ".join(eval_overrides), flush=True)
     t0 = time.time()
     report = eval_run(compose("eval", eval_overrides))
