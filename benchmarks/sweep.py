@@ -57,13 +57,14 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    print(results, flush=True)
     tokens = len(sizes) * args.steps * args.batch_tokens
     bytes_per_token = 2 * info.n_layers * info.d_model * torch.empty(0, dtype=info.torch_dtype).element_size()
     lines = [
         "# Several dictionaries per data pass",
         "",
         f"`benchmarks/sweep.py`: K={len(sizes)} CLTs (F = {', '.join(map(str, sizes))}) on "
-        f"{info.json_path.parent.name} ({info.model}, N={info.n_layers}, D={info.d_model}, {info.dtype}), "
+        f"{Path(str(info.json_path)).parent.name} ({info.model}, N={info.n_layers}, D={info.d_model}, {info.dtype}), "
         f"{args.steps} steps x {args.batch_tokens} tokens each, lambda_s=5, CPU "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}).",
         f"Data each dictionary trains on: {args.steps * args.batch_tokens * bytes_per_token / 2**20:.1f} MiB "

@@ -59,7 +59,7 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2")
     p.add_argument("--tokens", type=int, default=24576, help="tokens to harvest (as `make demo`)")
     p.add_argument("--features", default="32,64,128", help="dictionary sizes (features per layer)")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-tokens", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lambda-s", type=float, default=5.0, help="as `make demo` (see train/demo.py)")
