@@ -31,7 +31,9 @@ def dataset(tmp_path_factory):
 
 def _cli(args, cwd, module="cltrain.train.trainer"):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
-    env.pop(sweep.SWEPT_ENV, None)
+    # in-process runs of other tests left this process's rendezvous (its port is still held) in os.environ
+    for key in (sweep.SWEPT_ENV, "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=240)
 
