@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo install clean bench bench-compile bench-gpu bench-parallel
+.PHONY: test demo sweep-demo install clean bench bench-compile bench-gpu bench-parallel
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m cltrain.train.demo
+
+# 3 sizes x CLT/PLT on the demo's activations, one data pass, then the sweep report (train/sweep_demo.py)
+sweep-demo: $(STAMP)
+	$(VENV)/bin/python -m cltrain.train.sweep_demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py

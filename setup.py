@@ -16,14 +16,18 @@ setup(
         "cltrain.kernels": "kernels",
         "cltrain.configs": "configs",
     },
-    package_data={"cltrain.configs": ["*.yaml", "*/*.yaml"]},
+    package_data={"cltrain.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=[
         # A range, so the local CPU build 2.13.0 satisfies it and nothing bigger is pulled.
         "torch>=2.4,<2.15",
         "deepspeed>=0.16",
         "accelerate>=1.0",
-        "wandb>=0.18",
+        "wandb>=0.19.10",  # wandb.init(reinit="create_new"): one W&B run per dictionary of a data pass (train/multi.py)
         "hydra-core>=1.3",
+        # Sweep launchers (configs/hydra/launcher/): slurm = submitit, local = joblib. 1.2.0 is the
+        # release written for hydra-core 1.3 (the one tested here).
+        "hydra-submitit-launcher>=1.2,<1.3",
+        "hydra-joblib-launcher>=1.2,<1.3",
         "omegaconf>=2.3",
         "webdataset>=0.2.100",
         "triton>=3.0; platform_system == 'Linux'",

@@ -20,18 +20,30 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .clt import ACTIVATIONS, CLTConfig, LossWeights
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-CONFIG_GROUPS = ("model", "data", "optim", "parallel", "deepspeed", "logger", "sweep", "launcher")
+CONFIG_GROUPS = ("model", "data", "optim", "parallel", "deepspeed", "logger", "sweep")
 
 # What a user may add to a clt-train config beyond the schema:
 #   +sweep=NAME     a sweep preset (configs/sweep/): Hydra multirun settings; sets only known keys otherwise
-#   +launcher=NAME  launch settings read by launch/ scripts (configs/launcher/): adds the launcher.* keys
-#   hydra.*         Hydra's own settings (run dir, sweeper, logging); never part of the job's config
-EXTENSION_POINTS = ("+sweep=NAME", "+launcher=NAME", "hydra.*")
+#   hydra.*         Hydra's own settings (run dir, sweeper, logging, hydra/launcher=local|slurm); never part
+#                   of the job's config
+EXTENSION_POINTS = ("+sweep=NAME", "hydra.*")
 _FREE_ROOTS = ("hydra",)  # present only with return_hydra_config=True; Hydra validates it itself
 
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key and the value."""
+
+
+def _run_name(*args) -> str:
+    from .sweep import run_name
+
+    return run_name(*args)
+
+
+# ${cltrain.run_name:...} (the sweep presets' readable run names, train/sweep.py): registered wherever a
+# config is composed or a job resolves one (launcher workers import this module with the job).
+if not OmegaConf.has_resolver("cltrain.run_name"):
+    OmegaConf.register_new_resolver("cltrain.run_name", _run_name)
 
 
 def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] = (),
@@ -189,6 +201,12 @@ Betas = Check(lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(b
 Resume = Check(lambda v: isinstance(v, bool) or (isinstance(v, str) and v.strip() != ""),
                "true, false or a checkpoint folder")
 Fused = Choice("auto", True, False)
+# Several dictionaries per data pass (train/multi.py): null, or a list of overrides of model.* / optim.*
+# keys, one mapping per dictionary, e.g. [{model.n_features: 1024}, {model.n_features: 2048}].
+DICTIONARY_PREFIXES = ("model.", "optim.")
+Dictionaries = Check(lambda v: v is None or (isinstance(v, list) and len(v) >= 1 and all(
+    isinstance(d, dict) and all(isinstance(k, str) and k.startswith(DICTIONARY_PREFIXES) for k in d) for d in v)),
+    "null or a non-empty list of mappings of model.* / optim.* keys, e.g. [{model.n_features: 1024}]")
 Layers = Check(lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v)
                                        and v[0] <= v[1]), "null or [first, last] with 0 <= first <= last")
 
@@ -271,14 +289,11 @@ TRAIN_SCHEMA = {
     "deepspeed.allgather_bucket_size": Int(1, none=True).optional(),
     "deepspeed.stage3_param_persistence_threshold": Int(0, none=True).optional(),
     **{f"logger.{k}": c for k, c in LOGGER_SCHEMA.items()},
-    # +launcher=NAME (an extension point): only present when selected
-    "launcher.nproc": Int(1).optional(),
-    "launcher.nnodes": Int(1).optional(),
-    "launcher.partition": Text(none=True).optional(),
-    "launcher.time": Text().optional(),
+    "dictionaries": Dictionaries,
 }
 
 EVAL_SCHEMA = {
+    "sweep_dir": PathLike(none=True),
     "model_dir": PathLike(none=True),
     "out_dir": PathLike(none=True),
     "dataset": PathLike(none=True),
@@ -524,9 +539,10 @@ def resolve_precision(value: str, device_type: str) -> str:
 def validate_eval(cfg: DictConfig):
     """Keys and values of a clt-eval config (configs/eval.yaml); run before anything is read."""
     check_schema(cfg, EVAL_SCHEMA)
-    if not _get(cfg, "model_dir") and not _get(cfg, "frontier"):
+    if not _get(cfg, "model_dir") and not _get(cfg, "frontier") and not _get(cfg, "sweep_dir"):
         raise ConfigError("config key 'model_dir' = None: expected the folder of a trained CLT (model.safetensors "
-                          "+ model.json) or a clt-train run folder, e.g. clt-eval model_dir=runs/clt")
+                          "+ model.json) or a clt-train run folder, e.g. clt-eval model_dir=runs/clt (or "
+                          "sweep_dir=runs/SWEEP for every run of a sweep)")
     if _get(cfg, "logger.mode") == "online":
         check_wandb_login("logger.mode")
 

@@ -339,6 +339,15 @@ def _validate(cfg):
 def run(cfg) -> dict:
     """clt-eval with a composed config (configs/eval.yaml). With `frontier` (a list of metrics.json files
     or eval folders) it also writes frontier.png; with frontier and no model_dir it only plots."""
+    if cfg.get("sweep_dir"):  # every run of a sweep, one table and the sweep plots (train/sweep_report.py)
+        from .config import validate_eval
+        from .sweep_report import evaluate_sweep
+
+        validate_eval(cfg)
+        graphs = GraphSettings.from_config(cfg.get("graphs"))
+        if graphs.enabled:
+            graphs.validate()
+        return evaluate_sweep(cfg, graphs)
     frontier = list(cfg.get("frontier") or [])
     if frontier and not cfg.get("model_dir"):
         if not cfg.get("out_dir"):

@@ -233,6 +233,8 @@ class RunLogger:
                 project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.run_name,
                 group=logger_cfg.group, tags=list(logger_cfg.tags or []), mode=logger_cfg.mode,
                 dir=str(run_dir), id=self.run_id, resume="allow", config=config,
+                # several runs in one process (train/multi.py: one per dictionary) each keep their own
+                reinit="create_new",
                 settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True))
         if progress:
             from tqdm.auto import tqdm

@@ -242,9 +242,13 @@ class Trainer:
     # --- build ---
 
     @classmethod
-    def build(cls, cfg: DictConfig) -> "Trainer":
+    def build(cls, cfg: DictConfig, loader=None, first_batch=None) -> "Trainer":
+        """loader / first_batch: for several dictionaries trained on one data pass (train/multi.py): a
+        loader shared with other Trainers (already verified; this Trainer does not close it), and a
+        function(loader) giving the pass's first batch (calibration reads it once for all)."""
         self = cls()
         self.cfg = cfg
+        self.owns_loader, self._first_batch = loader is None, first_batch
         validate_train(cfg)
         if cfg.data.get("path") is None:
             raise ConfigError("config key 'data.path' = None: expected the dataset folder or URL written by clt-harvest")
@@ -296,11 +300,12 @@ class Trainer:
             from cltrain.kernels import retain_freed_cpu_memory
             retain_freed_cpu_memory()
 
-        self._verify_shards()
+        if loader is None:
+            self._verify_shards()
         # Batches stay in the shards' dtype (pinned on CUDA); TrainStep normalizes them on the device.
-        self.loader = loader_from_config(cfg.data, int(cfg.batch_tokens), dp_rank=layout.dp_rank,
-                                         dp_size=layout.dp_size, seed=int(cfg.seed), device=device,
-                                         normalize=False)
+        self.loader = loader if loader is not None else loader_from_config(
+            cfg.data, int(cfg.batch_tokens), dp_rank=layout.dp_rank, dp_size=layout.dp_size, seed=int(cfg.seed),
+            device=device, normalize=False)
         self.timer = StepTimer(cuda=device.type == "cuda")
         self.step_module = TrainStep(clt, cfg.model, self.timer)
         self.optimizer = make_optimizer(self.step_module.parameters(), cfg, device, layout, self.precision)
@@ -394,13 +399,17 @@ class Trainer:
             return
         # Calibrate on the first batch (which step 0 then trains on). FP ranks share the batch, so their
         # slices agree; DP replicas average their estimates so every replica starts identical.
-        batches = iter(self.loader)
-        self.pending = next(batches)
+        if self._first_batch is not None:  # shared with other dictionaries of one data pass (train/multi.py)
+            self.pending = self._first_batch(self.loader)
+        else:
+            batches = iter(self.loader)
+            self.pending = next(batches)
         self.clt.calibrate_thresholds(self.batch_tensors(self.pending)[0], float(rate))
         if self.layout.dp_size > 1:
             dist.all_reduce(self.clt.log_threshold.data, group=self.layout.dp_group)
             self.clt.log_threshold.data.div_(self.layout.dp_size)
-        self._first_batches = batches
+        if self._first_batch is None:
+            self._first_batches = batches
 
     def state_bytes(self) -> int:
         """Bytes of parameters and optimizer state this rank holds (measured from the live tensors)."""
@@ -607,7 +616,7 @@ class Trainer:
         return f"step {self.step + 1}, {self.timer.current or 'between phases'}"
 
     def close(self):
-        for name in ("logger", "loader"):
+        for name in ("logger", "loader") if getattr(self, "owns_loader", True) else ("logger",):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
@@ -627,7 +636,8 @@ class PreemptionSignal:
     warning) set a flag instead of ending the process; `requested` (a collective) tells every rank at
     the same step, so all of them checkpoint together. Active inside `with`."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    # SIGUSR2: the time-limit warning of jobs sent by submitit (Hydra's slurm launcher, --signal=USR2@N)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.signum, self.previous = None, {}
@@ -669,7 +679,17 @@ class OutOfMemory(ConfigError):
 
 def train(cfg: DictConfig) -> Path:
     """Run (or resume) a training job; returns OUT/model, the whole trained CLT (model_io.load_clt)."""
+    from .sweep import finished_model
+    from .multi import train_dictionaries
+
+    if cfg.get("dictionaries"):
+        return train_dictionaries(cfg)
     trainer = None
+    validate_train(cfg)
+    done = finished_model(cfg)  # a resubmitted sweep: this run already finished
+    if done is not None:
+        print(f"clt-train: {done} is this run's finished model (resume=true): skipped", flush=True)
+        return done
     try:
         trainer = Trainer.build(cfg)
         return trainer.fit()
@@ -699,6 +719,9 @@ def train(cfg: DictConfig) -> Path:
 
 
 def _hydra_job(cfg: DictConfig):
+    from .sweep import slurm_rendezvous
+
+    slurm_rendezvous()  # a SLURM job sent by the submitit launcher: ranks and rendezvous from SLURM_*
     try:
         train(cfg)
     except Preempted:
@@ -713,6 +736,9 @@ def _hydra_job(cfg: DictConfig):
 
 def main():
     sys.argv = strip_launcher_args(sys.argv)
+    from .sweep import mark_swept
+
+    mark_swept(sys.argv)  # a multirun: every run is checked before the first starts
     dist_env()  # map SLURM_* to RANK/WORLD_SIZE/LOCAL_RANK now: the Hydra run dir is per ${RANK}
     import hydra
 

@@ -1,0 +1,255 @@
+"""Sweeps: readable run names, the checks a multirun makes before any run starts, skipping finished runs
+on a resubmission, and the SLURM rendezvous for multi-GPU runs launched by Hydra's submitit launcher.
+
+A sweep is `clt-train -m +sweep=NAME ...` (configs/sweep/): every run lands in runs/<group>/<run name>,
+named from what distinguishes it (clt-F4096-ls5: architecture, dictionary size, lambda_s, and any
+other swept key), with one W&B group per sweep. Constant overrides (data.path=/a/b, steps=...) never
+enter a name. See launch/README.md.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, compose, validate_train
+
+# Keys swept on the command line (set by clt-train's main before Hydra starts, read by the run-name
+# resolver inside each job; the environment reaches joblib workers and SLURM jobs alike).
+SWEPT_ENV = "CLTRAIN_SWEPT_KEYS"
+# Already in the base of every name.
+NAME_KEYS = ("model", "model.per_layer", "model.n_features", "model.loss.lambda_s", "model.activation",
+             "model.topk")
+# Sweep-level keys that never distinguish runs (paths, the sweep's own settings).
+NEVER_IN_NAME = ("data.path", "out_dir", "resume", "logger.group", "logger.mode", "logger.project",
+                 "logger.entity", "progress")
+MAX_RUNS_CHECKED = 512
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def clean(text: str) -> str:
+    """A value as a single path component: no slashes (no nested folders), no spaces or quotes."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_") or "x"
+
+
+def base_name(per_layer, n_features, lambda_s, activation="jumprelu", topk=0) -> str:
+    """clt-F4096-ls5 / plt-F1024-ls0.5; TopK / BatchTopK runs add their k (their lambda_s is unused)."""
+    arch = "plt" if str(per_layer).lower() in ("true", "1") else "clt"
+    name = f"{arch}-F{n_features}"
+    if activation in ("topk", "batchtopk"):
+        return f"{name}-{activation}{topk}"
+    try:
+        lam = _fmt(float(lambda_s))
+    except (TypeError, ValueError):
+        lam = str(lambda_s)
+    return f"{name}-ls{lam}"
+
+
+def swept_keys() -> set[str]:
+    """Keys that take several values in this sweep: the command line's (SWEPT_ENV) and the preset's
+    hydra.sweeper.params."""
+    keys = {k for k in os.environ.get(SWEPT_ENV, "").split(",") if k}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        params = HydraConfig.get().sweeper.get("params") or {}
+        keys |= {str(k).lstrip("+~") for k in params}
+    except (ValueError, AttributeError):
+        pass
+    return keys
+
+
+def _task_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ValueError, AttributeError):
+        return []
+
+
+def run_name(per_layer, n_features, lambda_s, activation="jumprelu", topk=0) -> str:
+    """The `cltrain.run_name` resolver: the base name plus `key-value` for every other swept key of
+    this job (so runs that differ only in, e.g., optim.lr get different folders)."""
+    name = base_name(per_layer, n_features, lambda_s, activation, topk)
+    swept = swept_keys() - set(NAME_KEYS) - set(NEVER_IN_NAME)
+    extra = []
+    for ov in _task_overrides():
+        key, _, value = ov.partition("=")
+        key = key.lstrip("+~")
+        if key in swept:
+            extra.append(f"{key.split('.')[-1]}{clean(value)}")
+    return "-".join([name] + sorted(extra))
+
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Before any run starts: every combination of the sweep composes and passes validate_train.
+
+
+def _split_overrides(args: list[str]):
+    """(fixed overrides, {key: [override strings]} of the sweeps) from command-line arguments."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    fixed, sweeps = [], {}
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (ov,) = parser.parse_overrides([arg])
+        except Exception as e:  # Hydra reports its own parse errors; name the argument
+            raise ConfigError(f"sweep argument {arg!r}: {str(e).splitlines()[0]}") from None
+        key = ov.get_key_element()
+        if key.startswith("hydra") or key.startswith("+hydra"):
+            continue
+        if ov.is_sweep_override():
+            if ov.is_discrete_sweep():
+                sweeps[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+            else:  # interval sweeps belong to optimizing sweepers; checked per run by the job itself
+                continue
+        else:
+            fixed.append(arg)
+    return fixed, sweeps
+
+
+def check_sweep(args: list[str]):
+    """Compose and validate every run of `clt-train -m ARGS` before the first starts, so an invalid
+    value (model.n_features=-1) stops the whole sweep naming it, instead of failing run by run.
+    Returns the swept keys."""
+    fixed, sweeps = _split_overrides(args)
+    first = fixed + [v[0] for v in sweeps.values()]
+    try:
+        base = compose("train", first, return_hydra_config=True)
+    except ConfigError as e:
+        raise ConfigError(f"sweep: {e}") from None
+    params = OmegaConf.select(base, "hydra.sweeper.params") or {}
+    for key, values in params.items():
+        key = str(key)
+        if key in sweeps:  # the command line wins over the preset
+            continue
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        (ov,) = OverridesParser.create().parse_overrides([f"{key}={values}"])
+        sweeps[key] = ([f"{key}={v}" for v in ov.sweep_string_iterator()] if ov.is_sweep_override()
+                       else [f"{key}={values}"])
+    combos = list(itertools.islice(itertools.product(*sweeps.values()), MAX_RUNS_CHECKED))
+    for combo in combos:
+        try:
+            validate_train(compose("train", fixed + list(combo)))
+        except ConfigError as e:
+            raise ConfigError(f"sweep run [{' '.join(combo)}]: {e}; no run was started") from None
+    return set(sweeps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resubmission: a run whose OUT/model is this run's finished model is skipped.
+
+
+def expected_fingerprint(cfg: DictConfig) -> dict:
+    """This run's fingerprint (trainer.fingerprint) computed without building anything."""
+    import torch
+
+    from .config import resolve_precision, resolve_steps
+    from .data import DatasetInfo
+    from .parallel import dist_env
+    from .trainer import fingerprint
+
+    info = DatasetInfo.load(str(cfg.data.path))
+    _, world, _ = dist_env()
+    dp = max(world // int(cfg.parallel.feature_parallel), 1)
+    dev = str(cfg.device)
+    dev_type = "cuda" if dev == "cuda" or (dev == "auto" and torch.cuda.is_available()) else "cpu"
+    layout = SimpleNamespace(world=world, dp_size=dp)
+    return fingerprint(cfg, info, layout, resolve_precision(str(cfg.precision), dev_type), resolve_steps(cfg, dp))
+
+
+def finished_model(cfg: DictConfig) -> Path | None:
+    """OUT/model when it is this run's finished model (resume=true only: a resubmitted sweep): the latest
+    checkpoint is at the run's last step with this run's fingerprint, and OUT/model was published from
+    it. None otherwise (then the run resumes or starts)."""
+    import json
+
+    from . import checkpoint as ckpt
+    from .model_io import META
+
+    if cfg.get("resume") is not True or cfg.get("stop_at_step") is not None:
+        return None
+    out = Path(str(cfg.out_dir))
+    model = out / "model"
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    if latest is None or not (model / META).is_file():
+        return None
+    try:
+        saved = ckpt.read_trainer_state(latest)
+        meta = json.loads((model / META).read_text())
+    except (ckpt.CheckpointError, OSError, json.JSONDecodeError):
+        return None
+    want = expected_fingerprint(cfg)
+    have = saved.get("fingerprint", {})
+    if any(have.get(k) != want.get(k) for k in set(have) | set(want) if k not in ckpt.LAYOUT_KEYS):
+        return None
+    steps = want["steps"]
+    if int(saved.get("step", -1)) != steps or int(meta.get("train", {}).get("step", -1)) != steps:
+        return None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# SLURM jobs sent by Hydra's submitit launcher: one SLURM task per GPU, each a rank.
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (node[03-05,7],other -> node03), as `scontrol show hostnames`."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = re.split(r",(?![^\[]*\])", nodelist)[0]
+    m = re.match(r"([^\[]+)\[([^\]]+)\]", head)
+    if not m:
+        return head
+    first = m.group(2).split(",")[0].split("-")[0]
+    return m.group(1) + first
+
+
+def slurm_rendezvous(env=os.environ):
+    """Inside a SLURM job started by submitit (SUBMITIT_EXECUTOR=slurm): the ranks come from this task's
+    SLURM_* variables (never from a submitting shell's RANK), the rendezvous from the job's first node
+    and a port derived from the job id (every task computes the same one). No-op elsewhere."""
+    if env.get("SUBMITIT_EXECUTOR") != "slurm" or "SLURM_PROCID" not in env:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_NTASKS", "1")
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if int(env["WORLD_SIZE"]) > 1:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        env["MASTER_ADDR"] = first_host(nodelist)
+        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+
+
+def mark_swept(argv: list[str]):
+    """clt-train's main, before Hydra: in a multirun, check every run first, and tell the run-name
+    resolver which keys are swept. Exits 2 with the message on bad input."""
+    if not any(a in ("-m", "--multirun") for a in argv) and "+sweep=" not in " ".join(argv):
+        return
+    try:
+        keys = check_sweep([a for a in argv[1:] if not a.startswith("-")])
+    except ConfigError as e:
+        print(f"clt-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    os.environ[SWEPT_ENV] = ",".join(sorted(keys))
