@@ -205,3 +205,21 @@ def test_wandb_after_a_resume_logs_each_step_once(data, tmp_path, monkeypatch):
     assert logged == list(range(1, 9)), logged
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_a_signal_to_one_rank_checkpoints_every_rank_at_the_same_step(data, tmp_path):
+    """SLURM signals every task, but a signal reaching one rank alone must stop them all together: the
+    ranks compare flags every PreemptionSignal.CHECK_EVERY steps and write one checkpoint."""
+    out = tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cltrain.train.trainer", f"out_dir={out}", f"data.path={data}", *COMMON, "steps=400",
+           "checkpoint_every=1000", "parallel=fp2"]
+    proc = _start(cmd, tmp_path)
+    _wait_for_step(out, 3, proc)
+    os.kill(_children(proc.pid)[1], signal.SIGUSR1)
+    text = _finish(proc, 120)
+    assert proc.returncode != 0 and text.count("SIGUSR1 received") + text.count("SIGTERM received") >= 1, text[-3000:]
+    step = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert step % trainer.PreemptionSignal.CHECK_EVERY == 0 and step < 400
+    ranks = sorted(p.name for p in (out / "checkpoints" / f"step-{step:06d}" / "ranks").iterdir())
+    assert ranks == ["rank-00000.pt", "rank-00001.pt"]

@@ -553,7 +553,7 @@ class Trainer:
                                               if v in values})
                 else:
                     self.logger.advance(1)
-                preempted = self.preemption.requested(self.device)  # collective: every rank agrees
+                preempted = self.preemption.requested(self.device, self.step)  # every rank agrees
                 if self.step % every == 0 or self.step == self.stop or preempted:
                     self.peaks.end("steps")
                     self.timer.current = "checkpoint"
@@ -633,8 +633,8 @@ class Preempted(Exception):
 
 class PreemptionSignal:
     """SIGTERM (what SLURM and Kubernetes send before killing a job) and SIGUSR1 (SLURM's --signal
-    warning) set a flag instead of ending the process; `requested` (a collective) tells every rank at
-    the same step, so all of them checkpoint together. Active inside `with`."""
+    warning) set a flag instead of ending the process; `requested` (a collective every CHECK_EVERY
+    steps) tells every rank at the same step, so all of them checkpoint together. Active inside `with`."""
 
     # SIGUSR2: the time-limit warning of jobs sent by submitit (Hydra's slurm launcher, --signal=USR2@N)
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -660,10 +660,17 @@ class PreemptionSignal:
             signal.signal(sig, handler)
         self.previous = {}
 
-    def requested(self, device) -> bool:
+    # Ranks compare flags every CHECK_EVERY steps only: the all-reduce synchronizes a GPU, and SLURM's
+    # warning (--signal=USR1@300) or a SIGTERM's grace period leaves time for a few steps.
+    CHECK_EVERY = 10
+
+    def requested(self, device, step: int) -> bool:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signum is not None
+        if step % self.CHECK_EVERY:
+            return False
         flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not self.signum:
             self.signum = signal.SIGTERM  # another rank got it
         return bool(flag.item())
