@@ -118,7 +118,7 @@ class MultiTrainer:
                                                if v in values})
                     else:
                         t.logger.advance(1)
-                preempted = lead.preemption.requested(lead.device)
+                preempted = lead.preemption.requested(lead.device, lead.step)
                 if lead.step % every == 0 or lead.step == stop or preempted:
                     for t in self.trainers:
                         last[id(t)] = t.save()
