@@ -112,11 +112,16 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
+def fingerprint_diff(saved: dict, current: dict) -> list[str]:
+    """The fingerprint keys that differ, the layout keys (which a resume may change) left out."""
+    return [k for k in sorted(set(saved) | set(current))
+            if k not in LAYOUT_KEYS and saved.get(k) != current.get(k)]
+
+
 def check_fingerprint(saved: dict, current: dict, path: Path):
     """Refuse to resume with a config that changes the model, the data order or the schedules; the
     layout keys (LAYOUT_KEYS) may change."""
-    diff = [k for k in sorted(set(saved) | set(current))
-            if k not in LAYOUT_KEYS and saved.get(k) != current.get(k)]
+    diff = fingerprint_diff(saved, current)
     if diff:
         lines = "; ".join(f"'{k}' = {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in diff[:8])
         hint = (" (global_batch_tokens = batch_tokens x grad_accum x data-parallel size: adjust batch_tokens "
@@ -434,8 +439,7 @@ def publish_model(checkpoint: Path, dst: Path, fingerprint: dict):
     from .model_io import replace_dir
 
     saved = read_trainer_state(checkpoint).get("fingerprint", {})
-    diff = [k for k in sorted(set(saved) | set(fingerprint))
-            if k not in LAYOUT_KEYS and saved.get(k) != fingerprint.get(k)]
+    diff = fingerprint_diff(saved, fingerprint)
     if diff:
         raise CheckpointError(f"{checkpoint}: not this run's checkpoint ({diff[0]!r} = {saved.get(diff[0])!r} "
                               f"there, {fingerprint.get(diff[0])!r} in this run); not published as {dst}")

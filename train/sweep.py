@@ -199,7 +199,7 @@ def finished_model(cfg: DictConfig) -> Path | None:
         return None
     want = expected_fingerprint(cfg)
     have = saved.get("fingerprint", {})
-    if any(have.get(k) != want.get(k) for k in set(have) | set(want) if k not in ckpt.LAYOUT_KEYS):
+    if ckpt.fingerprint_diff(have, want):
         return None
     steps = want["steps"]
     if int(saved.get("step", -1)) != steps or int(meta.get("train", {}).get("step", -1)) != steps:
