@@ -23,7 +23,10 @@ setup(
         "deepspeed>=0.16",
         "accelerate>=1.0",
         "wandb>=0.19.10",  # wandb.init(reinit="create_new"): one W&B run per dictionary of a data pass (train/multi.py)
-        "hydra-core>=1.3",
+        # <1.4: 1.4 exists only as release candidates, and the launchers' own `hydra-core>=1.1.0.dev7`
+        # (a pre-release specifier) would otherwise let pip pick one (1.4.0rc3, which also prints a
+        # version_base deprecation warning on every command).
+        "hydra-core>=1.3,<1.4",
         # Sweep launchers (configs/hydra/launcher/): slurm = submitit, local = joblib. 1.2.0 is the
         # release written for hydra-core 1.3 (the one tested here).
         "hydra-submitit-launcher>=1.2,<1.3",
