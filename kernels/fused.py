@@ -13,6 +13,9 @@ So the decode's part of g is computed exactly only on P = active | not in window
 product), T_f from one matrix-vector product per source layer, and the encode backward receives
 the window's missing mass T_f - sum_{b in P} g[b, f] as a per-feature term (`window_extra`). The
 sparsity term's part of g (given by autograd as a dense [B, N, F] tensor) is summed directly.
+(The positions below the window enter only as sums, so they could also be summed as one CSR x dense
+product per layer; on the 2-core CPU that was 1.5x slower than the sampled product over P:
+benchmarks/kernels.md, "Activation gradient".)
 
 Elsewhere (straight-through to h on, d loss / d pre or d loss / d x asked for, a narrow window whose
 mask is already sparse, or P dense) the backward is exactly the encode's and the decode's composed.
@@ -24,15 +27,13 @@ import torch
 
 from cltrain.train.clt import Encoded, nonzero_positions
 
-from .torch_ops import (DENSE_GRAD_ABOVE, SparseLayers, _csr, _quiet_sparse, _TorchEncode,
-                        _TorchSparseDecode, _upcast)
+from .torch_ops import DENSE_GRAD_ABOVE, _TorchEncode, _TorchSparseDecode
 
 
-# The window-complement path runs only where P = active | below the window covers at most this
-# fraction of positions (and the implementation's own density switch allows it): its sparse
-# products over P cost as much as the dense activation gradient they replace once P holds a few
-# percent of positions on a 2-core CPU (benchmarks/kernels.md, "--steps"), and at eps = 2 P is ~6%.
-COMPLEMENT_BELOW = 0.02
+# The window-complement path runs wherever it applies and P = active | outside the window is sparse
+# by the decode's own switch (dense_grad_above); False composes encode and decode as they are (the
+# benchmark's comparison, benchmarks/kernels.py --steps).
+WINDOW_COMPLEMENT = True
 
 
 class _SubCtx:
@@ -56,13 +57,10 @@ class _SubCtx:
 class _Impl:
     """One implementation's encode / decode Functions and their extra (non-tensor) arguments."""
 
-    def __init__(self, encode, decode, enc_args: tuple, dec_args: tuple, pre_theta, below_sums=None):
+    def __init__(self, encode, decode, enc_args: tuple, dec_args: tuple, pre_theta):
         self.encode, self.decode = encode, decode
         self.enc_args, self.dec_args = enc_args, dec_args
         self.pre_theta = pre_theta  # saved encode tensors -> (pre [N, B, F], theta [N, 1, F])
-        # (below [B, N, F] bool, dY, W_dec) -> [N, F] sums of d loss / d a over the positions below
-        # the window; None: the decode computes those positions' values (sampled) instead
-        self.below_sums = below_sums
 
 
 class _EncodeDecode(torch.autograd.Function):
@@ -89,8 +87,8 @@ class _EncodeDecode(torch.autograd.Function):
         ectx.needs_input_grad = tuple(need_enc) + (False,) * len(impl.enc_args)
         dctx.needs_input_grad = (any(need_enc), False) + (False,) * n_dec_args + tuple(need_dec)
 
-        complement = (grad_y is not None and grad_pre is None and not need_enc[0] and not ectx.st_to_preact
-                      and any(need_enc))
+        complement = (WINDOW_COMPLEMENT and grad_y is not None and grad_pre is None and not need_enc[0]
+                      and not ectx.st_to_preact and any(need_enc))
         if complement:
             # The window's mask must be dense (else its own positions are the cheaper listing) and
             # P = active | outside the window sparse.
@@ -98,16 +96,10 @@ class _EncodeDecode(torch.autograd.Function):
             complement = nonzero_positions(ectx.grad_mask, dga) is None
         if complement:
             pre, theta = impl.pre_theta(ectx.saved_tensors)
-            diff = pre - theta
-            P = ((diff > 0) | (diff <= -ectx.bandwidth / 2)).transpose(0, 1)
-            complement = nonzero_positions(P, min(dga, COMPLEMENT_BELOW)) is not None
-        below = None
-        if complement and impl.below_sums is not None:
-            # exact d loss / d a at the active positions only; the positions below the window enter
-            # as per-feature sums (one sparse x dense product per layer, no per-position values)
-            dctx.grad_mask = (diff > 0).transpose(0, 1)
-            below = (diff <= -ectx.bandwidth / 2).transpose(0, 1)
-        elif complement:
+            # active | below the window, i.e. active | not grad_mask (grad_mask is diff > -eps/2)
+            P = torch.logical_not(ectx.grad_mask).logical_or_((pre > theta).transpose(0, 1))
+            complement = nonzero_positions(P, dga) is not None
+        if complement:
             dctx.grad_mask = P  # exact d loss / d a on P only
         g_dec, grad_W_dec = None, (None,) * len(need_dec)
         if grad_y is not None:
@@ -118,8 +110,6 @@ class _EncodeDecode(torch.autograd.Function):
             W_dec = dctx.saved_tensors[1:]
             totals = _window_totals(grad_y, W_dec)
             ectx.window_extra = totals - g_dec.sum(0).to(totals.dtype)
-            if below is not None:
-                ectx.window_extra -= impl.below_sums(below, grad_y, W_dec).to(totals.dtype)
         g = g_dec if grad_acts is None else (grad_acts if g_dec is None else g_dec + grad_acts)
         grads_enc = impl.encode.backward(ectx, grad_pre, g, None, grad_gap)
         ectx.window_extra = None
@@ -134,28 +124,6 @@ def _window_totals(grad_y, W_dec):
         F, n_slots, D = w.shape
         out.append(w.reshape(F, n_slots * D).to(col.dtype) @ col[s:s + n_slots].reshape(-1))
     return torch.stack(out)
-
-
-def _torch_below_sums(below, grad_y, W_dec):
-    """[N, F]: sum over the positions b below the window of <dY[b, s:s+S], W_s[f]>, as
-    rowsum((M_s^T dY_s) * W_s) with M_s the [B, F] below-window pattern: a CSR x dense product (MKL)
-    and an elementwise pass, instead of a per-position (sampled) product."""
-    B, N, F = below.shape
-    layers = SparseLayers(below, with_values=False, indices=nonzero_positions(below))
-    dY = _upcast(grad_y)
-    out = dY.new_zeros(N, F)
-    with _quiet_sparse():
-        for s, (ccol, b_idx, _, _) in enumerate(layers.feature_major()):
-            if b_idx.numel() == 0:
-                continue
-            w = W_dec[s]
-            n_slots = w.shape[1]
-            W2 = _upcast(w).reshape(F, n_slots * w.shape[2])
-            dY_s = dY[:, s:s + n_slots].reshape(B, -1)
-            ones = torch.ones(b_idx.numel(), dtype=dY.dtype, device=dY.device)
-            R = torch.addmm(torch.empty_like(W2), _csr(ccol, b_idx, ones, (F, B)), dY_s, beta=0)
-            out[s] = R.mul_(W2).sum(1)
-    return out
 
 
 def _torch_pre_theta(saved):
@@ -178,7 +146,7 @@ def torch_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float,
     """(Encoded, partial y_hat): `torch_encode` then `torch_sparse_decode` in one Function (see the
     module docstring); results and gradients as reference_encode then reference_decode."""
     impl = _Impl(_TorchEncode, _TorchSparseDecode, (bandwidth, st_to_preact, dense_grad_above),
-                 (dense_grad_above,), _torch_pre_theta, _torch_below_sums)
+                 (dense_grad_above,), _torch_pre_theta)
     return _apply(impl, x, W_enc, b_enc, log_threshold, W_dec)
 
 

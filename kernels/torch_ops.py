@@ -18,8 +18,8 @@ The acts gradient is needed wherever JumpReLU's backward reads it (active or ins
 straight-through window, `grad_mask`). When that mask is sparse it is a sampled dense-dense product
 (torch.sparse.sampled_addmm, feature-major so each decoder row is read once); when it is dense
 (early in training with eps = 2 the window holds almost every position) the plain dense product is
-cheaper. `dense_grad_above` is the mask density where we switch (measured crossover on a 2-core CPU:
-about 10-15%, see benchmarks/kernels.md).
+cheaper. `dense_grad_above` is the mask density where we switch (measured crossover on 2-core CPUs:
+about 8% to 11%, see benchmarks/kernels.md).
 
 Why the encode's backward is sparse too: in training nothing needs d loss / d x or d loss / d pre
 (the pre-activation penalty reads Encoded.preact_gap), and d loss / d pre is then a part on grad_mask
@@ -36,8 +36,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from cltrain.train.clt import Encoded, jumprelu_grad_mask, nonzero_positions, preact_gap
 
-# Mask density above which the acts gradient is computed as a dense product (see module docstring).
-DENSE_GRAD_ABOVE = 0.1
+# Mask density above which the acts gradient is computed as a dense product (see module docstring;
+# the crossover measured ~11% on 2026-11-24 and ~8% on 2026-11-29, on two 2-core Xeon VMs).
+DENSE_GRAD_ABOVE = 0.08
 # Activation density (per source layer) above which the decode's forward and weight-gradient products
 # are dense: the crossover of CSR and dense products on a 2-core CPU is about 3.5% for the forward
 # and 9% for the weight gradient (S = 12 slots, B = 1024, F = 4096). Early in training (theta = 0.03
@@ -173,8 +174,12 @@ def _encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap, 
     if grad_acts is not None and window_sums:
         ga = grad_acts.transpose(0, 1)
         s_vals = ga[n, b, f] * (diff > 0)
-        window = (pre - theta).abs_() < ctx.bandwidth / 2
-        grad_theta -= torch.where(window, ga, 0).sum(1) * (theta.squeeze(1) / ctx.bandwidth)
+        # the window |diff| < eps/2 is grad_mask (diff > -eps/2) less the listed positions with
+        # diff >= eps/2: one masked reduction over [N, B, F] instead of recomputing |pre - theta|
+        window_sum = torch.where(ctx.grad_mask.transpose(0, 1), ga, 0).sum(1)
+        high = diff >= ctx.bandwidth / 2
+        window_sum.index_put_((n[high], f[high]), -ga[n[high], b[high], f[high]], accumulate=True)
+        grad_theta -= window_sum * (theta.squeeze(1) / ctx.bandwidth)
     elif grad_acts is not None:
         s_vals, jump = _jump(ctx, diff, th, grad_acts[b, n, f])
         grad_theta.index_put_((n, f), jump, accumulate=True)

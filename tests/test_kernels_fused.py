@@ -97,7 +97,6 @@ def _run(impl, B, N, D, F, per_layer, eps, st, use, dtype, rtol, monkeypatch):
     calls = []
     original = fused._window_totals
     monkeypatch.setattr(fused, "_window_totals", lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setattr(fused, "COMPLEMENT_BELOW", 1.0)  # only dense_grad_above decides here
     params_k = [t.detach().to(DEV, dtype).requires_grad_() for t in (W, b, lt, *W_dec)]
     fn = fused.torch_encode_decode if impl == "torch" else fused.triton_encode_decode
     kw = {} if impl == "torch" else dict(blocks=dict(block_b=32, block_f=32, block_d=32, block_b_bwd=32),
@@ -178,7 +177,6 @@ def test_triton_encode_decode_bf16(complement, monkeypatch):
     calls = []
     original = fused._window_totals
     monkeypatch.setattr(fused, "_window_totals", lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setattr(fused, "COMPLEMENT_BELOW", 1.0)  # only dense_grad_above decides here
     params_k = [t.detach().cuda().to(torch.bfloat16).requires_grad_() for t in (W, b, lt, *W_dec)]
     enc_k, y_k = fused.triton_encode_decode(x.cuda().to(torch.bfloat16), *params_k[:3], params_k[3:], eps,
                                             False, dense_grad_above=0.5 if complement else 0.0)
