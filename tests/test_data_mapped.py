@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cltrain.train.data import DatasetError, read_shard
-from cltrain.train.data.shards import EmptySlot
+from cltrain.train.data.shards import EmptySlot, SampleRef, map_shard
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,15 +48,29 @@ def test_local_shards_read_in_place_equal_the_streaming_path(make_dataset, dtype
     info = make_dataset(dtype=dtype)
     for rec in info.shard_records("all"):
         for start, stop in ((0, None), (3, None), (2, 5), (7, 8)):
-            for shared in (False, True):
-                local = list(read_shard(rec, info, start, stop, shared=shared))
-                stream = list(read_shard(streamed(rec), info, start, stop, shared=shared))
-                assert len(local) == (stop or 8) - start
-                assert_same(local, stream, rec)
-                if shared:  # one copy each, into shared memory
-                    assert all(s.x.is_shared() for s in local) and len(storages(local)) == len(local)
-                else:  # views of one mapping of the file; streamed samples are separate byte strings
-                    assert len(storages(local)) == 1 and len(storages(stream)) == len(stream)
+            local = list(read_shard(rec, info, start, stop))
+            stream = list(read_shard(streamed(rec), info, start, stop))
+            assert len(local) == (stop or 8) - start
+            assert_same(local, stream, rec)
+            # views of one mapping of the file; streamed samples are separate byte strings
+            assert len(storages(local)) == 1 and len(storages(stream)) == len(stream)
+            # for another process (shared=True): local samples by reference, streamed ones in shared memory
+            refs = list(read_shard(rec, info, start, stop, shared=True))
+            copies = list(read_shard(streamed(rec), info, start, stop, shared=True))
+            assert all(isinstance(r, SampleRef) for r in refs) and all(s.x.is_shared() for s in copies)
+            mapping = map_shard(refs[0].path, refs[0].ident)
+            assert_same([r.view(mapping) for r in refs], copies, rec)
+
+
+def test_a_shard_replaced_after_the_worker_checked_it_is_refused(make_dataset):
+    info = make_dataset()
+    rec = info.shard_records("all")[0]
+    ref = next(read_shard(rec, info, shared=True))
+    data = open(rec["url"], "rb").read()
+    os.remove(rec["url"])
+    open(rec["url"], "wb").write(data)  # the same bytes, another file
+    with pytest.raises(DatasetError, match=f"{re.escape(rec['url'])}: the shard file changed after a loader worker"):
+        map_shard(ref.path, ref.ident)
 
 
 def edit(path, fn):

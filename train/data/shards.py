@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -143,13 +144,14 @@ class EmptySlot(NamedTuple):
 
 
 def read_shard(rec: dict, info: DatasetInfo, start: int = 0, stop: int | None = None, on_error: str = "raise",
-               verify: bool = True, shared: bool = False) -> Iterator[Sample | EmptySlot]:
+               verify: bool = True, shared: bool = False) -> Iterator["Sample | SampleRef | EmptySlot"]:
     """One Sample or EmptySlot per slot start..stop-1 of a shard (stop defaults to its n_tokens / T from
     dataset.json). The sha256 is checked when the whole shard is read (start=0, stop=n): samples are
     handed out as they decode, and a mismatch is an error (or a warning with on_error="skip") when the
-    shard is done, on both read paths (module docstring). shared=True puts each sample in shared memory
-    (loader workers hand them to the training process by handle). With on_error="raise" a bad sample
-    raises DatasetError naming the shard."""
+    shard is done, on both read paths (module docstring). shared=True is for samples handed to another
+    process (loader workers): a local shard's checked sample comes as a SampleRef (where its tensors lie
+    in the file; the receiver maps the file itself), a streamed one is copied into shared memory. With
+    on_error="raise" a bad sample raises DatasetError naming the shard."""
     url, n = rec["url"], rec["n_tokens"] // info.tokens_per_sample
     stop = n if stop is None else min(stop, n)
     where = f"shard {rec['name']} ({url})"
@@ -185,11 +187,13 @@ def read_shard(rec: dict, info: DatasetInfo, start: int = 0, stop: int | None = 
                     item = problem(f"member {name!r} (sample {i}) is not a {SAMPLE_EXT} sample")
                 else:
                     try:
-                        if shared:  # one copy, into memory the training process maps
+                        if shared and not isinstance(source, _MappedShard):  # one copy, into shared memory
                             buf = torch.empty(len(data), dtype=torch.uint8).share_memory_()
-                            buf.copy_(data if isinstance(data, torch.Tensor) else _as_tensor(data))
+                            buf.copy_(_as_tensor(data))
                             data = buf
                         item = decode_sample(data, info)
+                        if shared and isinstance(source, _MappedShard):
+                            item = source.ref(item)
                     except SampleError as e:
                         item = problem(f"sample {i} ({name}): {e}")
                 i += 1
@@ -276,7 +280,7 @@ class _MappedShard:
             raise
 
     def __init__(self, f, tar: tarfile.TarFile, hashing: bool):
-        self.f, self.tar = f, tar
+        self.f, self.tar, self.ident = f, tar, _file_ident(f.fileno())
         # ACCESS_COPY: pages are the page cache's until written, and a sample the caller modifies in
         # place changes its private copy, not the file (read-only pages would crash it instead).
         self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -293,6 +297,16 @@ class _MappedShard:
                 raise tarfile.ReadError(f"member {ti.name!r} ends at byte {end}, past the end of the file ({size} bytes)")
             yield ti.name, self.buf[ti.offset_data:end]
 
+    def ref(self, sample: Sample) -> "SampleRef | Sample":
+        """A checked sample of this file by reference: the byte offset, dtype and shape of each tensor.
+        (A tensor safetensors did not align to its dtype was copied by decode_sample: such a sample
+        goes into shared memory instead.)"""
+        if any(t is not None and t.untyped_storage().data_ptr() != self.buf.data_ptr() for t in sample):
+            return Sample(*(None if t is None else t.clone().share_memory_() for t in sample))
+        return SampleRef(self.f.name, self.ident, tuple(
+            None if t is None else (t.storage_offset() * t.element_size(), str(t.dtype), tuple(t.shape))
+            for t in sample))
+
     def digest(self) -> str:
         return self.hasher.hexdigest()
 
@@ -302,6 +316,42 @@ class _MappedShard:
         self.tar.close()
         self.f.close()
         # The mapping itself is released when the last sample viewing it is freed.
+
+
+def _file_ident(fd: int) -> tuple:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class SampleRef(NamedTuple):
+    """A sample a loader worker checked, by reference: the shard file and, per Sample field, (byte
+    offset in the file, dtype, shape) or None. The training process maps the file itself
+    (`map_shard`): the bytes stay in the page cache, with no copy into shared memory on the way."""
+    path: str
+    ident: tuple  # (st_dev, st_ino, st_size, st_mtime_ns) of the file the worker checked
+    tensors: tuple
+
+    def view(self, mapping: torch.Tensor) -> Sample:
+        out = []
+        for t in self.tensors:
+            if t is None:
+                out.append(None)
+                continue
+            at, dtype, shape = t
+            dtype = getattr(torch, dtype.removeprefix("torch."))
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            out.append(mapping[at:at + n].view(dtype).view(shape))
+        return Sample(*out)
+
+
+def map_shard(path: str, ident: tuple) -> torch.Tensor:
+    """The whole file as a uint8 tensor over a copy-on-write mapping, if it is still the file a worker
+    checked (the same inode, size and mtime); DatasetError otherwise."""
+    with open(path, "rb") as f:
+        if _file_ident(f.fileno()) != tuple(ident):
+            raise DatasetError(f"{path}: the shard file changed after a loader worker checked it "
+                               f"(rewritten while training reads it?)")
+        return torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
 
 
 class _BackgroundSha256:
