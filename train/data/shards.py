@@ -10,8 +10,9 @@ tarfile in stream mode):
   once. Stream mode copies every member through 10 KB reads (30% of the loader's time, measured).
 - Local files are read in place: the file is mapped, tarfile in seekable mode reads only the 512-byte
   headers (TarInfo.offset_data and size) and seeks past the data, and each sample is decoded as views
-  of the mapping; nothing is copied before the shuffle gather (a loader worker copies once, into
-  shared memory). Resuming inside a shard seeks past the members before it without touching them.
+  of the mapping; nothing is copied before the shuffle gather (a loader worker sends a SampleRef,
+  file and offsets, and the training process maps the file too). Resuming inside a shard seeks past
+  the members before it without touching them.
   sha256 runs over the mapping in a background thread (hashlib releases the GIL on large updates), so
   it overlaps decoding and the gather instead of preceding them.
   A local file whose first header tarfile cannot read in plain seekable mode (compressed, or corrupt)
@@ -40,7 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from tqdm import tqdm
