@@ -201,3 +201,21 @@ def test_writing_into_a_sample_leaves_the_file_alone(make_dataset):
     assert open(rec["url"], "rb").read() == before
     again = next(read_shard(rec, info))
     assert torch.equal(again.x, ref) and not torch.equal(again.x, s.x)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_worker_batches_by_reference_equal_in_process_and_streamed_ones(make_dataset, dtype):
+    """1 worker sends local samples by reference (the training process maps the shard), streamed ones
+    through shared memory; 0 workers reads in process: the same batches, value for value."""
+    from cltrain.train.data import ActivationLoader
+    info = make_dataset(dtype=dtype)
+    kw = dict(batch_tokens=48, epochs=1, shuffle_buffer=80, seed=1, normalize=False)
+
+    def batches(path, workers):
+        return list(ActivationLoader(path, num_workers=workers, **kw))
+    ref = batches(info.path, 0)
+    for got in (batches(info.path, 1), batches(f"pipe:cat {info.path}/{{}}", 1)):
+        assert len(got) == len(ref) == 14
+        for a, b in zip(ref, got):
+            for u, v in zip(a, b):
+                assert (u is None) == (v is None) and (u is None or torch.equal(u, v))
