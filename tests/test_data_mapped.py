@@ -219,3 +219,52 @@ def test_worker_batches_by_reference_equal_in_process_and_streamed_ones(make_dat
         for a, b in zip(ref, got):
             for u, v in zip(a, b):
                 assert (u is None) == (v is None) and (u is None or torch.equal(u, v))
+
+
+def test_shards_hashed_up_front_are_not_hashed_again_unless_the_file_changed(make_dataset, monkeypatch):
+    """verify_shards' identities spare the loader a second sha256 of each shard; a shard rewritten
+    after the up-front check (another inode) or changed in place (another mtime) is hashed again, and
+    its damage is named."""
+    from cltrain.train.data import ActivationLoader, verify_shards
+    from cltrain.train.data import shards
+    info = make_dataset()
+    started = []
+    original = shards._BackgroundSha256.__init__
+    monkeypatch.setattr(shards._BackgroundSha256, "__init__",
+                        lambda self, buf: started.append(len(buf)) or original(self, buf))
+    verified = verify_shards(info.path, progress=False)["identities"]
+    recs = info.shard_records("all")
+    assert sorted(verified) == sorted(r["name"] for r in recs)
+
+    def epoch(**kw):
+        started.clear()
+        return list(ActivationLoader(info.path, 64, epochs=1, shuffle_buffer=64, normalize=False, **kw))
+    ref = epoch()
+    assert len(started) == len(recs)  # without identities every shard is hashed as it is read
+    got = epoch(verified=verified)
+    assert started == []  # with them, none
+    assert all(torch.equal(u, v) for a, b in zip(ref, got) for u, v in zip(a, b) if u is not None)
+
+    # rewritten with one flipped byte in its last sample (a new file, as tools that save by rename do)
+    rec = recs[1]
+    data = bytearray(open(rec["url"], "rb").read())
+    data[-2048] ^= 0x01
+    tmp = rec["url"] + ".tmp"
+    open(tmp, "wb").write(bytes(data))
+    os.replace(tmp, rec["url"])
+    with pytest.raises(DatasetError, match=rf"shard {rec['name']} .*sha256 .* differs from dataset.json"):
+        epoch(verified=verified)
+    assert len(started) >= 1
+
+    # restored, then verified again: no hash; then changed in place (same inode, new mtime): hashed
+    data[-2048] ^= 0x01
+    open(tmp, "wb").write(bytes(data))
+    os.replace(tmp, rec["url"])
+    verified = verify_shards(info.path, progress=False)["identities"]
+    epoch(verified=verified)
+    assert started == []
+    with open(rec["url"], "r+b") as f:
+        f.seek(len(data) - 2048)
+        f.write(bytes([data[-2048] ^ 0x01]))
+    with pytest.raises(DatasetError, match=rf"shard {rec['name']} .*sha256 .* differs from dataset.json"):
+        epoch(verified=verified)

@@ -300,12 +300,11 @@ class Trainer:
             from cltrain.kernels import retain_freed_cpu_memory
             retain_freed_cpu_memory()
 
-        if loader is None:
-            self._verify_shards()
+        verified = self._verify_shards() if loader is None else None
         # Batches stay in the shards' dtype (pinned on CUDA); TrainStep normalizes them on the device.
         self.loader = loader if loader is not None else loader_from_config(
             cfg.data, int(cfg.batch_tokens), dp_rank=layout.dp_rank, dp_size=layout.dp_size, seed=int(cfg.seed),
-            device=device, normalize=False)
+            device=device, normalize=False, verified=verified)
         self.timer = StepTimer(cuda=device.type == "cuda")
         self.step_module = TrainStep(clt, cfg.model, self.timer)
         self.optimizer = make_optimizer(self.step_module.parameters(), cfg, device, layout, self.precision)
@@ -374,20 +373,28 @@ class Trainer:
                 f"data.shuffle_buffer, or set check_memory=false to try anyway")
         return est
 
-    def _verify_shards(self):
+    def _verify_shards(self) -> dict | None:
         """Every local shard's sha256 before the first step (data.verify_upfront): rank 0 hashes them
-        (shared storage), every rank stops with its message if one is bad."""
+        (shared storage), every rank stops with its message if one is bad. Returns the identities of the
+        files hashed (rank 0's, sent to every rank), which spare the loader a second hash of each."""
         if not bool(self.cfg.data.get("verify_upfront", True)):
-            return
-        error = None
+            return None
+        error, identities = None, None
         if self.rank == 0:
             try:
-                verify_shards(str(self.cfg.data.path), split="all", heldout_shards=int(self.cfg.data.heldout_shards),
-                              progress=bool(self.cfg.get("progress", True)))
+                identities = verify_shards(str(self.cfg.data.path), split="all",
+                                           heldout_shards=int(self.cfg.data.heldout_shards),
+                                           progress=bool(self.cfg.get("progress", True)))["identities"]
             except DatasetError as e:
                 error = e
         if not ckpt.all_ranks_ok(error is None, self.device):
             raise error or DatasetError(f"{self.info.json_path}: a shard failed its sha256 check (see rank 0)")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # another node sees another device number for shared storage: its loader then hashes again
+            box = [identities]
+            dist.broadcast_object_list(box, src=0)
+            identities = box[0]
+        return identities
 
     def batch_tensors(self, batch):
         """Normalized float32 (x, y) on this rank's device from a loader batch (cast and scaled there)."""

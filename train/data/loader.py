@@ -376,6 +376,9 @@ class ActivationLoader:
     still once). A position from another data-parallel size goes through `reshard_loader_states`.
     `skipped` counts bad samples skipped (on_error="skip"); each is logged with its shard. `close()` stops
     the worker processes (also done when an iteration ends or the loader is collected).
+    verify=True checks each shard's sha256 as it is read; `verified` ({shard name: identity}, from
+    `verify_shards(...)["identities"]`) exempts the local shards hashed up front, as long as the file's
+    device, inode, size and mtime are the ones hashed (the training job passes it: one hash per shard).
     Memory: the window being served holds shuffle_buffer x N x D x 4 bytes (x and y, bf16); workers
     prefetch up to `prefetch` samples each (default: the next window's worth), as much again.
     """
@@ -384,7 +387,7 @@ class ActivationLoader:
                  shuffle_buffer: int = 16384, num_workers: int = 0, split: str = "train",
                  heldout_shards: int = 0, on_error: str = "raise", device="cpu", epochs: int | None = None,
                  drop_last: bool = False, prefetch: int | None = None, timeout: float = 600.0, verify: bool = True,
-                 mp_context: str = "fork", normalize: bool = True):
+                 mp_context: str = "fork", normalize: bool = True, verified: dict | None = None):
         self.info = DatasetInfo.load(path_or_info)
         for key, v in (("batch_tokens", batch_tokens), ("dp_size", dp_size), ("prefetch", prefetch or 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -402,6 +405,9 @@ class ActivationLoader:
         self.on_error, self.device, self.epochs, self.drop_last = on_error, torch.device(device), epochs, drop_last
         self.timeout, self.mp_context, self.verify, self.normalize = timeout, mp_context, verify, normalize
         self.records = self.info.shard_records(split, heldout_shards)
+        if verified:  # shards verify_shards hashed: not hashed again while the file is the one it hashed
+            self.records = [dict(r, verified_ident=tuple(verified[r["name"]])) if r["name"] in verified else r
+                            for r in self.records]
         if len(self.records) < dp_size:
             raise DatasetError(f"{self.info.json_path}: the {split} split has {len(self.records)} shard(s), fewer "
                                f"than the {dp_size} data-parallel ranks; harvest with a smaller shard size")

@@ -164,7 +164,7 @@ def read_shard(rec: dict, info: DatasetInfo, start: int = 0, stop: int | None = 
     whole = start == 0 and stop == n
     hashing = verify and whole
     try:
-        source = _MappedShard.open(url, hashing) if not is_url(url) else None
+        source = _MappedShard.open(url, hashing, rec.get("verified_ident")) if not is_url(url) else None
         if source is None:  # a URL, or a local file that is not a plain tar from its first header on
             source = _StreamedShard(url, hashing)
     except (OSError, ValueError) as e:
@@ -172,6 +172,7 @@ def read_shard(rec: dict, info: DatasetInfo, start: int = 0, stop: int | None = 
         for _ in range(start, stop):
             yield item
         return
+    hashing = source.hashing  # False for a file verify_shards hashed in this run and nobody changed since
     i, broken = 0, None
     try:
         try:
@@ -237,7 +238,7 @@ class _StreamedShard:
     """A shard read as a stream (any URL): webdataset's tar iterator over a reader that hashes every byte."""
 
     def __init__(self, url: str, hashing: bool):
-        self.stream = open_url(url)
+        self.stream, self.hashing = open_url(url), hashing
         self.reader = _HashingReader(self.stream, hashlib.sha256() if hashing else None, url)
 
     def members(self) -> Iterator[tuple[str, bytes]]:
@@ -263,7 +264,7 @@ class _MappedShard:
     each member is a uint8 tensor view of the mapping. sha256 runs over the mapping in a thread."""
 
     @classmethod
-    def open(cls, path: str, hashing: bool) -> "_MappedShard | None":
+    def open(cls, path: str, hashing: bool, verified_ident=None) -> "_MappedShard | None":
         """The mapped shard, or None where tarfile cannot read its first header in seekable plain-tar
         mode (a compressed tar, or a corrupt one): the streaming path then reads it (and reports the
         corruption in the words it uses for any URL)."""
@@ -274,18 +275,21 @@ class _MappedShard:
             except tarfile.ReadError:
                 f.close()
                 return None
-            return cls(f, tar, hashing)
+            return cls(f, tar, hashing, verified_ident)
         except BaseException:
             f.close()
             raise
 
-    def __init__(self, f, tar: tarfile.TarFile, hashing: bool):
+    def __init__(self, f, tar: tarfile.TarFile, hashing: bool, verified_ident=None):
         self.f, self.tar, self.ident = f, tar, _file_ident(f.fileno())
+        # verify_shards hashed this very file (same device, inode, size and mtime) earlier in the run:
+        # hashing it again would only repeat that check, at a sixth of a page-cache read's speed
+        self.hashing = hashing and (verified_ident is None or tuple(verified_ident) != self.ident)
         # ACCESS_COPY: pages are the page cache's until written, and a sample the caller modifies in
         # place changes its private copy, not the file (read-only pages would crash it instead).
         self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.buf = torch.frombuffer(self.map, dtype=torch.uint8)  # holds the mapping while views live
-        self.hasher = _BackgroundSha256(self.map) if hashing else None
+        self.hasher = _BackgroundSha256(self.map) if self.hashing else None
 
     def members(self) -> Iterator[tuple[str, torch.Tensor]]:
         size = len(self.map)
@@ -392,12 +396,15 @@ def read_samples(url: str) -> Iterator[tuple[str, dict[str, torch.Tensor], dict]
             yield member["fname"], st_load(data), meta
 
 
-def _file_sha256(path: str) -> str:
+def _file_sha256(path: str) -> tuple[str, tuple | None]:
+    """(sha256, the file's identity) -- the identity None if the file changed while it was hashed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        before = _file_ident(f.fileno())
         while b := f.read(1 << 22):  # hashlib releases the GIL on large updates: threads run in parallel
             h.update(b)
-    return h.hexdigest()
+        after = _file_ident(f.fileno())
+    return h.hexdigest(), before if before == after else None
 
 
 def verify_shards(dataset, split: str = "all", heldout_shards: int = 0, threads: int | None = None,
@@ -405,20 +412,26 @@ def verify_shards(dataset, split: str = "all", heldout_shards: int = 0, threads:
     """Check the sha256 of every local shard of a split against dataset.json before training starts, in
     parallel threads with a progress bar. Raises DatasetError naming the first bad shard (missing, or
     expected vs found digest) and how many others are bad. Shards behind URLs are not downloaded for
-    this (the loader checks them as it streams them). Returns {"checked": [names], "remote": [names]}."""
+    this (the loader checks them as it streams them). Returns {"checked": [names], "remote": [names],
+    "identities": {name: (device, inode, size, mtime_ns)}} -- the identities of the files hashed, which
+    ActivationLoader(verified=) takes so that it does not hash an unchanged file a second time."""
     info = DatasetInfo.load(dataset)
     recs = info.shard_records(split, heldout_shards)
     local = [r for r in recs if not is_url(r["url"])]
     remote = [r["name"] for r in recs if is_url(r["url"])]
     threads = threads or min(8, os.cpu_count() or 1)
-    bad = []
+    bad, identities = [], {}
 
     def check(r):
         try:
-            found = _file_sha256(r["url"])
+            found, ident = _file_sha256(r["url"])
         except OSError as e:
             return r, f"cannot read ({e.strerror or e})"
-        return r, None if found == r["sha256"] else f"sha256 is {found} but dataset.json expects {r['sha256']}"
+        if found != r["sha256"]:
+            return r, f"sha256 is {found} but dataset.json expects {r['sha256']}"
+        if ident is not None:
+            identities[r["name"]] = ident
+        return r, None
 
     total = sum(os.path.getsize(r["url"]) for r in local if os.path.isfile(r["url"]))
     with ThreadPoolExecutor(threads) as pool, tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
@@ -430,4 +443,4 @@ def verify_shards(dataset, split: str = "all", heldout_shards: int = 0, threads:
     if bad:
         more = f" ({len(bad) - 1} more bad shard(s), e.g. {bad[1]})" if len(bad) > 1 else ""
         raise DatasetError(f"{bad[0]}{more}; listed in {info.json_path}")
-    return {"checked": [r["name"] for r in local], "remote": remote}
+    return {"checked": [r["name"] for r in local], "remote": remote, "identities": identities}
