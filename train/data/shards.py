@@ -20,7 +20,9 @@ tarfile in stream mode):
 On both paths a shard's digest is compared when the shard is done, so its samples may already be in a
 window (and in batches) when a mismatch is found: the run then fails (on_error="raise") or logs it
 (on_error="skip"). To refuse a bad shard before any of its samples is used, hash every shard up front
-(`verify_shards`, the trainer's data.verify_upfront) and turn the streaming check off (data.verify=false).
+(`verify_shards`, the trainer's data.verify_upfront, on by default): it returns each file's identity,
+and a loader given them (`verified=`) does not hash an unchanged file again, so each shard is hashed
+once per run; a file changed since (device, inode, size or mtime) is hashed while streaming as before.
 The mapping is copy-on-write, so a caller writing into a sample changes its own copy, not the file. A
 shard truncated in place while mapped would kill the reader (SIGBUS): ShardWriter therefore writes
 under a temporary name and renames, and a mapped file replaced that way keeps its old contents.
