@@ -16,7 +16,8 @@ setup(
         "cltrain.kernels": "kernels",
         "cltrain.configs": "configs",
     },
-    package_data={"cltrain.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    # kernels/cpu_sparse.c is compiled at first use (kernels/cpu_native.py)
+    package_data={"cltrain.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"], "cltrain.kernels": ["*.c"]},
     install_requires=[
         # A range, so the local CPU build 2.13.0 satisfies it and nothing bigger is pulled.
         "torch>=2.4,<2.15",

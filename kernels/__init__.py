@@ -11,6 +11,11 @@ and sets clt.encode_decode_impl to the matching fused encode+decode (kernels/fus
 "dense"), which CLT.encode_decode (and so CLT.forward) uses.
     "auto"          triton on CUDA when triton imports, torch_sparse otherwise
 
+On CPU, torch_sparse's decode runs its sparse products (CSR x dense forward and weight gradient, the
+sampled activation gradient) in small C kernels compiled at first use (kernels/cpu_native.py,
+kernels/cpu_sparse.c), with torch's own products as the fallback where no C compiler works or
+CLTRAIN_CPU_KERNELS=0.
+
 The individual implementations are exported too: torch_encode, torch_sparse_decode (kernels/torch_ops.py)
 and, when triton imports, triton_encode, triton_decode (kernels/triton_ops.py, imported lazily so that
 tests can set TRITON_INTERPRET=1 before the kernels are defined). Nothing here knows about ranks: under

@@ -14,8 +14,8 @@ product), T_f from one matrix-vector product per source layer, and the encode ba
 the window's missing mass T_f - sum_{b in P} g[b, f] as a per-feature term (`window_extra`). The
 sparsity term's part of g (given by autograd as a dense [B, N, F] tensor) is summed directly.
 (The positions below the window enter only as sums, so they could also be summed as one CSR x dense
-product per layer; on the 2-core CPU that was 1.5x slower than the sampled product over P:
-benchmarks/kernels.md, "Activation gradient".)
+product per layer, but that writes an [F, S*D] sum per layer and measured 1.5x slower than the
+sampled product over P on the 2-core CPU, 2026-11-29, with torch's products.)
 
 Elsewhere (straight-through to h on, d loss / d pre or d loss / d x asked for, a narrow window whose
 mask is already sparse, or P dense) the backward is exactly the encode's and the decode's composed.

@@ -15,8 +15,9 @@ with W_s = W_dec[s] viewed [F, S_s*D] and dY_s = dY[:, s:s+S_s] viewed [B, S_s*D
 layer's activations are dense (above DENSE_ACTS_ABOVE: early in training nearly half can fire) its
 forward and weight-gradient products are dense matmuls instead.
 The acts gradient is needed wherever JumpReLU's backward reads it (active or inside the
-straight-through window, `grad_mask`). When that mask is sparse it is a sampled dense-dense product
-(torch.sparse.sampled_addmm, feature-major so each decoder row is read once); when it is dense
+straight-through window, `grad_mask`). When that mask is sparse it is a sampled dense-dense product,
+feature-major so each decoder row is read once: in float32 on CPU the compiled kernel of
+kernels/cpu_native.py, elsewhere (or where no C compiler works) torch.sparse.sampled_addmm; when it is dense
 (early in training with eps = 2 the window holds almost every position) the plain dense product is
 cheaper. `dense_grad_above` is the mask density where we switch (measured crossover on 2-core CPUs:
 about 8% to 11%, see benchmarks/kernels.md).
@@ -35,6 +36,8 @@ import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from cltrain.train.clt import Encoded, jumprelu_grad_mask, nonzero_positions, preact_gap
+
+from . import cpu_native
 
 # Mask density above which the acts gradient is computed as a dense product (see module docstring;
 # the crossover measured ~11% on 2026-11-24 and ~8% on 2026-11-29, on two 2-core Xeon VMs).
@@ -206,6 +209,8 @@ def _encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap, 
         with _quiet_sparse():
             for s, (ccol, b_idx, vals, _) in enumerate(positions.feature_major(s_vals.to(x_nbd.dtype))):
                 if vals.numel():
+                    # MKL's CSR product, not the compiled one: at D columns (not the decode's S*D)
+                    # MKL's measured faster (benchmarks/kernels.md, "Sparse products")
                     torch.addmm(grad_W[s], _csr(ccol, b_idx, vals, (F, B)), x_nbd[s], out=grad_W[s])
         grad_W = grad_W.to(x.dtype)
     grad_lt = grad_theta * theta.squeeze(1) if need_lt else None
@@ -303,6 +308,17 @@ def _csr(ptr, idx, values, shape):
     return torch.sparse_csr_tensor(ptr, idx, values, shape, check_invariants=False)
 
 
+def _csr_addmm(out, ptr, idx, values, dense, accumulate: bool):
+    """out [R, K] (+)= CSR(ptr, idx, values) [R, M] @ dense [M, K], in place: in float32 on CPU the
+    compiled kernel (kernels/cpu_native.py), else torch's addmm (MKL's on CPU)."""
+    if (out.dtype == dense.dtype == values.dtype == torch.float32 and out.device.type == "cpu"
+            and cpu_native.csr_dense(ptr, idx, values, dense, out, accumulate)):
+        return
+    # beta=0 into fresh memory: `csr @ dense` would zero-fill, then copy (3x slower)
+    torch.addmm(out, _csr(ptr, idx, values, (out.shape[0], dense.shape[0])), dense, beta=1 if accumulate else 0,
+                out=out)
+
+
 class _TorchSparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts, grad_mask, dense_grad_above: float, *W_dec):
@@ -324,7 +340,7 @@ class _TorchSparseDecode(torch.autograd.Function):
                 if dense[s]:
                     torch.addmm(y_s, a[:, s], W2, out=y_s)
                 elif values.numel():
-                    torch.addmm(y_s, _csr(crow, f_idx, values.to(W2.dtype), (B, F)), W2, out=y_s)
+                    _csr_addmm(y_s, crow, f_idx, values.to(W2.dtype), W2, accumulate=True)
         ctx.nz, ctx.dense = nz, dense
         ctx.dense_grad_above = dense_grad_above
         ctx.grad_mask = grad_mask  # the object itself: it keys mask_positions (a bool tensor, no grad)
@@ -358,10 +374,8 @@ class _TorchSparseDecode(torch.autograd.Function):
                     if values.numel() == 0:
                         grad_W.append(torch.zeros_like(w))
                     else:  # dW_s = a_s^T dY_s, feature-major: each decoder row written once
-                        a_t = _csr(ccol, b_idx, values.to(dY.dtype), (F, B))
-                        # beta=0 into fresh memory: `a_t @ dY_s` zero-fills, then copies (3x slower)
                         dw = dY.new_empty(F, n_slots * D)
-                        torch.addmm(dw, a_t, dY_s, beta=0, out=dw)
+                        _csr_addmm(dw, ccol, b_idx, values.to(dY.dtype), dY_s, accumulate=False)
                         grad_W.append(dw.view(F, n_slots, D).to(w.dtype))
                 else:
                     grad_W.append(None)
@@ -390,23 +404,31 @@ def _sampled_pairs(grad_mask, n_layers: int, dense_grad_above: float):
 def _acts_grad(out, dY_s, W2, pairs):
     """out [B, F] <- dY_s @ W2^T, exactly at the masked pairs (feature-major layout; all when None)."""
     B, F = out.shape
-    if pairs is not None:
-        ccol, b_idx, _, f_idx = pairs
-        out.zero_()
-        if b_idx.numel():
-            ones = torch.ones(b_idx.numel(), dtype=dY_s.dtype, device=dY_s.device)
-            pattern = _csr(ccol, b_idx, ones, (F, B))
-            # Feature-major: each decoder row is read once and dotted with its tokens' dY rows. Over
-            # column blocks, so a block of dY stays in cache while every feature's tokens re-read it
-            # (~25% faster than one product over all S*D columns on a 2-core CPU).
-            vals = None
-            for j in range(0, W2.shape[1], SAMPLED_BLOCK):
-                part = torch.sparse.sampled_addmm(pattern, W2[:, j:j + SAMPLED_BLOCK],
-                                                  dY_s[:, j:j + SAMPLED_BLOCK].t(), beta=0.0).values()
-                vals = part if vals is None else vals.add_(part)
-            out[b_idx, f_idx] = vals
+    if pairs is None:
+        torch.mm(dY_s, W2.t(), out=out) if out.is_contiguous() else out.copy_(dY_s @ W2.t())
         return
-    torch.mm(dY_s, W2.t(), out=out) if out.is_contiguous() else out.copy_(dY_s @ W2.t())
+    ccol, b_idx, _, f_idx = pairs
+    out.zero_()
+    if not b_idx.numel():
+        return
+    vals = None
+    if dY_s.dtype == W2.dtype == torch.float32 and dY_s.device.type == "cpu":
+        # the compiled kernel (faster than sampled_addmm, benchmarks/kernels.md); False where it
+        # cannot be built
+        vals = dY_s.new_empty(b_idx.numel())
+        if not cpu_native.sampled_product(W2, dY_s, ccol, b_idx, vals):
+            vals = None
+    if vals is None:
+        ones = torch.ones(b_idx.numel(), dtype=dY_s.dtype, device=dY_s.device)
+        pattern = _csr(ccol, b_idx, ones, (F, B))
+        # Feature-major: each decoder row is read once and dotted with its tokens' dY rows. Over
+        # column blocks, so a block of dY stays in cache while every feature's tokens re-read it
+        # (~25% faster than one product over all S*D columns on a 2-core CPU).
+        for j in range(0, W2.shape[1], SAMPLED_BLOCK):
+            part = torch.sparse.sampled_addmm(pattern, W2[:, j:j + SAMPLED_BLOCK],
+                                              dY_s[:, j:j + SAMPLED_BLOCK].t(), beta=0.0).values()
+            vals = part if vals is None else vals.add_(part)
+    out[b_idx, f_idx] = vals
 
 
 def torch_sparse_decode(acts, W_dec, grad_mask=None, *, dense_grad_above: float = DENSE_GRAD_ABOVE):

@@ -1,0 +1,197 @@
+/* The sparse products of a CPU training step, in float32 (built at first use by kernels/cpu_native.py
+ * with the machine's C compiler, -O3 -march=native).
+ *
+ *   cltrain_sampled_f32    out[p] = <W[f, :], Y[rows[p], :]>, for the pairs (f, rows[p]) listed by
+ *                          feature (ccol[f] .. ccol[f + 1]): the decode's activation gradient on a mask
+ *   cltrain_csr_dense_f32  out[r, :] (+)= sum_p vals[p] * D[idx[p], :] over row r's entries
+ *                          (ptr[r] .. ptr[r + 1]): the decode's forward and weight gradient and the
+ *                          encoder's weight gradient (CSR x dense)
+ *
+ * Why not torch's own: on CPU torch.sparse.sampled_addmm computes one dot product per pair from
+ * memory and the CSR x dense addmm (MKL) reaches ~10 GFLOP/s; both products load one dense operand
+ * element per multiply-add from wherever it lies, so what matters is keeping that operand's column
+ * block in cache and everything else in registers:
+ *   - sampled: a column block of Y stays in cache while every feature's tokens re-read it, and 8
+ *     tokens are dotted per pass over the feature's row block, so each W element loaded feeds 8 FMAs;
+ *   - CSR x dense: a block of ACC_VECS x 16 output columns is accumulated in registers over the row's
+ *     entries, so each loaded element of D feeds one FMA and nothing else touches memory.
+ * The multiply-adds are torch's; only the summation order differs (fp32 rounding).
+ *
+ * Portable C: GCC/Clang vector extensions (lowered to AVX-512, AVX2 or NEON) and pthreads. Rows
+ * (features, tokens) are split over threads by entry count. */
+#include <pthread.h>
+#include <stdint.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* for unaligned loads / stores */
+typedef float v16a __attribute__((vector_size(64)));
+typedef float v8a __attribute__((vector_size(32)));
+typedef float v4a __attribute__((vector_size(16)));
+typedef union { v16a v; v8a h[2]; } u16;
+typedef union { v8a v; v4a h[2]; } u8;
+
+#define TILE_TOKENS 8
+/* CSR x dense accumulators: 16 x 16 floats fill AVX-512's 32 registers by half; narrower vector
+ * units (AVX2, NEON) split each v16 into 2 or 4 registers, so fewer */
+#ifndef ACC_VECS
+#ifdef __AVX512F__
+#define ACC_VECS 16
+#else
+#define ACC_VECS 4
+#endif
+#endif
+#define MAX_THREADS 256
+
+static inline float hsum(v16a v) {  /* a tree of halves: a few vector adds, not 15 extractions */
+    u16 a = {.v = v};
+    u8 b = {.v = a.h[0] + a.h[1]};
+    v4a c = b.h[0] + b.h[1];
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+typedef struct {
+    const float *A; int64_t lda;      /* sampled: W; CSR x dense: D */
+    const float *Y; int64_t ldy;      /* sampled: Y */
+    float *out; int64_t ldo;          /* CSR x dense: output rows */
+    const int64_t *ptr, *idx;
+    const float *vals;                /* CSR x dense: entry values */
+    int64_t K, block;
+    int accumulate;
+    int64_t r0, r1;                   /* this thread's rows */
+} job_t;
+
+/* ---------------------------------------------------------------------------------------------- */
+/* sampled product */
+
+static void sampled_block(const job_t *j, int64_t k0, int64_t k1) {
+    const int64_t kv = k0 + ((k1 - k0) / 16) * 16;
+    const int first = k0 == 0;
+    for (int64_t f = j->r0; f < j->r1; f++) {
+        const float *w = j->A + f * j->lda;
+        int64_t p = j->ptr[f];
+        const int64_t end = j->ptr[f + 1];
+        for (; p + TILE_TOKENS <= end; p += TILE_TOKENS) {
+            const float *y[TILE_TOKENS];
+            v16a acc[TILE_TOKENS];
+            for (int t = 0; t < TILE_TOKENS; t++) {
+                y[t] = j->Y + j->idx[p + t] * j->ldy;
+                acc[t] = (v16a){0};
+            }
+            for (int64_t k = k0; k < kv; k += 16) {
+                const v16a wv = *(const v16 *)(w + k);
+                for (int t = 0; t < TILE_TOKENS; t++) acc[t] += wv * *(const v16 *)(y[t] + k);
+            }
+            for (int t = 0; t < TILE_TOKENS; t++) {
+                float s = hsum(acc[t]);
+                for (int64_t k = kv; k < k1; k++) s += w[k] * y[t][k];
+                j->out[p + t] = first ? s : j->out[p + t] + s;
+            }
+        }
+        for (; p < end; p++) {
+            const float *yr = j->Y + j->idx[p] * j->ldy;
+            v16a acc = {0};
+            for (int64_t k = k0; k < kv; k += 16) acc += *(const v16 *)(w + k) * *(const v16 *)(yr + k);
+            float s = hsum(acc);
+            for (int64_t k = kv; k < k1; k++) s += w[k] * yr[k];
+            j->out[p] = first ? s : j->out[p] + s;
+        }
+    }
+}
+
+static void *sampled_job(void *arg) {
+    const job_t *j = (const job_t *)arg;
+    for (int64_t k0 = 0; k0 < j->K; k0 += j->block)
+        sampled_block(j, k0, k0 + j->block < j->K ? k0 + j->block : j->K);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* CSR x dense */
+
+/* one full block of ACC_VECS x 16 columns starting at k0, accumulated in registers */
+static inline void csr_block_full(const job_t *j, int64_t r, int64_t k0) {
+    float *o = j->out + r * j->ldo + k0;
+    v16a acc[ACC_VECS];
+    for (int i = 0; i < ACC_VECS; i++) acc[i] = j->accumulate ? *(const v16 *)(o + 16 * i) : (v16a){0};
+    for (int64_t p = j->ptr[r]; p < j->ptr[r + 1]; p++) {
+        const float v = j->vals[p];
+        const float *d = j->A + j->idx[p] * j->lda + k0;
+        for (int i = 0; i < ACC_VECS; i++) acc[i] += v * *(const v16 *)(d + 16 * i);
+    }
+    for (int i = 0; i < ACC_VECS; i++) *(v16 *)(o + 16 * i) = acc[i];
+}
+
+/* the ragged last columns k0..k1 */
+static void csr_block_rest(const job_t *j, int64_t r, int64_t k0, int64_t k1) {
+    float *o = j->out + r * j->ldo;
+    if (!j->accumulate)
+        for (int64_t k = k0; k < k1; k++) o[k] = 0.0f;
+    for (int64_t p = j->ptr[r]; p < j->ptr[r + 1]; p++) {
+        const float v = j->vals[p];
+        const float *d = j->A + j->idx[p] * j->lda;
+        int64_t k = k0;
+        for (; k + 16 <= k1; k += 16) *(v16 *)(o + k) = *(const v16 *)(o + k) + v * *(const v16 *)(d + k);
+        for (; k < k1; k++) o[k] += v * d[k];
+    }
+}
+
+static void *csr_job(void *arg) {
+    const job_t *j = (const job_t *)arg;
+    const int64_t width = ACC_VECS * 16, full = (j->K / width) * width;
+    /* column blocks outermost: the block of D (its rows x width floats) stays in cache for all rows */
+    for (int64_t k0 = 0; k0 < full; k0 += width)
+        for (int64_t r = j->r0; r < j->r1; r++) csr_block_full(j, r, k0);
+    if (full < j->K)
+        for (int64_t r = j->r0; r < j->r1; r++) csr_block_rest(j, r, full, j->K);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+
+/* Runs `fn` over rows 0..n_rows split into contiguous ranges of about equal entry counts; returns 0,
+ * or -1 if a thread could not start (its rows then ran on the calling thread). */
+static int run_split(void *(*fn)(void *), job_t proto, int64_t n_rows, int n_threads) {
+    if (n_rows <= 0) return 0;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    job_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    const int64_t *ptr = proto.ptr;
+    const int64_t total = ptr[n_rows] - ptr[0];
+    int64_t r = 0;
+    int used = 0;
+    for (int t = 0; t < n_threads && r < n_rows; t++) {
+        const int64_t target = ptr[0] + (total * (t + 1)) / n_threads;
+        int64_t r1 = r + 1;
+        while (r1 < n_rows && ptr[r1 + 1] <= target) r1++;
+        jobs[t] = proto;
+        jobs[t].r0 = r;
+        jobs[t].r1 = r1;
+        r = r1;
+        used = t + 1;
+    }
+    int started = 0, failed = 0;
+    for (int t = 1; t < used; t++) {
+        if (pthread_create(&tids[t], NULL, fn, &jobs[t]) != 0) { failed = 1; break; }
+        started = t;
+    }
+    fn(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+    for (int t = started + 1; failed && t < used; t++) fn(&jobs[t]);
+    return failed ? -1 : 0;
+}
+
+/* W [F, >= K] (row stride ldw), Y [*, >= K] (row stride ldy), ccol [F + 1], rows [ccol[F]],
+ * out [ccol[F]]; block: columns per cache block. */
+int cltrain_sampled_f32(const float *W, int64_t ldw, const float *Y, int64_t ldy, int64_t F, int64_t K,
+                        const int64_t *ccol, const int64_t *rows, float *out, int64_t block, int n_threads) {
+    job_t proto = {W, ldw, Y, ldy, out, 0, ccol, rows, 0, K, block < 16 ? 16 : block, 0, 0, 0};
+    return run_split(sampled_job, proto, F, n_threads);
+}
+
+/* out [R, >= K] (row stride ldo) (+)= CSR (ptr [R + 1], idx, vals) x D [*, >= K] (row stride ldd). */
+int cltrain_csr_dense_f32(const int64_t *ptr, const int64_t *idx, const float *vals, int64_t R,
+                          const float *D, int64_t ldd, int64_t K, float *out, int64_t ldo, int accumulate,
+                          int n_threads) {
+    job_t proto = {D, ldd, 0, 0, out, ldo, ptr, idx, vals, K, 0, accumulate, 0, 0};
+    return run_split(csr_job, proto, R, n_threads);
+}
