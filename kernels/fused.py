@@ -27,7 +27,7 @@ import torch
 
 from cltrain.train.clt import Encoded, nonzero_positions
 
-from .torch_ops import DENSE_GRAD_ABOVE, _TorchEncode, _TorchSparseDecode
+from .torch_ops import _TorchEncode, _TorchSparseDecode, default_dense_above
 
 
 # The window-complement path runs wherever it applies and P = active | outside the window is sparse
@@ -142,9 +142,12 @@ def _apply(impl: _Impl, x, W_enc, b_enc, log_threshold, W_dec):
 
 
 def torch_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float, st_to_preact: bool, *,
-                        dense_grad_above: float = DENSE_GRAD_ABOVE):
+                        dense_grad_above: float | None = None):
     """(Encoded, partial y_hat): `torch_encode` then `torch_sparse_decode` in one Function (see the
-    module docstring); results and gradients as reference_encode then reference_decode."""
+    module docstring); results and gradients as reference_encode then reference_decode. The density
+    switch defaults to torch_ops.default_dense_above(W_dec[0])."""
+    if dense_grad_above is None:
+        dense_grad_above = default_dense_above(W_dec[0])
     impl = _Impl(_TorchEncode, _TorchSparseDecode, (bandwidth, st_to_preact, dense_grad_above),
                  (dense_grad_above,), _torch_pre_theta)
     return _apply(impl, x, W_enc, b_enc, log_threshold, W_dec)

@@ -12,15 +12,17 @@ activations a_s [B, F] become a CSR matrix and
                                                              over the decoder rows)
     acts grad      dA_s = (dY_s @ W_s^T) restricted to grad_mask[:, s]
 with W_s = W_dec[s] viewed [F, S_s*D] and dY_s = dY[:, s:s+S_s] viewed [B, S_s*D]. Where a source
-layer's activations are dense (above DENSE_ACTS_ABOVE: early in training nearly half can fire) its
-forward and weight-gradient products are dense matmuls instead.
+layer's activations are dense (above DENSE_ACTS_ABOVE, or COMPILED_DENSE_ABOVE with the compiled
+kernels: early in training nearly half can fire) its forward and weight-gradient products are dense
+matmuls instead.
 The acts gradient is needed wherever JumpReLU's backward reads it (active or inside the
 straight-through window, `grad_mask`). When that mask is sparse it is a sampled dense-dense product,
 feature-major so each decoder row is read once: in float32 on CPU the compiled kernel of
 kernels/cpu_native.py, elsewhere (or where no C compiler works) torch.sparse.sampled_addmm; when it is dense
 (early in training with eps = 2 the window holds almost every position) the plain dense product is
 cheaper. `dense_grad_above` is the mask density where we switch (measured crossover on 2-core CPUs:
-about 8% to 11%, see benchmarks/kernels.md).
+about 8% to 11% with torch's sampled_addmm, 20% to 30% with the compiled kernels; see
+benchmarks/kernels.md and `default_dense_above`).
 
 Why the encode's backward is sparse too: in training nothing needs d loss / d x or d loss / d pre
 (the pre-activation penalty reads Encoded.preact_gap), and d loss / d pre is then a part on grad_mask
@@ -39,7 +41,8 @@ from cltrain.train.clt import Encoded, jumprelu_grad_mask, nonzero_positions, pr
 
 from . import cpu_native
 
-# Mask density above which the acts gradient is computed as a dense product (see module docstring;
+# Density switches, with torch's own sparse products (sampled_addmm, MKL's CSR x dense):
+# mask density above which the acts gradient is computed as a dense product (see module docstring;
 # the crossover measured ~11% on 2026-11-24 and ~8% on 2026-11-29, on two 2-core Xeon VMs).
 DENSE_GRAD_ABOVE = 0.08
 # Activation density (per source layer) above which the decode's forward and weight-gradient products
@@ -47,6 +50,9 @@ DENSE_GRAD_ABOVE = 0.08
 # and 9% for the weight gradient (S = 12 slots, B = 1024, F = 4096). Early in training (theta = 0.03
 # at init) nearly half the activations can be non-zero.
 DENSE_ACTS_ABOVE = 0.05
+# Both switches where the compiled kernels run (kernels/cpu_native.py: float32 on CPU): whole steps
+# at 6-30% firing crossed over between 20% and 30% (benchmarks/kernels.md, "Early in training").
+COMPILED_DENSE_ABOVE = 0.25
 # Column block of the sampled product (see _acts_grad).
 SAMPLED_BLOCK = 256
 
@@ -218,10 +224,13 @@ def _encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap, 
 
 
 def torch_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact: bool, *,
-                 dense_grad_above: float = DENSE_GRAD_ABOVE) -> Encoded:
+                 dense_grad_above: float | None = None) -> Encoded:
     """Fused JumpReLU encode in plain PyTorch; same results and gradients as `reference_encode`.
     The weight gradients are sparse products where grad_mask covers at most `dense_grad_above` of
-    the positions (and nothing needs d loss / d x or d loss / d pre), dense matmuls otherwise."""
+    the positions (and nothing needs d loss / d x or d loss / d pre), dense matmuls otherwise
+    (default: `default_dense_above(W_enc)`)."""
+    if dense_grad_above is None:
+        dense_grad_above = default_dense_above(W_enc)
     pre, acts, mask, gap = _TorchEncode.apply(x, W_enc, b_enc, log_threshold, bandwidth, st_to_preact,
                                               dense_grad_above)
     return Encoded(pre, acts, mask, gap)
@@ -299,6 +308,14 @@ def mask_positions(grad_mask, dense_above: float):
     return layers
 
 
+def default_dense_above(weight, torch_products: float = DENSE_GRAD_ABOVE) -> float:
+    """The density switch for products on `weight`'s device and dtype: COMPILED_DENSE_ABOVE where the
+    compiled CPU kernels run them (float32 arithmetic on CPU), else `torch_products`."""
+    compiled = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and cpu_native.available())
+    return COMPILED_DENSE_ABOVE if compiled else torch_products
+
+
 def _upcast(t):
     # MKL's sparse products have no bf16/fp16 kernels on CPU: compute those in float32.
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) and t.device.type == "cpu" else t
@@ -327,9 +344,10 @@ class _TorchSparseDecode(torch.autograd.Function):
         out_dtype = torch.promote_types(acts.dtype, W_dec[0].dtype)
         a = _upcast(acts.detach())
         y = torch.zeros(B, N, D, dtype=_upcast(a.new_empty(0, dtype=out_dtype)).dtype, device=a.device)
-        indices = nonzero_positions(acts, DENSE_ACTS_ABOVE)  # listed once: the sparsity term shares them
+        acts_above = default_dense_above(W_dec[0], DENSE_ACTS_ABOVE)
+        indices = nonzero_positions(acts, acts_above)  # listed once: the sparsity term shares them
         nz = None if indices is None else SparseLayers(a, indices=indices)
-        dense = [nz is None or nz.counts[s] > DENSE_ACTS_ABOVE * B * F for s in range(N)]
+        dense = [nz is None or nz.counts[s] > acts_above * B * F for s in range(N)]
         with _quiet_sparse():
             for s, (crow, f_idx, values) in enumerate(nz.token_major() if nz else [(None,) * 3] * N):
                 w = W_dec[s]
@@ -431,10 +449,14 @@ def _acts_grad(out, dY_s, W2, pairs):
     out[b_idx, f_idx] = vals
 
 
-def torch_sparse_decode(acts, W_dec, grad_mask=None, *, dense_grad_above: float = DENSE_GRAD_ABOVE):
+def torch_sparse_decode(acts, W_dec, grad_mask=None, *, dense_grad_above: float | None = None):
     """Sparse decode in plain PyTorch (CSR products, no dense B x (N*F) times decoder product).
 
     Same result as `reference_decode`; the gradient w.r.t. acts is exact where grad_mask is True (or
     everywhere when grad_mask is None) and 0 elsewhere; gradients w.r.t. every W_dec[s] are exact.
+    dense_grad_above: the mask density above which the acts gradient is a dense product (default:
+    `default_dense_above(W_dec[0])`).
     """
+    if dense_grad_above is None:
+        dense_grad_above = default_dense_above(W_dec[0])
     return _TorchSparseDecode.apply(acts, grad_mask, dense_grad_above, *W_dec)

@@ -224,3 +224,36 @@ def test_training_step_same_with_and_without_compiled_kernels(bandwidth, monkeyp
             scale = gr.abs().max().item()
             torch.testing.assert_close(g_k[name].double(), gr, rtol=1e-3, atol=1e-4 * scale,
                                        msg=lambda m, r=run, n=name: f"{r} grad {n}: {m}")
+
+
+def test_density_switch_follows_the_products(monkeypatch):
+    """With the compiled kernels the sparse products pay up to COMPILED_DENSE_ABOVE: a float32 decode at
+    15% activity and a 15% mask takes them (by default), and still equals the reference."""
+    w32 = torch.zeros(2, 2)
+    if NATIVE:
+        assert torch_ops.default_dense_above(w32) == torch_ops.COMPILED_DENSE_ABOVE
+        assert torch_ops.default_dense_above(w32, torch_ops.DENSE_ACTS_ABOVE) == torch_ops.COMPILED_DENSE_ABOVE
+    assert torch_ops.default_dense_above(w32.double()) == torch_ops.DENSE_GRAD_ABOVE
+    assert torch_ops.default_dense_above(w32.double(), torch_ops.DENSE_ACTS_ABOVE) == torch_ops.DENSE_ACTS_ABOVE
+    g = torch.Generator().manual_seed(5)
+    B, N, D, F = 64, 3, 20, 200
+    acts = ((torch.rand(N, B, F, generator=g) + 0.1) * (torch.rand(N, B, F, generator=g) < 0.12)).transpose(0, 1)
+    W = [torch.randn(F, N - s, D, generator=g) for s in range(N)]
+    dY = torch.randn(B, N, D, generator=g)
+    mask = (acts != 0) | (torch.rand(B, N, F, generator=g) < 0.04)
+    assert 0.1 < mask.float().mean() < torch_ops.COMPILED_DENSE_ABOVE
+    used = []
+    real = cpu_native.sampled_product
+    monkeypatch.setattr(cpu_native, "sampled_product", lambda *a: used.append(1) or real(*a))
+    a = acts.clone().requires_grad_()
+    ws = [w.clone().requires_grad_() for w in W]
+    got = torch.autograd.grad(torch_sparse_decode(a, ws, mask), [a, *ws], dY)
+    assert bool(used) == NATIVE  # sampled (compiled) with the kernels; dense products without
+    a_r = acts.double().requires_grad_()
+    W_r = [w.double().requires_grad_() for w in W]
+    ref = torch.autograd.grad(reference_decode(a_r, W_r), [a_r, *W_r], dY.double())
+    torch.testing.assert_close(got[0][mask].double(), ref[0][mask], rtol=1e-5, atol=1e-5)
+    for gk, gr in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(gk.double(), gr, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("CLTRAIN_CPU_KERNELS", "0")
+    assert torch_ops.default_dense_above(w32) == torch_ops.DENSE_GRAD_ABOVE
