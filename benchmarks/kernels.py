@@ -368,10 +368,10 @@ def step_breakdown(clt, opt, x, y, weights, eps, reps) -> dict:
 
 
 def whole_steps(calibrated: bool, reps: int, eps2: bool = False, variants: dict | None = None,
-                every: bool = False):
+                every: bool = False, rate: float = TARGET_ACTIVE):
     """Best-of-`reps` training-step times (dense, torch_sparse) at the CPU default shape, interleaved
-    after a warm-up round. calibrated: thresholds at 1% firing and a trained-like window (eps2: the
-    default eps = 2 instead); else the default initialization (theta = 0.03, eps = 2), where nearly
+    after a warm-up round. calibrated: thresholds at `rate` firing (1%) and a trained-like window (eps2:
+    the default eps = 2 instead); else the default initialization (theta = 0.03, eps = 2), where nearly
     half the activations fire. variants: {name: set-up callable taking the CLT} to time instead of
     dense and torch_sparse; every: return every time, not the best."""
     B, N, D, F = 1024, 12, 768, 4096
@@ -380,7 +380,7 @@ def whole_steps(calibrated: bool, reps: int, eps2: bool = False, variants: dict 
     x, y = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
     if calibrated:
         with torch.no_grad():
-            clt.calibrate_thresholds(x, TARGET_ACTIVE)
+            clt.calibrate_thresholds(x, rate)
             if not eps2:
                 clt.cfg.bandwidth = window_eps(clt.preactivations(x), clt.threshold, TRAINED_MASK)
     opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True)
@@ -405,12 +405,18 @@ def whole_steps(calibrated: bool, reps: int, eps2: bool = False, variants: dict 
     return times if every else {name: min(ts) for name, ts in times.items()}
 
 
-def _window_complement(on: bool):
+def _compiled_kernels(on: bool):
     def set_up(clt):
-        from cltrain.kernels import fused
         kernels.install(clt, "torch_sparse")
-        fused.WINDOW_COMPLEMENT = on
+        os.environ["CLTRAIN_CPU_KERNELS"] = "1" if on else "0"
     return set_up
+
+
+def _sparse_products_used() -> str:
+    from cltrain.kernels import cpu_native
+    if cpu_native.available():
+        return "compiled (kernels/cpu_sparse.c)"
+    return f"torch's (no compiled kernels: {cpu_native.failure()})"
 
 
 def _dense_vs_sparse(times) -> str:
@@ -432,7 +438,32 @@ def allocator_effect(lines, log, reps: int = 3):
               "steps each, after a warm-up round.", ""]
 
 
-def initial_regime(lines, log, reps: int = 2):
+def early_training(lines, log, reps: int = 2):
+    """Training steps between the default initialization (~45% firing) and the trained regime (~1%),
+    eps = 2: where the density switches (kernels/torch_ops.py) decide between sparse and dense products,
+    with the compiled kernels (and their switch) and with torch's products (and theirs)."""
+    rows = ["| firing | dense | torch_sparse, compiled kernels | torch_sparse, torch's products "
+            "(`CLTRAIN_CPU_KERNELS=0`) |", "|---|---|---|---|"]
+    for rate in (0.03, 0.06, 0.1, 0.2, 0.3):
+        try:
+            times = whole_steps(True, reps, eps2=True, rate=rate, variants={
+                "dense": lambda clt: kernels.install(clt, "dense"),
+                "compiled": _compiled_kernels(True), "torch": _compiled_kernels(False)})
+        finally:
+            os.environ.pop("CLTRAIN_CPU_KERNELS", None)
+        rows.append(f"| {rate:.0%} | {times['dense']:.3g} s | {times['compiled']:.3g} s "
+                    f"({times['dense'] / times['compiled']:.2f}x) | {times['torch']:.3g} s "
+                    f"({times['dense'] / times['torch']:.2f}x) |")
+        log("   " + rows[-1])
+    lines += ["### Early in training (CPU default shape, eps = 2, thresholds calibrated to each firing rate, "
+              "whole training step)", "", *rows, "",
+              f"Best of {reps} interleaved steps each, after a warm-up round. The density switches: "
+              f"{kernels.torch_ops.COMPILED_DENSE_ABOVE:.0%} with the compiled kernels; with torch's products "
+              f"{kernels.torch_ops.DENSE_ACTS_ABOVE:.0%} for the activations' products and "
+              f"{kernels.torch_ops.DENSE_GRAD_ABOVE:.0%} for the activation gradient's mask.", ""]
+
+
+def initial_regime(lines, log, reps: int = 3):
     """Training steps at the default initialization, before any sparsity: the sparse path must not
     lose to the dense reference there (it switches to dense products where activations are dense)."""
     times = whole_steps(False, reps)
@@ -443,26 +474,71 @@ def initial_regime(lines, log, reps: int = 2):
               ""]
 
 
-def crossover(lines, log, reps):
-    """Activation-gradient cost for one source layer (s = 0, 12 slots) vs grad_mask density."""
-    from cltrain.kernels.torch_ops import _acts_grad, _sampled_pairs
+def _with_compiled(flag: str, fn):
+    """fn() with the compiled CPU kernels on ("1") or off ("0")."""
+    os.environ["CLTRAIN_CPU_KERNELS"] = flag
+    try:
+        return fn()
+    finally:
+        os.environ.pop("CLTRAIN_CPU_KERNELS")
+
+
+def sparse_products(lines, log, reps):
+    """One source layer (s = 0, 12 slots): the activation gradient's cost vs grad_mask density (dense,
+    sampled with the compiled kernel of kernels/cpu_native.py, sampled with torch's sampled_addmm), and
+    the CSR x dense products (the decode's forward and weight gradient, the encoder's weight gradient)
+    compiled vs torch's (MKL)."""
+    from cltrain.kernels import cpu_native
+    from cltrain.kernels.torch_ops import SparseLayers, _acts_grad, _csr_addmm, _sampled_pairs
     B, N, D, F = 1024, 12, 768, 4096
     g = torch.Generator().manual_seed(2)
     dY_s = torch.randn(B, N * D, generator=g)
     W2 = torch.randn(F, N * D, generator=g) / 100
     out = torch.empty(B, F)
     t_dense = timed(lambda: _acts_grad(out, dY_s, W2, None), reps)
+    native = cpu_native.available()
+    variants = (("compiled", "1"), ("torch", "0")) if native else (("torch", "0"),)
     cells = []
     for d in (0.01, 0.02, 0.05, 0.1, 0.2):
         m = torch.rand(B, F, generator=g) < d
         pairs = _sampled_pairs(m[:, None], 1, 1.0)[0]
-        t = timed(lambda: _acts_grad(out, dY_s, W2, pairs), reps)
-        cells.append(f"{d:.0%}: {t:.3g} s")
-        log(f"   sampled {d:.0%}: {t:.3g} s (dense {t_dense:.3g} s)")
-    lines += ["### Activation gradient: sampled vs dense (torch_sparse, CPU, one source layer, "
-              "B=1024, F=4096, 12 slots x D=768)", "",
-              f"Dense product {t_dense:.3g} s; sampled at grad_mask density " + ", ".join(cells)
-              + f". The switch (`dense_grad_above`) is at {kernels.torch_ops.DENSE_GRAD_ABOVE:.0%}.", ""]
+        t = {name: _with_compiled(flag, lambda: timed(lambda: _acts_grad(out, dY_s, W2, pairs), reps))
+             for name, flag in variants}
+        cells.append(f"{d:.0%}: " + ", ".join(f"{name} {v:.3g} s ({v / t_dense:.0%})" for name, v in t.items()))
+        log(f"   sampled {d:.0%}: {t} (dense {t_dense:.3g} s)")
+    why = "" if native else f" The compiled kernels are unavailable here: {cpu_native.failure()}."
+    lines += ["### Sparse products (torch_sparse, CPU, one source layer, B=1024, F=4096, 12 slots x D=768)", "",
+              f"Activation gradient. Dense product {t_dense:.3g} s; sampled at grad_mask density (time, and "
+              "its share of the dense product's): " + "; ".join(cells)
+              + f". The switch (`dense_grad_above`) is at {kernels.torch_ops.COMPILED_DENSE_ABOVE:.0%} with the "
+              f"compiled kernels, {kernels.torch_ops.DENSE_GRAD_ABOVE:.0%} with torch's.", ""]
+    # CSR x dense at activation densities around the trained 1%
+    y_s = torch.zeros(B, N * D)
+    x = torch.randn(B, D, generator=g)
+    dw, gW = torch.empty(F, N * D), torch.zeros(F, D)
+    rows = ["| activations | decode forward (a @ W) | decode weight gradient (a^T @ dY) | "
+            "encoder weight gradient (S^T @ x) |", "|---|---|---|---|"]
+    for d in (0.01, 0.02, 0.05):
+        a = (torch.rand(B, F, generator=g) < d) * torch.rand(B, F, generator=g)
+        nz = SparseLayers(a[:, None])
+        crow, f_idx, vals = nz.token_major()[0]
+        ccol, b_idx, vals_fm, _ = nz.feature_major()[0]
+        ops = ((lambda: _csr_addmm(y_s, crow, f_idx, vals, W2, True), 2 * vals.numel() * N * D),
+               (lambda: _csr_addmm(dw, ccol, b_idx, vals_fm, dY_s, False), 2 * vals.numel() * N * D),
+               (lambda: _csr_addmm(gW, ccol, b_idx, vals_fm, x, True), 2 * vals.numel() * D))
+        cells = []
+        for op, flops in ops:
+            t = {name: _with_compiled(flag, lambda: timed(op, reps)) for name, flag in variants}
+            cell = ", ".join(f"{name} {v * 1e3:.3g} ms ({flops / v / 1e9:.0f} GFLOP/s)" for name, v in t.items())
+            if native:
+                cell += f"; {t['torch'] / t['compiled']:.2f}x"
+            cells.append(cell)
+        rows.append(f"| {d:.0%} | " + " | ".join(cells) + " |")
+        log("   " + rows[-1])
+    lines += ["CSR x dense products, compiled (kernels/cpu_sparse.c) vs torch's (MKL):", "", *rows, "",
+              "`compiled` is kernels/cpu_sparse.c, what training uses for the decode's products where a C "
+              "compiler works (the encoder's weight gradient stays with MKL); `torch` is torch's own "
+              "(`CLTRAIN_CPU_KERNELS=0`), the fallback." + why, ""]
 
 
 STEPS_HEADING = "### Whole training steps, both windows (CPU default shape, ~1% firing; --steps)"
@@ -481,40 +557,45 @@ def steps_only(out: Path, reps: int):
     fused.WINDOW_COMPLEMENT = False
     try:  # encode and decode composed: the decode computes a dense activation gradient
         composed = whole_steps(True, reps, eps2=True)
-        # the two torch_sparse paths alone, alternating step by step: their difference is smaller
-        # than this machine's step-to-step noise, so compare many paired steps
-        ab = whole_steps(True, 6, eps2=True, every=True,
-                         variants={"complement": _window_complement(True), "composed": _window_complement(False)})
     finally:
         fused.WINDOW_COMPLEMENT = True
-    ab_text = "; ".join(f"{name}: best {min(ts):.3g} s, median {statistics.median(ts):.3g} s"
-                        for name, ts in ab.items())
+    from cltrain.kernels import cpu_native
+    ab_text = "no compiled kernel here, nothing to compare"
+    if cpu_native.available():
+        # the compiled kernels against torch's products, alternating step by step: paired steps, as
+        # this machine's step-to-step noise is of the order of their difference
+        try:
+            ab = whole_steps(True, 5, eps2=True, every=True, variants={
+                "compiled": _compiled_kernels(True), "torch": _compiled_kernels(False)})
+        finally:
+            os.environ.pop("CLTRAIN_CPU_KERNELS", None)
+        ab_text = "; ".join(f"{name}: best {min(ts):.3g} s, median {statistics.median(ts):.3g} s"
+                            for name, ts in ab.items())
     section = [STEPS_HEADING, "",
                f"Measured by `python benchmarks/kernels.py --steps` "
                f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}) on {device_name()}, torch "
                f"{torch.__version__}, load average {start_load} at start and {load_avg()} at the end "
                f"({time.time() - t0:.0f} s). Best of {reps} interleaved steps each after a warm-up round; "
-               "freed memory retained. The step is forward (CLT.encode_decode: with torch_sparse the fused "
-               "encode+decode of kernels/fused.py), loss terms, backward, clipping, Adam(fused=True).", "",
+               f"freed memory retained; the decode's sparse products: {_sparse_products_used()}. "
+               "The step is forward (CLT.encode_decode: with torch_sparse the fused encode+decode of "
+               "kernels/fused.py), loss terms, backward, clipping, Adam(fused=True).", "",
                f"- trained-like window (grad_mask ~2%): {_dense_vs_sparse(trained)}",
                f"- default eps = 2 (grad_mask ~95%; the fused window-complement path: exact activation "
                f"gradients on the ~6% of positions outside the window, per-feature sums inside): "
                f"{_dense_vs_sparse(eps2)}",
                f"- default eps = 2, encode and decode composed instead (`fused.WINDOW_COMPLEMENT = False`: "
                f"a dense activation gradient): {_dense_vs_sparse(composed)}",
-               f"- eps = 2, torch_sparse only, the two paths alternating over 6 steps each: {ab_text}",
+               f"- eps = 2, torch_sparse only, the decode's sparse products compiled vs torch's "
+               f"(`CLTRAIN_CPU_KERNELS=0`), alternating over 5 steps each: {ab_text}",
                "",
-               "What keeps eps = 2 above the trained-like step: the window's threshold gradient needs, per "
+               "What eps = 2 adds to the trained-like step: the window's threshold gradient needs, per "
                "feature, the sum of d loss / d a over ~95% of the tokens. The fused path takes it as T_f "
                "(one matrix-vector product per layer) minus the complement, so it needs exact products only "
-               "on P, ~6% of positions (1% active, ~5% below the window). But a sampled product over 5% of "
-               "positions costs about 40% of the dense product on this CPU (\"Activation gradient\" below): "
-               "each multiply-add loads a decoder element and a dY element that are not in registers, while "
-               "the dense product runs from cache-blocked tiles near the matmul ceiling. So P still costs "
-               "about half the dense activation gradient it replaces. Summing the below-window positions "
-               "with a CSR x dense product instead (the same multiply-adds, sums instead of values) measured "
-               "1.5x slower than the sampled product (0.221 vs 0.142 s at 5%, one 12-slot layer, "
-               "2026-11-29 23:23 UTC) and was removed.", "", ""]
+               "on P, ~6% of positions (1% active, ~5% below the window), against ~2% in the trained-like "
+               "mask. Those are sampled dense-dense products: every multiply-add loads a decoder element "
+               "and a dY element that no other pair shares, so on a CPU they run at cache bandwidth, not at "
+               "the matmul ceiling (\"Sparse products\" below gives their cost against the dense "
+               "product).", "", ""]
     text = out.read_text() if out.exists() else "# Kernel benchmark\n"
     if STEPS_HEADING in text:  # replace the earlier section (up to the next heading)
         head, rest = text.split(STEPS_HEADING, 1)
@@ -556,6 +637,7 @@ def main(argv=None):
         if not args.quick:
             allocator_effect(lines, log)
             initial_regime(lines, log)
+            early_training(lines, log)
         kernels.retain_freed_cpu_memory()  # as CPU training does (train/trainer.py)
     shapes = [Shape("small", 256, 4, 128, 512, step=True, reps=5)]
     if not args.quick:
@@ -569,7 +651,7 @@ def main(argv=None):
         # written after every shape, so a run cut short still leaves what it measured
         Path(args.out).write_text("\n".join(lines + ["(run in progress or cut short)", ""]))
     if not CUDA and not args.quick:
-        crossover(lines, log, 2)
+        sparse_products(lines, log, 2)
     lines += [f"Load average at the end: {load_avg()}; total run {time.time() - t_start:.0f} s.", ""]
     Path(args.out).write_text("\n".join(lines))
     log(f"\nwrote {args.out}")

@@ -219,7 +219,8 @@ def test_training_step_same_with_and_without_compiled_kernels(bandwidth, monkeyp
         # per source layer: the forward and the weight gradient; the activation gradient on the mask
         assert compiled_calls["csr_dense"] == 6 and compiled_calls["sampled_product"] == 3, compiled_calls
     for run, (y_k, g_k) in runs.items():
-        torch.testing.assert_close(y_k.double(), y_ref, rtol=1e-4, atol=1e-5, msg=lambda m, r=run: f"{r} y_hat: {m}")
+        torch.testing.assert_close(y_k.double(), y_ref, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, r=run: f"{r} y_hat: {m}")
         for name, gr in g_ref.items():
             scale = gr.abs().max().item()
             torch.testing.assert_close(g_k[name].double(), gr, rtol=1e-3, atol=1e-4 * scale,
