@@ -32,12 +32,10 @@ typedef union { v8a v; v4a h[2]; } u8;
 #define TILE_TOKENS 8
 /* CSR x dense accumulators: 16 x 16 floats fill AVX-512's 32 registers by half; narrower vector
  * units (AVX2, NEON) split each v16 into 2 or 4 registers, so fewer */
-#ifndef ACC_VECS
 #ifdef __AVX512F__
 #define ACC_VECS 16
 #else
 #define ACC_VECS 4
-#endif
 #endif
 #define MAX_THREADS 256
 

@@ -3,6 +3,7 @@ encode with them and without them, their input checks, the build cache and the f
 compiler works."""
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
@@ -258,3 +259,17 @@ def test_density_switch_follows_the_products(monkeypatch):
         torch.testing.assert_close(gk.double(), gr, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("CLTRAIN_CPU_KERNELS", "0")
     assert torch_ops.default_dense_above(w32) == torch_ops.DENSE_GRAD_ABOVE
+
+
+@pytest.mark.skipif(not NATIVE or os.uname().machine != "x86_64", reason="an x86-64 build of the kernels")
+def test_kernels_built_for_avx2_match_float64(tmp_path, monkeypatch):
+    """The narrower-vector code path (no AVX-512: ACC_VECS 4, as on AVX2 or NEON machines), built here
+    for x86-64-v3 and checked against float64 like the native build."""
+    monkeypatch.setenv("CLTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_native, "FLAGS", [f if f != "-march=native" else "-march=x86-64-v3"
+                                              for f in cpu_native.FLAGS])
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    assert cpu_native.available(), cpu_native.failure()
+    for K in (15, 64, 300):
+        test_csr_dense_matches_float64(K, True, 2, monkeypatch)
+        test_sampled_product_matches_float64(K, 32, 2, monkeypatch)
