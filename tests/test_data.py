@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -128,11 +129,32 @@ def test_pipe_urls(make_dataset):
 
 def test_never_hangs_on_a_stalled_url(make_dataset):
     info = make_dataset()
-    info.path = f"pipe:sleep 5; cat {info.path}/{{}}"  # every shard takes 5 s to start
+    folder = str(info.path)
+    info.path = f"pipe:sleep 5; cat {folder}/{{}}"  # every shard takes 5 s to start
     for workers in (0, 1):  # URLs are read in a worker process even with 0 workers, for this timeout
         loader = ActivationLoader(info, 100, epochs=1, num_workers=workers, timeout=1.5)
         with pytest.raises(DatasetError, match="delivered nothing for 2 s"):
             ids_of(loader)
+        # the stopped worker ended the stalled command too (its shell and the shell's children)
+        deadline = time.monotonic() + 2.0
+        while _processes_mentioning(folder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _processes_mentioning(folder), _processes_mentioning(folder)
+
+
+def _processes_mentioning(text):
+    """(pid, command line) of the processes whose command line contains text (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append((int(entry), cmd))
+    return found
 
 
 def test_dataset_matches_training_config(make_dataset):

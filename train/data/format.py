@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import os
+import signal
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -69,7 +71,36 @@ def open_url(url: str):
         if not os.path.isfile(url):
             raise FileNotFoundError(f"{url}: no such file")
         return open(url, "rb")
+    if url.startswith("pipe:"):
+        return _open_pipe(url[len("pipe:"):])
     return gopen(url, "rb")
+
+
+# The pipe: commands this process started; each runs in its own process group (see _open_pipe).
+_PIPES = weakref.WeakSet()
+
+
+def _open_pipe(cmd: str):
+    """WebDataset's Pipe (its exit-status checks, as gopen opens pipe: URLs), with the command started
+    in a process group of its own, so that a loader worker that is stopped mid-read ends the whole
+    command (kill_pipes) instead of leaving the shell and its children behind."""
+    from webdataset import utils
+    from webdataset.gopen import Pipe
+    if utils.enforce_security:
+        raise ValueError("gopen_pipe: unsafe_gopen is False, cannot open pipe URLs")
+    pipe = Pipe(cmd, mode="rb", shell=True, bufsize=8192, ignore_status=[141], start_new_session=True)
+    _PIPES.add(pipe.proc)
+    return pipe
+
+
+def kill_pipes():
+    """SIGKILL the process group of every pipe: command this process started that is still running."""
+    for proc in list(_PIPES):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # ----------------------------------------------------------------------------------------------------

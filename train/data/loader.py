@@ -35,7 +35,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from ..config import ConfigError
-from .format import DatasetError, DatasetInfo, is_url, seed_mix
+from .format import DatasetError, DatasetInfo, is_url, kill_pipes, seed_mix
 from .shards import EmptySlot, SampleRef, map_shard, read_shard
 
 log = logging.getLogger(__name__)
@@ -217,11 +217,18 @@ def _die_with_parent(parent: int):
         os._exit(1)
 
 
+def _end_worker(signum, frame):
+    kill_pipes()
+    os._exit(128 + signum)
+
+
 def _worker_main(q, stop, parent, info_doc, base, sched, w, start_epoch, start_slot, on_error, verify, epochs):
     """A loader worker: it reads and checks its samples (sha256, shapes, NaN/Inf) and passes each on by
     reference (SampleRef: the training process maps the local shard itself) or, from a URL, in shared
     memory by handle."""
     _die_with_parent(parent)
+    # close() stops a worker with SIGTERM, possibly mid-read from a pipe: command: end that too
+    signal.signal(signal.SIGTERM, _end_worker)
     torch.set_num_threads(1)
     try:
         info = DatasetInfo.from_json(info_doc, base)
