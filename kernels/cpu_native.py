@@ -157,8 +157,10 @@ def _check_sparse(fn, ptr, idx, n_rows: int, n_cols: int, what: str):
         raise ValueError(f"{fn}: pointers span {int(ptr[0])}..{n}, indices have {idx.numel()} entries")
     if n_rows and bool((ptr[1:] < ptr[:-1]).any()):
         raise ValueError(f"{fn}: pointers must be non-decreasing")
-    if n and (int(idx.min()) < 0 or int(idx.max()) >= n_cols):
-        raise ValueError(f"{fn}: {what} index out of range [0, {n_cols})")
+    if n:
+        lo, hi = torch.aminmax(idx)  # one pass: this runs per layer on the training hot path
+        if int(lo) < 0 or int(hi) >= n_cols:
+            raise ValueError(f"{fn}: {what} index out of range [0, {n_cols})")
     return n
 
 
