@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # clt-train under `accelerate launch` (used only as a process launcher: clt-train drives DeepSpeed itself).
 #   NPROC=8 launch/accelerate.sh data.path=/data/acts parallel=fp2
-set -euo pipefail
+set -uo pipefail
 NPROC=${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 NPROC=$(( NPROC > 0 ? NPROC : 1 ))
 if ! (nvidia-smi -L >/dev/null 2>&1); then
@@ -9,6 +9,7 @@ if ! (nvidia-smi -L >/dev/null 2>&1); then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
 MODE=(); [ "$NPROC" -gt 1 ] && MODE=(--multi_gpu)
-exec accelerate launch "${MODE[@]}" --num_processes "$NPROC" --num_machines "${NNODES:-1}" \
+source "$(dirname "$0")/exit_code.sh"
+run_ranks accelerate launch "${MODE[@]}" --num_processes "$NPROC" --num_machines "${NNODES:-1}" \
   --mixed_precision no --dynamo_backend no --main_process_port "${MASTER_PORT:-29500}" \
   -m cltrain.train.trainer "$@"

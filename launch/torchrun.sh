@@ -18,4 +18,8 @@ else
 fi
 # Without a GPU each process runs gloo on CPU: give every rank its share of the cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-exec torchrun "${RDZV[@]}" --nproc_per_node "$NPROC" --max-restarts "${MAX_RESTARTS:-0}" -m cltrain.train.trainer "$@"
+# torchrun through cltrain.train.launch: the ranks' exit code (2, 3, 75, 130) and their one-line messages,
+# not torchrun's exit 1 and traceback; SIGUSR1/USR2 forwarded; CLTRAIN_SHUTDOWN_TIMEOUT s (default 600)
+# for the ranks to checkpoint on Ctrl-C or SIGTERM; a second Ctrl-C stops them at once.
+exec "${PYTHON:-python}" -m cltrain.train.launch "${RDZV[@]}" --nproc_per_node "$NPROC" \
+  --max-restarts "${MAX_RESTARTS:-0}" -m cltrain.train.trainer "$@"

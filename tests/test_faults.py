@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cltrain.train import trainer
+from cltrain.train import lifecycle, trainer
 from cltrain.train.checkpoint import CheckpointError
 from cltrain.train.config import compose
 from cltrain.train.data import write_synthetic_dataset
@@ -84,7 +84,7 @@ def test_preemption_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
     _wait_for_step(out, 3, proc)
     proc.send_signal(sig)
     text = _finish(proc, 120)
-    assert proc.returncode == trainer.EXIT_PREEMPTED, text[-3000:]
+    assert proc.returncode == lifecycle.EXIT_PREEMPTED, text[-3000:]
     assert f"{signal.Signals(sig).name} received: checkpointed at step" in text
     saved = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert saved >= 3 and not (out / "model").exists()  # checkpointed, not finished
@@ -142,7 +142,7 @@ def test_a_killed_rank_is_relaunched_by_torchrun_and_resumes_by_itself(data, tmp
 
 def test_a_hung_rank_ends_the_job_within_the_timeout(data, tmp_path):
     out = tmp_path / "hung"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "cltrain.train.launch", "--standalone", "--nproc_per_node", "2",
            "-m", "cltrain.train.trainer", f"out_dir={out}", f"data.path={data}", *COMMON, "steps=400",
            "checkpoint_every=1000", "parallel=fp2"]
     proc = _start(cmd, tmp_path, CLTRAIN_DIST_TIMEOUT="10")
@@ -158,7 +158,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(data, tmp_path):
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    assert proc.returncode == lifecycle.EXIT_RANK_LOST and time.monotonic() - t0 < 60, stderr[-3000:]
     assert "rank 0: a collective (step" in stderr and "CLTRAIN_DIST_TIMEOUT=10" in stderr, stderr[-3000:]
 
 
@@ -209,17 +209,18 @@ def test_wandb_after_a_resume_logs_each_step_once(data, tmp_path, monkeypatch):
 
 def test_a_signal_to_one_rank_checkpoints_every_rank_at_the_same_step(data, tmp_path):
     """SLURM signals every task, but a signal reaching one rank alone must stop them all together: the
-    ranks compare flags every PreemptionSignal.CHECK_EVERY steps and write one checkpoint."""
+    ranks compare flags at agreed steps (lifecycle.StopSignals) and write one checkpoint."""
     out = tmp_path / "one"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "cltrain.train.launch", "--standalone", "--nproc_per_node", "2",
            "-m", "cltrain.train.trainer", f"out_dir={out}", f"data.path={data}", *COMMON, "steps=400",
            "checkpoint_every=1000", "parallel=fp2"]
     proc = _start(cmd, tmp_path)
     _wait_for_step(out, 3, proc)
     os.kill(_children(proc.pid)[1], signal.SIGUSR1)
     text = _finish(proc, 120)
-    assert proc.returncode != 0 and text.count("SIGUSR1 received") + text.count("SIGTERM received") >= 1, text[-3000:]
+    assert proc.returncode == lifecycle.EXIT_PREEMPTED, text[-3000:]
+    assert text.count("SIGUSR1 received") + text.count("SIGTERM received") == 1, text[-3000:]
     step = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
-    assert step % trainer.PreemptionSignal.CHECK_EVERY == 0 and step < 400
+    assert f"received: checkpointed at step {step} " in text and step < 400
     ranks = sorted(p.name for p in (out / "checkpoints" / f"step-{step:06d}" / "ranks").iterdir())
     assert ranks == ["rank-00000.pt", "rank-00001.pt"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cltrain.train import sweep, trainer
+from cltrain.train import lifecycle, sweep, trainer
 from cltrain.train.config import ConfigError, compose
 from cltrain.train.data import write_synthetic_dataset
 from cltrain.train.model_io import ModelReader
@@ -121,7 +121,7 @@ def test_slurm_launcher_sbatch_parameters(tmp_path, monkeypatch):
         assert line in text, text
     # the trainer checkpoints on submitit's time-limit signal (USR2), as on SLURM's SIGTERM
     import signal
-    assert signal.SIGUSR2 in trainer.PreemptionSignal.SIGNALS
+    assert signal.SIGUSR2 in lifecycle.StopSignals.SIGNALS
     assert "srun" in text  # one task per GPU, each a rank
 
 

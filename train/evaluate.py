@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import sys
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from .clt import CLT, inference_forward
 from .config import CONFIG_DIR, ConfigError
 from .export import dataset_scales, export, resolve_model_dir
+from .lifecycle import run_command
 from .graphs import GraphSettings, require_circuit_tracer
 from .graphs import prepare as graph_prepare
 from .graphs import run as graph_run
@@ -375,11 +375,7 @@ def _evaluate_from_config(cfg, graphs: GraphSettings) -> dict:
 
 
 def _main(cfg):
-    try:
-        run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"clt-eval: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run_command(lambda: run(cfg), "clt-eval", bad_input=(ConfigError, FileNotFoundError, ValueError, OSError))
 
 
 def main():

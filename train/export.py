@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -54,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .clt import CLT
 from .config import CONFIG_DIR, ConfigError
+from .lifecycle import run_command
 from .model_io import META, ModelReader, replace_dir
 
 log = logging.getLogger(__name__)
@@ -346,12 +346,8 @@ def run(cfg) -> Path:
 
 
 def _main(cfg):
-    try:
-        out = run(cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-        print(f"clt-export: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    print(json.dumps({"exported": str(out)}))
+    run_command(lambda: print(json.dumps({"exported": str(run(cfg))})), "clt-export",
+                bad_input=(ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError))
 
 
 def main():

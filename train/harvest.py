@@ -39,6 +39,7 @@ from tqdm import tqdm
 from .config import CONFIG_DIR, ConfigError, require_choice, require_positive_int, validate_harvest_config
 from .data import (DATASET_JSON, DTYPES, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetError, DatasetInfo, ShardWriter,
                    _mix, all_finite, shard_name)
+from .lifecycle import run_command
 from .lm import TINY, hook_mlp_sites, hook_names, load_lm, mlp_sites, tiny_config
 from .model_io import atomic_write_bytes
 from .parallel import resolve_device
@@ -466,18 +467,16 @@ def _write_shard(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict, d
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="harvest", version_base="1.3")
 def _hydra_main(cfg: DictConfig):
-    try:
+    def job():
         info = harvest(cfg)
-    except (ConfigError, DatasetError) as e:
-        print(f"clt-harvest: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    if info is not None:
-        print(f"clt-harvest: wrote {info.n_tokens:,} tokens in {len(info.shards)} shard(s) of "
-              f"{info.n_layers} layers x D={info.d_model} to {info.path} (dataset.json)")
+        if info is not None:
+            print(f"clt-harvest: wrote {info.n_tokens:,} tokens in {len(info.shards)} shard(s) of "
+                  f"{info.n_layers} layers x D={info.d_model} to {info.path} (dataset.json)")
+
+    run_command(job, "clt-harvest", bad_input=(ConfigError, DatasetError))
 
 
 def main():
-    import sys
     # `clt-harvest --dry-run ...` is the spelling users expect; Hydra knows it as dry_run=true.
     sys.argv = [("dry_run=true" if a == "--dry-run" else a) for a in sys.argv]
     _hydra_main()

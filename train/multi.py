@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
 from .config import ConfigError, validate_train
+from .lifecycle import Preempted, Teardown
 from .sweep import base_name, clean, finished_model
 
 
@@ -123,8 +124,6 @@ class MultiTrainer:
                     for t in self.trainers:
                         last[id(t)] = t.save()
                 if preempted and lead.step < stop:
-                    from .trainer import Preempted
-
                     lead.logger.print(f"clt-train: {lead.preemption.name} received: {len(self.trainers)} "
                                       f"dictionaries checkpointed at step {lead.step}; resubmit with resume=true")
                     raise Preempted(last[id(lead)])
@@ -152,8 +151,9 @@ class MultiTrainer:
             t.close()
 
 
-def train_dictionaries(cfg: DictConfig) -> Path:
-    """clt-train with `dictionaries`: returns out_dir (each dictionary's model in out_dir/<name>/model)."""
+def train_dictionaries(cfg: DictConfig, teardown: Teardown) -> Path:
+    """clt-train with `dictionaries`: returns out_dir (each dictionary's model in out_dir/<name>/model).
+    The trainers are closed by `teardown` (train/trainer.py `train`)."""
     validate_train(cfg)
     cfgs = dictionary_configs(cfg)
     todo = []
@@ -165,8 +165,6 @@ def train_dictionaries(cfg: DictConfig) -> Path:
             todo.append(c)
     if todo:
         multi = MultiTrainer(todo)
-        try:
-            multi.fit()
-        finally:
-            multi.close()
+        teardown.add(multi.close)
+        multi.fit()
     return Path(str(cfg.out_dir))

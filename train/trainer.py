@@ -16,9 +16,7 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +31,7 @@ from .clt import CLT, batch_metrics, loss_terms
 from .config import (CONFIG_DIR, ConfigError, clips_in_optimizer, clt_config, deepspeed_overrides, loss_weights,
                      resolve_precision, resolve_steps, validate_runtime, validate_train)
 from .grad_clip import ClippedAdam
+from .lifecycle import Preempted, RankLost, StopSignals, Teardown, run_command
 from .data import DatasetError, DatasetInfo, loader_from_config, reshard_loader_states, verify_shards
 from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss, PhasePeaks
 from .model_io import atomic_write_bytes
@@ -245,8 +244,17 @@ class Trainer:
     def build(cls, cfg: DictConfig, loader=None, first_batch=None) -> "Trainer":
         """loader / first_batch: for several dictionaries trained on one data pass (train/multi.py): a
         loader shared with other Trainers (already verified; this Trainer does not close it), and a
-        function(loader) giving the pass's first batch (calibration reads it once for all)."""
+        function(loader) giving the pass's first batch (calibration reads it once for all). A build that
+        fails closes what it had started."""
         self = cls()
+        try:
+            self._build(cfg, loader, first_batch)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self, cfg: DictConfig, loader, first_batch):
         self.cfg = cfg
         self.owns_loader, self._first_batch = loader is None, first_batch
         validate_train(cfg)
@@ -350,8 +358,7 @@ class Trainer:
         self.report_steps_since, self.t_report, self.tokens_report = 0, time.perf_counter(), self.tokens
         self.peaks = PhasePeaks()
         self.peaks.end("startup")
-        self.preemption = PreemptionSignal()
-        return self
+        self.preemption = StopSignals()
 
     def _check_memory(self, meta_clt: CLT) -> MemoryEstimate:
         """Estimate this rank's peak before allocating; refuse (on every rank) if it will not fit."""
@@ -539,7 +546,7 @@ class Trainer:
         """Train to the stop step, checkpointing every checkpoint_every steps and at the end, then
         publish OUT/model (this run's final model; never another run's). Returns OUT/model. A
         preemption signal (SIGTERM, SIGUSR1) makes every rank finish its step and checkpoint together,
-        then raises Preempted (exit code EXIT_PREEMPTED)."""
+        then raises Preempted (exit code lifecycle.EXIT_PREEMPTED)."""
         every, accum = int(self.cfg.checkpoint_every), int(self.cfg.grad_accum)
         eval_every = int(self.cfg.get("eval_every", 0) or 0)
         last_ckpt = None
@@ -623,109 +630,68 @@ class Trainer:
         return f"step {self.step + 1}, {self.timer.current or 'between phases'}"
 
     def close(self):
+        """End what this rank started, none of it collective: the W&B run and progress bar, the loader's
+        worker processes (joined; a shared loader is its owner's), the DeepSpeed engine. Idempotent."""
         for name in ("logger", "loader") if getattr(self, "owns_loader", True) else ("logger",):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
-
-
-# Exit code of a run that checkpointed because of a preemption signal (EX_TEMPFAIL: try again). The
-# launch scripts resubmit (SLURM: requeue) on it; torchrun's --max-restarts relaunches on any failure.
-EXIT_PREEMPTED = 75
-
-
-class Preempted(Exception):
-    """Raised by Trainer.fit after the checkpoint a preemption signal asked for."""
-
-
-class PreemptionSignal:
-    """SIGTERM (what SLURM and Kubernetes send before killing a job) and SIGUSR1 (SLURM's --signal
-    warning) set a flag instead of ending the process; `requested` (a collective every CHECK_EVERY
-    steps) tells every rank at the same step, so all of them checkpoint together. Active inside `with`."""
-
-    # SIGUSR2: the time-limit warning of jobs sent by submitit (Hydra's slurm launcher, --signal=USR2@N)
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else "no signal"
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    # Ranks compare flags every CHECK_EVERY steps only: the all-reduce synchronizes a GPU, and SLURM's
-    # warning (--signal=USR1@300) or a SIGTERM's grace period leaves time for a few steps.
-    CHECK_EVERY = 10
-
-    def requested(self, device, step: int) -> bool:
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.signum is not None
-        if step % self.CHECK_EVERY:
-            return False
-        flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.signum:
-            self.signum = signal.SIGTERM  # another rank got it
-        return bool(flag.item())
-
-
-class RankTimeout(RuntimeError):
-    """A collective timed out: another rank is hung or dead. The message names this rank and where."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            self.engine = None
+            engine.destroy()
 
 
 class OutOfMemory(ConfigError):
     """This run will not fit (or did not fit) in a rank's memory; the message has the estimate and limit."""
 
 
+def _named_failure(e: BaseException, trainer) -> Exception | None:
+    """A failed collective or allocation as the error a user can act on (None: a bug, keep the traceback)."""
+    text, rank = str(e), dist.get_rank() if dist.is_initialized() else 0
+    low = text.lower()
+    where = trainer.where() if trainer is not None else "start-up"
+    if not isinstance(e, MemoryError) and ("timed out" in low or "timeout" in low) and "connect" not in low:
+        return RankLost(
+            f"rank {rank}: a collective ({where}) waited longer than CLTRAIN_DIST_TIMEOUT="
+            f"{int(dist_timeout().total_seconds())} s for another rank, which is hung or dead; the job "
+            f"stops (resume=true continues from the last checkpoint). {text.splitlines()[0][:200]}")
+    if any(s in low for s in ("connection closed by peer", "connection reset by peer", "broken pipe")):
+        return RankLost(f"rank {rank}: another rank left the job during a collective ({where}); look for its "
+                        f"own error above. resume=true continues from the last checkpoint")
+    if isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in low:
+        estimate = f"; estimated need {trainer.memory.describe()}" if trainer is not None else ""
+        return OutOfMemory(f"rank {rank} ran out of memory ({text.splitlines()[-1][:200] if text else 'MemoryError'})"
+                           f"{estimate}. Use more feature-parallel ranks, a smaller batch_tokens or "
+                           f"data.shuffle_buffer")
+    return None
+
+
 def train(cfg: DictConfig) -> Path:
-    """Run (or resume) a training job; returns OUT/model, the whole trained CLT (model_io.load_clt)."""
+    """Run (or resume) a training job; returns OUT/model, the whole trained CLT (model_io.load_clt).
+    Everything it starts (loader workers, W&B, the DeepSpeed engine, a process group it created) has
+    ended when it returns or raises (lifecycle.Teardown)."""
     from .sweep import finished_model
     from .multi import train_dictionaries
 
-    if cfg.get("dictionaries"):
-        return train_dictionaries(cfg)
-    trainer = None
     validate_train(cfg)
-    done = finished_model(cfg)  # a resubmitted sweep: this run already finished
-    if done is not None:
-        print(f"clt-train: {done} is this run's finished model (resume=true): skipped", flush=True)
-        return done
-    try:
-        trainer = Trainer.build(cfg)
-        return trainer.fit()
-    except (RuntimeError, MemoryError) as e:
-        text = str(e)
-        if not isinstance(e, MemoryError) and ("timed out" in text.lower() or "timeout" in text.lower()) \
-                and "connect" not in text.lower():
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            where = trainer.where() if trainer is not None else "start-up"
-            raise RankTimeout(
-                f"rank {rank}: a collective ({where}) waited longer than CLTRAIN_DIST_TIMEOUT="
-                f"{int(dist_timeout().total_seconds())} s for another rank, which is hung or dead; the job "
-                f"stops (resume=true continues from the last checkpoint). {text.splitlines()[0][:200]}") from None
-        if not isinstance(e, MemoryError) and "can't allocate memory" not in text and "out of memory" not in text.lower():
-            raise
-        estimate = f"; estimated need {trainer.memory.describe()}" if trainer is not None else ""
-        raise OutOfMemory(f"rank {dist.get_rank() if dist.is_initialized() else 0} ran out of memory "
-                          f"({text.splitlines()[-1][:200]}){estimate}. Use more feature-parallel ranks, a "
-                          f"smaller batch_tokens or data.shuffle_buffer") from None
-    finally:
-        if trainer is not None:
-            trainer.close()
+    trainer = None
+    with Teardown() as teardown:
+        try:
+            if cfg.get("dictionaries"):
+                return train_dictionaries(cfg, teardown)
+            done = finished_model(cfg)  # a resubmitted sweep: this run already finished
+            if done is not None:
+                print(f"clt-train: {done} is this run's finished model (resume=true): skipped", flush=True)
+                return done
+            trainer = Trainer.build(cfg)
+            teardown.add(trainer.close)
+            return trainer.fit()
+        except (RuntimeError, MemoryError) as e:
+            named = _named_failure(e, trainer)
+            if named is None:
+                raise
+            raise named from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -736,16 +702,7 @@ def _hydra_job(cfg: DictConfig):
     from .sweep import slurm_rendezvous
 
     slurm_rendezvous()  # a SLURM job sent by the submitit launcher: ranks and rendezvous from SLURM_*
-    try:
-        train(cfg)
-    except Preempted:
-        sys.exit(EXIT_PREEMPTED)
-    except (ConfigError, DatasetError, ckpt.CheckpointError) as e:
-        print(f"clt-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except RankTimeout as e:
-        print(f"clt-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
+    run_command(lambda: train(cfg), "clt-train", bad_input=(ConfigError, DatasetError, ckpt.CheckpointError))
 
 
 def main():

@@ -1,0 +1,211 @@
+"""How runs end (train/lifecycle.py, docs/operations.md "Exit codes"): every rank's own exit code on every
+path, one line and no traceback or abort where the code says the run ended as planned, and Ctrl-C keeps
+the work. Ranks are separate real processes (tests/ranks.py), so each one's code is seen, not torchrun's
+summary; the launcher's own pass-through is tested through launch/torchrun.sh.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from cltrain.train import lifecycle
+from cltrain.train.data import write_synthetic_dataset
+from ranks import Ranks, describe, rank_env, wait_for_step
+
+pytestmark = pytest.mark.timeout(600)
+ROOT = Path(__file__).resolve().parents[1]
+
+COMMON = ["model.n_features=16", "batch_tokens=64", "log_every=1", "logger.mode=disabled", "progress=false",
+          "data.num_workers=0", "data.shuffle_buffer=256", "data.heldout_shards=1", "optim.lr=0.01"]
+LAYOUTS = {"fp2": ["parallel=fp2"], "dp2": ["parallel=single"]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("exits") / "ds"
+    write_synthetic_dataset(path, n_layers=3, d_model=8, n_tokens=4096, tokens_per_sample=16, shard_tokens=256,
+                            seed=3)
+    return path
+
+
+def _latest(out: Path) -> int:
+    return int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+
+
+def _clean(ended, code):
+    assert [e.code for e in ended] == [code] * len(ended), describe(ended)
+    assert not any(e.crashed() for e in ended), describe(ended)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_success_exits_0_on_every_rank_with_nothing_on_stderr(data, tmp_path, layout):
+    out = tmp_path / "run"
+    ranks = Ranks(2, [f"data.path={data}", f"out_dir={out}", *COMMON, *LAYOUTS[layout], "steps=6",
+                      "checkpoint_every=3"], tmp_path / "logs")
+    ended = ranks.finish(120)
+    _clean(ended, 0)
+    assert (out / "model" / "model.json").is_file()
+    assert all(e.stderr.strip() == "" for e in ended), describe(ended)
+
+
+def test_bad_input_after_the_process_group_exits_2_on_every_rank(data, tmp_path):
+    """A resume that does not match its checkpoint fails after the group started: one line each, exit 2."""
+    out = tmp_path / "run"
+    _clean(Ranks(2, [f"data.path={data}", f"out_dir={out}", *COMMON, "parallel=fp2", "steps=3"],
+                 tmp_path / "a").finish(120), 0)
+    ended = Ranks(2, [f"data.path={data}", f"out_dir={out}", *COMMON, "parallel=fp2", "steps=3", "resume=true",
+                      "model.n_features=32"], tmp_path / "b").finish(120)
+    _clean(ended, lifecycle.EXIT_BAD_INPUT)
+    for e in ended:
+        lines = e.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("clt-train: error: ") and "model.n_features" in lines[0], \
+            describe(ended)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_and_exits_75_on_every_rank(data, tmp_path, sig):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C in a terminal, which signals every process of the job): the
+    ranks agree on a step, checkpoint there and exit 75, with one line and no traceback."""
+    out = tmp_path / "run"
+    ranks = Ranks(2, [f"data.path={data}", f"out_dir={out}", *COMMON, "parallel=fp2", "steps=100000",
+                      "checkpoint_every=1000000"], tmp_path / "logs")
+    wait_for_step(out, 5, ranks.alive)
+    for pid in ranks.pids:
+        os.kill(pid, sig)
+    ended = ranks.finish(120)
+    _clean(ended, lifecycle.EXIT_PREEMPTED)
+    step = _latest(out)
+    assert step >= 5 and not (out / "model").exists()
+    name = "Ctrl-C (SIGINT)" if sig == signal.SIGINT else "SIGTERM"
+    assert f"clt-train: {name} received: checkpointed at step {step} " in ended[0].stdout, describe(ended)
+    assert sorted(p.name for p in (out / "checkpoints" / f"step-{step:06d}" / "ranks").iterdir()) == \
+        ["rank-00000.pt", "rank-00001.pt"]
+
+
+def test_a_hung_rank_ends_the_others_with_exit_3(data, tmp_path):
+    """A rank stopped (SIGSTOP) mid-run: the other waits out CLTRAIN_DIST_TIMEOUT and exits 3 with one line
+    naming itself and the phase; the stopped rank, continued, finds its peer gone and exits 3 as well."""
+    out = tmp_path / "run"
+    ranks = Ranks(2, [f"data.path={data}", f"out_dir={out}", *COMMON, "parallel=fp2", "steps=100000",
+                      "checkpoint_every=1000000"], tmp_path / "logs", CLTRAIN_DIST_TIMEOUT="8")
+    wait_for_step(out, 3, ranks.alive)
+    os.kill(ranks.pids[1], signal.SIGSTOP)
+    t0 = time.monotonic()
+    ranks.procs[0].wait(timeout=60)
+    assert time.monotonic() - t0 < 40
+    os.kill(ranks.pids[1], signal.SIGCONT)
+    ended = ranks.finish(60)
+    _clean(ended, lifecycle.EXIT_RANK_LOST)
+    assert "clt-train: error: rank 0: a collective (step" in ended[0].stderr, describe(ended)
+    assert "CLTRAIN_DIST_TIMEOUT=8" in ended[0].stderr
+    assert "clt-train: error: rank 1: " in ended[1].stderr, describe(ended)
+
+
+def test_ctrl_c_to_one_process_checkpoints_and_a_second_stops_at_once(data, tmp_path):
+    """The single process: Ctrl-C after step N checkpoints at the current step and exits 75 (one line, no
+    KeyboardInterrupt); the resumed run goes on from there."""
+    out = tmp_path / "run"
+    args = [f"data.path={data}", f"out_dir={out}", *COMMON, "checkpoint_every=1000000"]
+    ranks = Ranks(1, args + ["steps=100000"], tmp_path / "logs")
+    wait_for_step(out, 25, ranks.alive)
+    os.kill(ranks.pids[0], signal.SIGINT)
+    [ended] = ranks.finish(60)
+    _clean([ended], lifecycle.EXIT_PREEMPTED)
+    step = _latest(out)  # the only checkpoint is the one Ctrl-C asked for
+    assert step >= 25 and ended.stderr.strip() == "", ended.stderr
+    assert f"clt-train: Ctrl-C (SIGINT) received: checkpointed at step {step} " in ended.stdout
+    resumed = Ranks(1, args + ["steps=100000", f"stop_at_step={step + 2}", "resume=true"],
+                    tmp_path / "resumed").finish(60)
+    _clean(resumed, 0)
+    assert f"resumed from {out / 'checkpoints' / f'step-{step:06d}'} at step {step}" in resumed[0].stdout
+
+
+def test_a_second_ctrl_c_raises_and_the_command_exits_130_with_one_line(capsys):
+    with lifecycle.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGINT and stop.requested("cpu", 1)
+        os.kill(os.getpid(), signal.SIGTERM)  # another signal meanwhile keeps the Ctrl-C
+        time.sleep(0.05)
+        assert stop.name == "Ctrl-C (SIGINT)"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert lifecycle.exit_code(interrupted, "clt-x") == lifecycle.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["clt-x: interrupted: stopped at once, without a checkpoint (the last one "
+                                "written is kept)"]
+
+
+def test_teardown_ends_in_reverse_order_and_only_the_group_it_started(tmp_path, monkeypatch):
+    from cltrain.train.parallel import init_distributed
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    order = []
+    with pytest.raises(ValueError):
+        with lifecycle.Teardown() as td:
+            init_distributed("gloo")
+            td.add(lambda: order.append("loader"))
+            td.add(lambda: 1 / 0)  # a failing closer does not stop the others
+            td.add(lambda: order.append("wandb"))
+            raise ValueError("the job failed")
+    assert order == ["wandb", "loader"] and not dist.is_initialized()
+    init_distributed("gloo")  # a caller's own group outlives the scope
+    try:
+        with lifecycle.Teardown():
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def _launcher(nproc: int, args: list[str], log: Path, **env) -> subprocess.Popen:
+    e = rank_env(NPROC=str(nproc), PYTHON=sys.executable, **env)
+    e["PATH"] = f"{Path(sys.executable).parent}:{e['PATH']}"
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), *args], env=e, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_launcher_passes_a_ranks_code_and_line_through_without_torchruns_traceback(data, tmp_path):
+    out = tmp_path / "run"
+    with open(tmp_path / "a.log", "w+") as log:
+        p = _launcher(2, [f"data.path={data}", f"out_dir={out}", *COMMON, "parallel=fp2", "steps=3"], log)
+        assert p.wait(120) == 0
+    with open(tmp_path / "b.log", "w+") as log:
+        p = _launcher(2, [f"data.path={data}", f"out_dir={out}", *COMMON, "parallel=fp2", "steps=3",
+                          "resume=true", "model.n_features=32"], log)
+        code = p.wait(120)
+        log.seek(0)
+        text = log.read()
+    assert code == lifecycle.EXIT_BAD_INPUT, text
+    assert text.count("clt-train: error: ") == 2 and "Traceback" not in text and "ChildFailedError" not in text, text
+    assert all(line.startswith("clt-train: error: ") for line in text.strip().splitlines()), text
+
+
+def test_ctrl_c_to_the_launcher_checkpoints_every_rank_and_exits_75(data, tmp_path):
+    """Ctrl-C in a terminal signals torchrun alone (it starts each rank in its own session); torchrun
+    forwards it once to every rank, which checkpoint together; the launcher exits 75 like one process."""
+    out = tmp_path / "run"
+    with open(tmp_path / "job.log", "w+") as log:
+        p = _launcher(2, [f"data.path={data}", f"out_dir={out}", *COMMON, "parallel=fp2", "steps=100000",
+                          "checkpoint_every=1000000"], log)
+        wait_for_step(out, 5, lambda: p.poll() is None)
+        p.send_signal(signal.SIGINT)
+        code = p.wait(120)
+        log.seek(0)
+        text = log.read()
+    assert code == lifecycle.EXIT_PREEMPTED, text
+    step = _latest(out)
+    lines = [x for x in text.splitlines() if not x.startswith(("step ", "clt-train: /", "clt-train: memory"))]
+    assert lines == [f"clt-train: Ctrl-C (SIGINT) received: checkpointed at step {step} "
+                     f"({out / 'checkpoints' / f'step-{step:06d}'}); resubmit with resume=true to continue"], text
