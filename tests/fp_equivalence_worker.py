@@ -6,6 +6,7 @@ import sys
 import torch
 
 from cltrain.train.clt import CLT, CLTConfig, LossWeights, loss_terms
+from cltrain.train.lifecycle import Teardown
 from cltrain.train.parallel import Layout, init_distributed, local_clt, materialize
 
 
@@ -48,4 +49,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with Teardown():  # the process group ends before the interpreter does (an abort at exit otherwise)
+        main()

@@ -41,7 +41,8 @@ class Ended:
 
 
 class Ranks:
-    """`Ranks(n, args, logs)`: n processes of `python -m module args`, rank r with RANK=r."""
+    """`Ranks(n, args, logs)`: n processes of `python -m module args` (or `python script.py args`), rank r
+    with RANK=r."""
 
     def __init__(self, n: int, args: list[str], logs: Path, module: str = "cltrain.train.trainer", **env):
         port = free_port()
@@ -52,7 +53,8 @@ class Ranks:
                          MASTER_PORT=str(port), **env)
             out, err = open(logs / f"rank{r}.out", "w+"), open(logs / f"rank{r}.err", "w+")
             self.files.append((out, err))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=e, stdout=out, stderr=err))
+            cmd = [module] if module.endswith(".py") else ["-m", module]  # a script, or a module
+            self.procs.append(subprocess.Popen([sys.executable, *cmd, *args], env=e, stdout=out, stderr=err))
 
     @property
     def pids(self) -> list[int]:

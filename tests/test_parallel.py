@@ -61,6 +61,7 @@ def _torchrun(nproc, args, module=("-m", "cltrain.train.trainer"), timeout=300, 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-5000:]
     return proc
 
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/stress/exits.py [--runs 20] [--steps 10]
 
-Not part of `make test` (about 5 minutes on the 2-core machine). Each run is two real processes over gloo
+Not part of `make test` (about 5 minutes on the 2-core machine). A third case runs the feature-slice
+worker of tests/test_parallel.py the same way: a process group with no trainer around it. Each run is two real processes over gloo
 (tests/ranks.py), a short training run with a checkpoint and a published model; a run counts only if every
 rank exited 0 and no rank printed an abort, a core dump or a traceback. Prints "N of 20 exit 0 on every rank"
 per layout, and the first failures' output.
@@ -49,6 +50,15 @@ def main():
                     print(f"run {i} of {name}:\n{describe(ended)}", flush=True)
             failed_any |= ok < a.runs
             print(f"{name}: {ok} of {a.runs} exit 0 on every rank ({time.monotonic() - t0:.0f} s)", flush=True)
+        # a process group without a trainer: tests/fp_equivalence_worker.py (ends it through lifecycle.Teardown)
+        worker = str(Path(__file__).resolve().parents[1] / "fp_equivalence_worker.py")
+        ok, t0 = 0, time.monotonic()
+        for i in range(a.runs):
+            ended = Ranks(2, ["2"], tmp / f"worker-{i}", module=worker).finish(300)
+            ok += all(e.code == 0 and not e.crashed() and e.stdout.startswith("OK ") for e in ended)
+        failed_any |= ok < a.runs
+        print(f"feature-slice worker (fp2, no trainer): {ok} of {a.runs} exit 0 on every rank "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
     return 1 if failed_any else 0
 
 
