@@ -247,7 +247,7 @@ def test_out_of_disk_leaves_nothing(tmp_path, monkeypatch):
     model_dir = save(tmp_path, make_clt())
     old = export(model_dir, tmp_path / "ct")
     before = {p.name: p.read_bytes() for p in old.iterdir()}
-    real_save, calls = export_mod.save_file, []
+    real_save, calls = export_mod.save_safetensors, []
 
     def failing_save(tensors, path, metadata=None):
         calls.append(path)
@@ -255,7 +255,7 @@ def test_out_of_disk_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(export_mod, "save_file", failing_save)
+    monkeypatch.setattr(export_mod, "save_safetensors", failing_save)
     with pytest.raises(OSError, match=r"W_enc_1\.safetensors.*No space left"):
         export(model_dir, tmp_path / "ct2")
     calls.clear()

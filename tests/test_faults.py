@@ -167,14 +167,15 @@ def test_a_run_never_publishes_another_runs_model(data, tmp_path):
     trainer.train(compose("train", [f"data.path={data}", f"out_dir={out}", *COMMON, "steps=2",
                                     "checkpoint_every=1"]))
     old = _weights(out / "model")
-    # a new run (another size) in the same folder, stopped before its first step
+    # a new run (another size) replacing it (overwrite=true), stopped before its first step
     new = trainer.train(compose("train", [f"data.path={data}", f"out_dir={out}", *COMMON, "steps=2",
-                                          "model.n_features=32", "stop_at_step=0"]))
+                                          "model.n_features=32", "stop_at_step=0", "overwrite=true"]))
     assert ModelReader(new).cfg.n_features == 32 and _weights(new)["W_enc"].shape[1] == 32
     assert old["W_enc"].shape[1] == 16
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000000"]
     # and a checkpoint of another run is refused by name
     from cltrain.train.checkpoint import publish_model, read_trainer_state
-    other = sorted((out / "checkpoints").glob("step-*"))[0]
+    other = out / "checkpoints" / "step-000000"
     fp = dict(read_trainer_state(other)["fingerprint"], **{"model.n_features": 64})
     with pytest.raises(CheckpointError, match="not this run's checkpoint"):
         publish_model(other, tmp_path / "elsewhere", fp)

@@ -4,11 +4,14 @@ Layout of OUT/checkpoints:
     latest                          one line: the newest complete checkpoint (replaced atomically)
     step-000500/
         trainer.json                step, tokens, fingerprint, layout, W&B run id, and the manifest (every
-                                    file with its size); written last, by rank 0: its presence means complete
+                                    file with its size and sha256); written last, by rank 0: its presence
+                                    means complete
         model/model.json            the model (model_io's format): config, dataset metadata, weight index
         model/weights-0000r-of-0000P.safetensors   feature shard r: the fp32 (master) weights
         optim/optim-0000r-of-0000P.safetensors     feature shard r: Adam's moments, feature statistics
-        ranks/rank-00000.pt ...     per rank: loader position, RNG states, exact feature statistics
+        ranks/rank-00000.pt ...     per rank: loader position, RNG states, exact feature statistics (read
+                                    with torch.load(weights_only=True): plain types, tensors, and numpy's
+                                    RNG array, SAFE_GLOBALS; a file that asks for anything else is refused)
 
 Each feature shard is written by the first data-parallel rank of its feature-parallel group, one tensor
 at a time (engine_state gathers a parameter's ZeRO fragments over the DP group, then it is streamed to
@@ -20,6 +23,11 @@ A crash or full disk mid-write leaves `latest` on the previous good checkpoint (
 by the next save). Ranks agree on success with one all-reduce, so one rank's failure stops every rank
 with the same message instead of hanging the others.
 
+Integrity: every file's size is checked before any step, and each rank checks the sha256 of every file it
+reads (its rank file, the shards holding its features, the indexes) before reading it; model.json's
+index records each weight shard's sha256, so OUT/model (hard links of the final checkpoint's model/) is
+checked the same way by whoever reads it (model_io.FeatureShards).
+
 Resume: the fingerprint (model, optimizer, data order, schedules, global batch) must match; the layout
 (world size, data- and feature-parallel sizes, ZeRO stage) may change: each rank reads its feature
 range of the weights and moments from whichever old shards hold it (model_io.FeatureShards), and the
@@ -28,6 +36,8 @@ loader positions of the old data-parallel ranks are mapped onto the new ones.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import random
@@ -40,15 +50,21 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .engine_state import adam_step, ensure_adam_state, get_full_state, set_full_state
-from .model_io import (META, FeatureShards, StreamingSafetensorsWriter, atomic_write_bytes, feature_dim,
-                       shard_file)
+from .model_io import (META, FeatureShards, StreamingSafetensorsWriter, atomic_write_bytes, check_sha256,
+                       feature_dim, shard_file)
 
 LATEST = "latest"
 TRAINER = "trainer.json"
-FORMAT = "cltrain-checkpoint-v2"
+FORMAT = "cltrain-checkpoint-v3"  # v3: the manifest has a sha256 per file; v2 (sizes only) still resumes
+READABLE = ("cltrain-checkpoint-v2", FORMAT)
+# What a rank file may contain besides plain types and tensors: numpy's RNG state (an array of uint32).
+SAFE_GLOBALS = [np.ndarray, np.dtype, (getattr(np, "_core", None) or np.core).multiarray._reconstruct,
+                *([np.dtypes.UInt32DType] if hasattr(np, "dtypes") else [])]
 # Keys of the fingerprint that may differ on resume: the layout is remapped.
 LAYOUT_KEYS = ("world_size", "parallel.feature_parallel", "deepspeed.zero_stage", "batch_tokens",
                "grad_accum", "data.num_workers")
+# Fingerprint keys added after checkpoints were first written: compared only where the checkpoint has them.
+NEWER_KEYS = ("dataset.digest",)
 
 
 class CheckpointError(RuntimeError):
@@ -104,43 +120,88 @@ def resolve_resume(resume, root: Path) -> Path | None:
 def read_trainer_state(path: Path) -> dict:
     try:
         state = json.loads((path / TRAINER).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError: not what clt-train wrote
         raise CheckpointError(f"{path / TRAINER}: unreadable checkpoint description ({e})") from None
-    if state.get("format") != FORMAT:
+    if state.get("format") not in READABLE:
         raise CheckpointError(f"{path}: written by an older cltrain (format {state.get('format', 'v1')!r}, "
                               f"this version reads {FORMAT!r}); start a new run")
     return state
 
 
 def fingerprint_diff(saved: dict, current: dict) -> list[str]:
-    """The fingerprint keys that differ, the layout keys (which a resume may change) left out."""
+    """The fingerprint keys that differ, the layout keys (which a resume may change) left out, and keys
+    newer than the checkpoint (NEWER_KEYS, absent from what an older version saved) not compared."""
     return [k for k in sorted(set(saved) | set(current))
-            if k not in LAYOUT_KEYS and saved.get(k) != current.get(k)]
+            if k not in LAYOUT_KEYS and not (k in NEWER_KEYS and k not in saved) and saved.get(k) != current.get(k)]
 
 
-def check_fingerprint(saved: dict, current: dict, path: Path):
+def check_fingerprint(saved: dict, current: dict, path: Path, allow_dataset_change: bool = False):
     """Refuse to resume with a config that changes the model, the data order or the schedules; the
-    layout keys (LAYOUT_KEYS) may change."""
+    layout keys (LAYOUT_KEYS) may change. Another dataset of the same shape (its digest) only with
+    data.allow_change_on_resume=true, and then it is said."""
     diff = fingerprint_diff(saved, current)
+    if allow_dataset_change and "dataset.digest" in diff:
+        diff.remove("dataset.digest")
+        print(f"clt-train: resuming {path} on another dataset (digest {saved['dataset.digest'][:12]}... in the "
+              f"checkpoint, {current['dataset.digest'][:12]}... now): data.allow_change_on_resume=true", flush=True)
     if diff:
         lines = "; ".join(f"'{k}' = {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in diff[:8])
+        if "dataset.digest" in diff:
+            lines += (" (another dataset of the same shape: other shards or scales; data.allow_change_on_resume=true "
+                      "resumes on it deliberately)")
         hint = (" (global_batch_tokens = batch_tokens x grad_accum x data-parallel size: adjust batch_tokens "
                 "or grad_accum to the new layout)" if "global_batch_tokens" in diff else "")
         raise ConfigError(f"{path}: checkpoint from another config: {lines}{hint}. Resume with the "
                           f"checkpoint's values (see {path / TRAINER}) or train into a new out_dir")
 
 
+def _entry(value) -> tuple[int, str | None]:
+    """A manifest entry: {"bytes", "sha256"} (v3) or a size (v2)."""
+    return (int(value["bytes"]), str(value["sha256"])) if isinstance(value, dict) else (int(value), None)
+
+
 def verify_manifest(path: Path, state: dict):
     """Every file the checkpoint lists is there with its recorded size (a missing or truncated rank
-    shard is named before any training step)."""
-    for name, size in sorted(state.get("files", {}).items()):
+    shard is named before any training step). The hashes are checked where the files are read."""
+    for name, value in sorted(state.get("files", {}).items()):
         f = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{path / TRAINER}: lists {name!r}, outside the checkpoint folder")
+        size, _ = _entry(value)
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint (listed in {path / TRAINER}); resume "
                                   f"from an earlier step-* folder")
-        if f.stat().st_size != int(size):
+        if f.stat().st_size != size:
             raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {size} expected (truncated or "
                                   f"overwritten); resume from an earlier step-* folder")
+
+
+def verify_hashes(path: Path, state: dict, names):
+    """The sha256 of each of `names` (paths in the checkpoint) equals the manifest's."""
+    files = state.get("files", {})
+    for name in sorted(set(names)):
+        if name not in files:
+            raise CheckpointError(f"{path / name}: not listed in {path / TRAINER}")
+        _, digest = _entry(files[name])
+        if digest is not None:
+            try:
+                check_sha256(path / name, digest, f"recorded in {path / TRAINER}")
+            except ValueError as e:
+                raise CheckpointError(f"{e}; resume from an earlier step-* folder") from None
+
+
+def load_rank_file(path: Path) -> dict:
+    """A rank file, unpickled with weights_only=True (no code runs from it): a file that holds anything
+    but plain types, tensors and SAFE_GLOBALS is refused by name."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's UnpicklingError, or garbage
+        first = str(e).split("\n")[0][:300]
+        if "WeightsUnpickler error" in str(e):
+            first = next((x for x in str(e).splitlines() if "WeightsUnpickler error" in x), first).strip()
+        raise CheckpointError(f"{path}: not a rank file this version can read safely ({first}); nothing from "
+                              f"it was run. Resume from an earlier step-* folder") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,19 +262,17 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def _atomic_torch_save(obj, path: Path) -> int:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return size
+def _manifest_entry(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _atomic_torch_save(obj, path: Path) -> dict:
+    """Save `obj` (a rank's small state) atomically; its manifest entry."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return _manifest_entry(data)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,9 +310,9 @@ class CheckpointManager:
                 error = e
         if not all_ranks_ok(error is None, self.device):
             raise CheckpointError(f"{tmp}: cannot create the checkpoint folder ({error or 'failed on rank 0'})")
-        files: dict[str, int] = {}
+        files: dict[str, dict] = {}
         try:
-            files.update(self._write_shards(tmp, step, model_meta, stats))
+            files.update(self._write_shards(tmp, step, stats))
         except (OSError, RuntimeError, ValueError) as e:
             error = e
         try:
@@ -265,6 +324,7 @@ class CheckpointManager:
         if ok and rank == 0:
             try:
                 manifest = {k: v for f in all_files for k, v in f.items()}
+                manifest.update(self._write_indexes(tmp, model_meta, manifest))
                 state = dict(trainer_state, format=FORMAT, step=step, fingerprint=self.fingerprint,
                              layout=self._layout_doc(), files=manifest)
                 atomic_write_bytes(tmp / TRAINER, json.dumps(state, indent=2).encode())
@@ -290,6 +350,27 @@ class CheckpointManager:
         _barrier()
         return final
 
+    def _write_indexes(self, tmp: Path, model_meta: dict, manifest: dict) -> dict[str, dict]:
+        """model/model.json and optim/index.json (rank 0, once every shard is written): the shard files
+        with their feature ranges and sha256. Their own manifest entries."""
+        P, n_local = self.layout.fp_size, self.clt.cfg.n_features
+
+        def index(prefix, folder):
+            return {"n_features": self.full_cfg.n_features,
+                    "shards": [{"file": shard_file(prefix, r, P), "features": [r * n_local, (r + 1) * n_local],
+                                "sha256": manifest[f"{folder}/{shard_file(prefix, r, P)}"]["sha256"]}
+                               for r in range(P)]}
+
+        docs = {f"model/{META}": {"clt_config": dataclasses.asdict(self.full_cfg), **model_meta,
+                                  "weights": index("weights", "model")},
+                "optim/index.json": index("optim", "optim")}
+        out = {}
+        for name, doc in docs.items():
+            data = json.dumps(doc, indent=2).encode()
+            atomic_write_bytes(tmp / name, data)
+            out[name] = _manifest_entry(data)
+        return out
+
     def _layout_doc(self) -> dict:
         L = self.layout
         return {"world": L.world, "data_parallel": L.dp_size, "feature_parallel": L.fp_size,
@@ -304,11 +385,11 @@ class CheckpointManager:
             specs += [(f"{prefix}{name}", dtype, shape) for prefix in prefixes]
         return specs
 
-    def _write_shards(self, tmp: Path, step: int, model_meta: dict, stats) -> dict[str, int]:
+    def _write_shards(self, tmp: Path, step: int, stats) -> dict[str, dict]:
         """This FP group's weight and optimizer shard, written by its first DP rank while every DP rank
         takes part in the per-parameter gathers. A write error is remembered and raised after the
-        gathers, so the other ranks never wait in a collective the writer left. Returns {relative path:
-        bytes} of what this rank wrote."""
+        gathers, so the other ranks never wait in a collective the writer left. Returns the manifest
+        entries ({relative path: {bytes, sha256}}) of what this rank wrote."""
         L = self.layout
         writer = L.dp_rank == 0
         start, n_local = self.clt.feature_start, self.clt.cfg.n_features
@@ -351,20 +432,10 @@ class CheckpointManager:
                 attempt(lambda: weights.write(k, v))
             attempt(lambda: optim.write("stats/tokens_since_fire", tokens_since))
             attempt(lambda: optim.write("stats/fire_count", fire))
-            files[f"model/{fname}"] = attempt(weights.close) if weights is not None else None
-            files[f"optim/{oname}"] = attempt(optim.close) if optim is not None else None
-            if L.fp_rank == 0:
-                index = {"n_features": self.full_cfg.n_features,
-                         "shards": [{"file": shard_file("weights", r, L.fp_size),
-                                     "features": [r * n_local, (r + 1) * n_local]} for r in range(L.fp_size)]}
-                doc = json.dumps({"clt_config": dataclasses.asdict(self.full_cfg), **model_meta,
-                                  "weights": index}, indent=2).encode()
-                optim_index = dict(index, shards=[dict(s, file=shard_file("optim", r, L.fp_size))
-                                                  for r, s in enumerate(index["shards"])])
-                odoc = json.dumps(optim_index, indent=2).encode()
-                attempt(lambda: atomic_write_bytes(tmp / "model" / META, doc))
-                attempt(lambda: atomic_write_bytes(tmp / "optim" / "index.json", odoc))
-                files.update({f"model/{META}": len(doc), "optim/index.json": len(odoc)})
+            for key, w in ((f"model/{fname}", weights), (f"optim/{oname}", optim)):
+                size = attempt(w.close) if w is not None else None
+                if size is not None:
+                    files[key] = {"bytes": size, "sha256": w.sha256}
         if failure is not None:
             for w in (weights, optim):
                 if w is not None:
@@ -396,39 +467,48 @@ class CheckpointManager:
         shards hold it) and return this rank's loader/RNG state (mapped when the layout changed)."""
         L = self.layout
         old = state["layout"]
+        features = slice(self.clt.feature_start, self.clt.feature_start + self.clt.cfg.n_features)
+        same_layout = (old["world"], old["data_parallel"], old["feature_parallel"]) == (L.world, L.dp_size, L.fp_size)
+        old_fp = int(old["feature_parallel"])
+        rank_files = [rank_file(L.rank)] if same_layout else \
+            sorted({rank_file(d * old_fp) for d in range(int(old["data_parallel"]))} | {rank_file(0)})
+        verify_hashes(path, state, [f"model/{META}", "optim/index.json", *rank_files])
         try:
             weights = FeatureShards(path / "model", json.loads((path / "model" / META).read_text())["weights"],
-                                    str(path / "model" / META))
+                                    str(path / "model" / META), check_hashes=False)
             optim = FeatureShards(path / "optim", json.loads((path / "optim" / "index.json").read_text()),
-                                  str(path / "optim" / "index.json"))
+                                  str(path / "optim" / "index.json"), check_hashes=False)
+            # only the shards that hold this rank's features (and the first: replicated tensors) are read
+            verify_hashes(path, state, [f"{sub}/{file}" for sub, shards in (("model", weights), ("optim", optim))
+                                        for i, (file, a, b) in enumerate(shards.shards)
+                                        if i == 0 or (a < features.stop and features.start < b)])
             weights.check_files()
             optim.check_files()
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: cannot read the checkpoint's shards ({e})") from None
-        features = slice(self.clt.feature_start, self.clt.feature_start + self.clt.cfg.n_features)
         step = int(optim.metadata().get("adam_step", 0))
         ensure_adam_state(self.engine, step)
-        for name, p in self.params.items():
-            sl = features if feature_dim(name) is not None else None
-            set_full_state(self.engine, p, {"weight": weights.read(name, sl),
-                                            "exp_avg": optim.read(f"exp_avg/{name}", sl),
-                                            "exp_avg_sq": optim.read(f"exp_avg_sq/{name}", sl)})
-        self.clt.batchtopk_threshold.copy_(weights.read("batchtopk_threshold"))
-        same_layout = (old["world"], old["data_parallel"], old["feature_parallel"]) == (L.world, L.dp_size, L.fp_size)
+        try:
+            for name, p in self.params.items():
+                sl = features if feature_dim(name) is not None else None
+                set_full_state(self.engine, p, {"weight": weights.read(name, sl),
+                                                "exp_avg": optim.read(f"exp_avg/{name}", sl),
+                                                "exp_avg_sq": optim.read(f"exp_avg_sq/{name}", sl)})
+            self.clt.batchtopk_threshold.copy_(weights.read("batchtopk_threshold"))
+        except (ValueError, KeyError) as e:  # a non-finite or missing tensor, named
+            raise CheckpointError(f"{path}: {e.args[0] if e.args else e}; resume from an earlier step-* folder") from None
         rank_states = {}
         if same_layout:
-            mine = torch.load(path / rank_file(L.rank), map_location="cpu", weights_only=False)
+            mine = load_rank_file(path / rank_file(L.rank))
             stats.load_state_dict(mine["features"])
             rank_states = {"loader": mine["loader"], "rng": mine["rng"]}
         else:
             stats.load_reduced(optim.read("stats/tokens_since_fire", features),
                                optim.read("stats/fire_count", features),
                                int(optim.metadata().get("stats.tokens_counted", 0)), keep_counts=L.dp_rank == 0)
-            old_fp = int(old["feature_parallel"])
             # every old DP rank's loader position (FP ranks of a group share it)
-            loaders = [torch.load(path / rank_file(d * old_fp), map_location="cpu", weights_only=False)["loader"]
-                       for d in range(int(old["data_parallel"]))]
-            first = torch.load(path / rank_file(0), map_location="cpu", weights_only=False)
+            loaders = [load_rank_file(path / rank_file(d * old_fp))["loader"] for d in range(int(old["data_parallel"]))]
+            first = load_rank_file(path / rank_file(0))
             rank_states = {"loader_states": loaders, "rng": first["rng"]}
         return rank_states
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -254,6 +255,7 @@ TRAIN_SCHEMA = {
     "out_dir": PathLike(),
     "checkpoint_every": Int(1),
     "resume": Resume,
+    "overwrite": Bool,
     "stop_at_step": Int(0, none=True),
     "log_every": Int(1),
     "eval_every": Int(0, why=" (steps; 0: off)"),
@@ -273,6 +275,7 @@ TRAIN_SCHEMA = {
     "data.timeout": Num(0, lo_open=True),
     "data.verify": Bool,
     "data.verify_upfront": Bool,
+    "data.allow_change_on_resume": Bool,
     "optim.lr": Num(0, lo_open=True),
     "optim.betas": Betas,
     "optim.eps": Num(0, lo_open=True),
@@ -359,7 +362,8 @@ HARVEST_SCHEMA = {
     "device": Choice(*DEVICES),
     "threads": Int(1, none=True),
     "out_dir": PathLike(),
-    "name": Check(lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v, "a file name prefix (no '/')"),
+    "name": Check(lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}", v) is not None,
+                  "a file name prefix: letters, digits, '.', '_', '-' (the loader reads only such shard names)"),
     "tokens_per_sample": Int(1),
     "shard_tokens": Int(1),
     "shuffle_buffer": Int(1),
@@ -475,6 +479,8 @@ def validate_train(cfg: DictConfig):
               "held-out shards)")
     if _get(cfg, "logger.mode") == "online":
         check_wandb_login("logger.mode")
+    if _get(cfg, "overwrite") and _get(cfg, "resume") not in (False, None):
+        _fail("overwrite", True, "false with resume set (resume continues the run in out_dir; overwrite replaces it)")
 
 
 def validate_runtime(cfg: DictConfig, world_size: int, cuda_available: bool):

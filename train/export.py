@@ -41,6 +41,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -48,13 +49,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .clt import CLT
 from .config import CONFIG_DIR, ConfigError
 from .lifecycle import run_command
-from .model_io import META, ModelReader, replace_dir
+from .model_io import META, ModelReader, replace_dir, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,25 @@ def _check_free_space(parent: Path, needed: int, out_dir: Path):
                                     f"{free / 2**20:.1f} MiB free on that disk; nothing was written")
 
 
+# What a clt-export folder holds (and all it holds): config.yaml with a `cltrain` block, and the layers.
+EXPORT_FILE = re.compile(r"(W_enc_\d+|W_dec_\d+|layer_\d+)\.safetensors")
+
+
+def not_an_export(folder: Path) -> str | None:
+    """Why `folder` is not a folder clt-export wrote (None: it is one, and overwrite may replace it)."""
+    if not folder.is_dir():
+        return "not a folder"
+    try:
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return f"no readable {CONFIG_FILE}"
+    if not isinstance(config, dict) or "cltrain" not in config or \
+            config.get("model_kind") not in ("cross_layer_transcoder", "transcoder_set"):
+        return f"its {CONFIG_FILE} was not written by clt-export"
+    others = sorted(p.name for p in folder.iterdir() if p.name != CONFIG_FILE and not EXPORT_FILE.fullmatch(p.name))
+    return f"it also holds {', '.join(others[:3])}" + (" ..." if len(others) > 3 else "") if others else None
+
+
 def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
            dtype: str = "float32", overwrite: bool = False, model_name: str | None = None,
            feature_input_hook: str | None = None, dataset: str | os.PathLike | None = None,
@@ -246,6 +265,11 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
                           f"{model_dir} it exports from; choose another folder")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (set overwrite=true to replace it)")
+    if out_dir.exists():
+        foreign = not_an_export(out_dir)
+        if foreign:
+            raise FileExistsError(f"config key 'overwrite' = true: {out_dir} is not a clt-export folder ({foreign}); "
+                                  f"overwrite replaces only an earlier export. Choose another out_dir")
 
     reader = ModelReader(model_dir)  # lazy: the weights are read one layer at a time below
     reader.shards.check_files()
@@ -304,7 +328,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         for i, w in enumerate(tqdm(layers_iter, total=cfg.n_layers, desc="export", unit="layer")):
             for name, tensors in _files_for_layer(i, w, cfg.per_layer).items():
                 try:
-                    save_file(tensors, str(stage / name), metadata={"format": "pt"})
+                    save_safetensors(tensors, stage / name, metadata={"format": "pt"})
                 except OSError as e:
                     raise OSError(e.errno, f"{out_dir / name}: write failed ({e.strerror or e}); "
                                            f"nothing was exported") from e

@@ -16,6 +16,7 @@ to map back to raw activations (per-layer scales) and to find the base model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -57,6 +58,39 @@ def atomic_write_bytes(path: Path, data: bytes):
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write (e.g. disk full) leaves nothing behind
         raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
+    """safetensors' save_file with the file mode every other file gets (it writes 0600: an exported or
+    published model would be unreadable to the collaborators a shared folder is for)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux: read it without setting it (os.umask would change it for every thread meanwhile)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, source: str):
+    """The file's sha256 is `expected` (as `source` records it), else a ValueError naming both."""
+    found = file_sha256(path)
+    if found != expected:
+        raise ValueError(f"{path}: sha256 {found}, {expected} expected ({source}): the file was damaged or "
+                         f"replaced after it was written")
 
 
 def replace_dir(stage: Path, dst: Path):
@@ -106,9 +140,10 @@ class StreamingSafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
         self.next = 0
+        self.hash = hashlib.sha256()  # of every byte written: the file's sha256 once closed (`sha256`)
         self.f = open(self.tmp, "wb")
         try:
-            self.f.write(len(blob).to_bytes(8, "little") + blob)
+            self._put(len(blob).to_bytes(8, "little") + blob)
         except BaseException:
             self.abort()
             raise
@@ -119,8 +154,16 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"{self.path}: expected tensor {want_name} {dtype} {list(shape)} next, "
                              f"got {name} {tensor.dtype} {list(tensor.shape)}")
         t = tensor.detach().contiguous().cpu()
-        self.f.write(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
+        self._put(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
         self.next += 1
+
+    def _put(self, data: bytes):
+        self.f.write(data)
+        self.hash.update(data)
+
+    @property
+    def sha256(self) -> str:
+        return self.hash.hexdigest()
 
     def close(self) -> int:
         """Finish the file (all tensors written), fsync, rename into place; returns its size in bytes."""
@@ -150,17 +193,24 @@ class StreamingSafetensorsWriter:
 
 class FeatureShards:
     """Tensors stored as feature ranges over several safetensors files (index: {"n_features": F,
-    "shards": [{"file": name, "features": [a, b]}, ...]}, ranges in order and covering [0, F)).
-    `read(name, features=slice)` assembles any feature range from the files that hold it; replicated
-    tensors (no feature dim, see feature_dim) come from the first file."""
+    "shards": [{"file": name, "features": [a, b], "sha256": hex}, ...]}, ranges in order and covering
+    [0, F)). `read(name, features=slice)` assembles any feature range from the files that hold it;
+    replicated tensors (no feature dim, see feature_dim) come from the first file. A file is opened only
+    when first read, after its sha256 is checked against the index (check_hashes=False: the caller
+    checked it; files written before the hashes existed have none)."""
 
-    def __init__(self, folder: str | os.PathLike, index: dict, source: str):
+    def __init__(self, folder: str | os.PathLike, index: dict, source: str, check_hashes: bool = True):
         self.folder, self.source = Path(folder), source
         try:
             self.n_features = int(index["n_features"])
             self.shards = [(str(s["file"]), int(s["features"][0]), int(s["features"][1])) for s in index["shards"]]
+            self.hashes = {str(s["file"]): str(s["sha256"]) for s in index["shards"] if "sha256" in s} \
+                if check_hashes else {}
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"{source}: malformed weight index ({type(e).__name__}: {e})") from None
+        for file, _, _ in self.shards:
+            if Path(file).name != file or file.startswith("."):
+                raise ValueError(f"{source}: weight shard {file!r} is not a plain file name in {self.folder}")
         edge = 0
         for file, a, b in self.shards:
             if a != edge or b < a:
@@ -181,6 +231,8 @@ class FeatureShards:
             path = self.folder / file
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing (listed in {self.source})")
+            if file in self.hashes:
+                check_sha256(path, self.hashes[file], f"recorded in {self.source}")
             try:
                 self._open[file] = safe_open(str(path), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
@@ -198,8 +250,7 @@ class FeatureShards:
         of dim 0 (a layer of W_enc / b_enc / log_threshold / b_dec), reading only that layer."""
         fdim = feature_dim(name)
         if fdim is None:
-            t = self._get(self.shards[0][0], name, index, None, None)
-            return t
+            return self._finite(self._get(self.shards[0][0], name, index, None, None), name, index)
         start, stop = (0, self.n_features) if features is None else (features.start, features.stop)
         parts = []
         for file, a, b in self.shards:
@@ -207,7 +258,24 @@ class FeatureShards:
             if lo < hi:
                 parts.append(self._get(file, name, index, fdim, slice(lo - a, hi - a)))
         dim = fdim - 1 if index is not None else fdim
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+        return self._finite(parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim), name, index)
+
+    def _finite(self, t: torch.Tensor, name: str, index: int | None) -> torch.Tensor:
+        """A tensor with NaN or Inf is refused, naming it and its layer (a diverged run's weights would
+        otherwise evaluate to 'NMSE nan' and export without a word)."""
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = ~torch.isfinite(t)
+            if index is not None:
+                layer = f" layer {index}"
+            elif name.startswith("W_dec."):
+                layer = f" (source layer {name.split('.')[1]})"
+            elif t.dim() >= 2 and feature_dim(name) == 1:  # [N, F, ...]: the first dim is the layer
+                layer = f" layer {int(bad.reshape(t.shape[0], -1).any(1).nonzero()[0])}"
+            else:
+                layer = ""
+            raise ValueError(f"{self.folder}: tensor {name}{layer} has {int(bad.sum())} non-finite values "
+                             f"(NaN or Inf) of {t.numel()}: the run diverged or the file was damaged ({self.source})")
+        return t
 
     def _get(self, file, name, index, fdim, rows):
         handle = self._handle(file)
@@ -286,9 +354,11 @@ def save_clt(folder: str | os.PathLike, state: dict[str, torch.Tensor], cfg: CLT
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp)
+    index = {"n_features": cfg.n_features,
+             "shards": [{"file": WEIGHTS, "features": [0, cfg.n_features], "sha256": file_sha256(tmp)}]}
     os.replace(tmp, folder / WEIGHTS)
-    doc = {"clt_config": dataclasses.asdict(cfg), **meta}
+    doc = {"clt_config": dataclasses.asdict(cfg), **meta, "weights": index}
     atomic_write_bytes(folder / META, json.dumps(doc, indent=2).encode())
 
 

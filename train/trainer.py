@@ -27,6 +27,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
+from . import run_folder
 from .clt import CLT, batch_metrics, loss_terms
 from .config import (CONFIG_DIR, ConfigError, clips_in_optimizer, clt_config, deepspeed_overrides, loss_weights,
                      resolve_precision, resolve_steps, validate_runtime, validate_train)
@@ -186,6 +187,7 @@ def fingerprint(cfg: DictConfig, info: DatasetInfo, layout: Layout, precision: s
     flat["precision"], flat["steps"] = precision, steps
     flat.update({"world_size": layout.world, "dataset.model": info.model, "dataset.layers": list(info.layers),
                  "dataset.d_model": info.d_model, "dataset.n_tokens": info.n_tokens,
+                 "dataset.digest": info.digest(),
                  "global_batch_tokens": int(cfg.batch_tokens) * int(cfg.grad_accum) * layout.dp_size})
     return flat
 
@@ -278,6 +280,8 @@ class Trainer:
         self.steps = resolve_steps(cfg, layout.dp_size)
         self.deepspeed = _import_deepspeed(device)
         self.out_dir = Path(str(cfg.out_dir))
+        # one run per folder, and a fresh run never lands on an old one unasked (collective)
+        self.run_lock = run_folder.claim(self.out_dir, cfg.resume, bool(cfg.get("overwrite", False)), self.rank)
         self.fingerprint = fingerprint(cfg, info, layout, self.precision, self.steps)
         self.zero3 = int(cfg.deepspeed.zero_stage) == 3
 
@@ -286,7 +290,8 @@ class Trainer:
         saved = None
         if resume_from is not None:
             saved = ckpt.read_trainer_state(resume_from)
-            ckpt.check_fingerprint(saved.get("fingerprint", {}), self.fingerprint, resume_from)
+            ckpt.check_fingerprint(saved.get("fingerprint", {}), self.fingerprint, resume_from,
+                                   allow_dataset_change=bool(cfg.data.get("allow_change_on_resume", False)))
             ckpt.verify_manifest(resume_from, saved)
 
         # This rank's slice, built on the meta device, sized, then materialized and initialized alone.
@@ -631,7 +636,8 @@ class Trainer:
 
     def close(self):
         """End what this rank started, none of it collective: the W&B run and progress bar, the loader's
-        worker processes (joined; a shared loader is its owner's), the DeepSpeed engine. Idempotent."""
+        worker processes (joined; a shared loader is its owner's), the DeepSpeed engine, the lock on
+        out_dir. Idempotent."""
         for name in ("logger", "loader") if getattr(self, "owns_loader", True) else ("logger",):
             obj = getattr(self, name, None)
             if obj is not None:
@@ -640,6 +646,9 @@ class Trainer:
         if engine is not None:
             self.engine = None
             engine.destroy()
+        lock = getattr(self, "run_lock", None)
+        if lock is not None:  # last: nothing of this run writes into out_dir after it
+            lock.release()
 
 
 class OutOfMemory(ConfigError):

@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
 import signal
 import warnings
 import weakref
@@ -47,6 +49,11 @@ class SampleError(ValueError):
 # URLs
 
 
+# A shard's name in dataset.json: a file in the dataset's folder, nothing a path or a shell could read
+# differently (checked before any shard is opened; `pipe:` commands get it shell-quoted as well).
+SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,250}\.tar")
+
+
 def is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
@@ -58,7 +65,7 @@ def join_url(base: str, name: str) -> str:
         if "{}" not in base:
             raise DatasetError(f"dataset URL {base!r}: a pipe: URL needs '{{}}' where the file name goes, "
                                f"e.g. 'pipe:aws s3 cp s3://bucket/acts/{{}} -'")
-        return base.replace("{}", name)
+        return base.replace("{}", shlex.quote(name))
     if "://" in base:
         return base.rstrip("/") + "/" + name
     return str(Path(base) / name)
@@ -221,6 +228,9 @@ class DatasetInfo:
         for i, s in enumerate(self.shards):
             if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not s["name"]:
                 bad(f"shards[{i}]", s, "an object with a 'name'")
+            if not SHARD_NAME.fullmatch(s["name"]):
+                bad(f"shards[{i}].name", s["name"], "a plain file name ending in .tar (letters, digits, '.', '_', "
+                    "'-'; no folder, no shell characters): shards are read from the dataset's own folder")
             n = s.get("n_tokens")
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or n % self.tokens_per_sample:
                 bad(f"shards[{i}].n_tokens", n,
@@ -235,6 +245,13 @@ class DatasetInfo:
             bad("n_tokens", self.n_tokens, f"the sum of the shards' n_tokens, {total}")
 
     # --- shards ---
+
+    def digest(self) -> str:
+        """The dataset's identity: a sha256 over its shards (names, token counts, sha256) and its
+        normalization scales. Another harvest, even of the same shape, has another digest."""
+        ident = {"shards": [[s["name"], s["n_tokens"], s["sha256"]] for s in self.shards],
+                 "scale_x": self.scale_x, "scale_y": self.scale_y}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def shard_records(self, split: str = "train", heldout_shards: int = 0) -> list[dict]:
         """The shards of a split, each {name, n_tokens, sha256, url}: the last `heldout_shards` are held out."""
