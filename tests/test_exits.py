@@ -3,6 +3,7 @@ path, one line and no traceback or abort where the code says the run ended as pl
 the work. Ranks are separate real processes (tests/ranks.py), so each one's code is seen, not torchrun's
 summary; the launcher's own pass-through is tested through launch/torchrun.sh.
 """
+import json
 import os
 import signal
 import subprocess
@@ -209,3 +210,30 @@ def test_ctrl_c_to_the_launcher_checkpoints_every_rank_and_exits_75(data, tmp_pa
     lines = [x for x in text.splitlines() if not x.startswith(("step ", "clt-train: /", "clt-train: memory"))]
     assert lines == [f"clt-train: Ctrl-C (SIGINT) received: checkpointed at step {step} "
                      f"({out / 'checkpoints' / f'step-{step:06d}'}); resubmit with resume=true to continue"], text
+
+
+def test_ctrl_c_to_clt_harvest_keeps_its_shards_and_the_rerun_continues(tmp_path):
+    out = tmp_path / "acts"
+    args = ["base_model=tiny-llama", "max_tokens=400000", "shard_tokens=1024", "tokens_per_sample=128",
+            "context=128", f"out_dir={out}"]
+    with open(tmp_path / "harvest.log", "w+") as log:
+        p = subprocess.Popen([sys.executable, "-m", "cltrain.train.harvest", *args], env=rank_env(), stdout=log,
+                             stderr=subprocess.STDOUT, text=True)
+        t0, record = time.monotonic(), out / ".progress-rank0000.json"
+        while not (record.is_file() and json.loads(record.read_text())["shards"]):  # its first flush
+            assert p.poll() is None and time.monotonic() - t0 < 120, "the harvest ended before its first flush"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        code = p.wait(60)
+        log.seek(0)
+        text = log.read()
+    assert code == lifecycle.EXIT_INTERRUPTED, text[-2000:]
+    assert text.rstrip().endswith("clt-harvest: interrupted: stopped; the shards it recorded are kept: rerun the "
+                                  "same command to continue") and "Traceback" not in text, text[-2000:]
+    kept = json.loads(record.read_text())["shards"]
+    assert all((out / r["name"]).is_file() for r in kept) and not (out / "dataset.json").exists()
+    rerun = subprocess.run([sys.executable, "-m", "cltrain.train.harvest", *args], env=rank_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"with {len(kept)} shard(s) written" in rerun.stdout + rerun.stderr, (kept, rerun.stderr[-3000:])
+    assert (out / "dataset.json").is_file()

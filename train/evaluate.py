@@ -375,7 +375,8 @@ def _evaluate_from_config(cfg, graphs: GraphSettings) -> dict:
 
 
 def _main(cfg):
-    run_command(lambda: run(cfg), "clt-eval", bad_input=(ConfigError, FileNotFoundError, ValueError, OSError))
+    run_command(lambda: run(cfg), "clt-eval", bad_input=(ConfigError, FileNotFoundError, ValueError, OSError),
+                interrupted="stopped before metrics.json was written (an earlier one is kept)")
 
 
 def main():

@@ -371,7 +371,8 @@ def run(cfg) -> Path:
 
 def _main(cfg):
     run_command(lambda: print(json.dumps({"exported": str(run(cfg))})), "clt-export",
-                bad_input=(ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError))
+                bad_input=(ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError),
+                interrupted="stopped; nothing was exported (an earlier export is untouched)")
 
 
 def main():

@@ -473,7 +473,8 @@ def _hydra_main(cfg: DictConfig):
             print(f"clt-harvest: wrote {info.n_tokens:,} tokens in {len(info.shards)} shard(s) of "
                   f"{info.n_layers} layers x D={info.d_model} to {info.path} (dataset.json)")
 
-    run_command(job, "clt-harvest", bad_input=(ConfigError, DatasetError))
+    run_command(job, "clt-harvest", bad_input=(ConfigError, DatasetError),
+                interrupted="stopped; the shards it recorded are kept: rerun the same command to continue")
 
 
 def main():

@@ -184,8 +184,12 @@ def _report_exit(code: int):
         pass  # the launcher then reports the signal it got instead
 
 
-def exit_code(job, prog: str, bad_input: tuple = ()) -> int:
-    """Run job() inside a Teardown; return its exit code, having printed at most one line for it."""
+STOPPED_AT_ONCE = "stopped at once, without a checkpoint (the last one written is kept)"
+
+
+def exit_code(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT_ONCE) -> int:
+    """Run job() inside a Teardown; return its exit code, having printed at most one line for it.
+    `interrupted`: what a (second) Ctrl-C leaves, in the command's terms."""
     def say(msg):  # one write, so the lines of ranks sharing a terminal do not interleave
         sys.stderr.write(f"{prog}: {msg}\n")
         sys.stderr.flush()
@@ -202,7 +206,7 @@ def exit_code(job, prog: str, bad_input: tuple = ()) -> int:
         say(f"error: {e}")
         return EXIT_RANK_LOST
     except KeyboardInterrupt:
-        say("interrupted: stopped at once, without a checkpoint (the last one written is kept)")
+        say(f"interrupted: {interrupted}")
         return EXIT_INTERRUPTED
     except bad_input as e:
         say(f"error: {e}")
@@ -212,10 +216,10 @@ def exit_code(job, prog: str, bad_input: tuple = ()) -> int:
         return EXIT_BUG
 
 
-def run_command(job, prog: str, bad_input: tuple = ()):
+def run_command(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT_ONCE):
     """The entry points' job: run it, end everything, exit with its code. Success returns (exit 0 at the
     interpreter's end), so a Hydra multirun in one process goes on to its next run."""
-    code = exit_code(job, prog, bad_input)
+    code = exit_code(job, prog, bad_input, interrupted)
     _report_exit(code)
     sys.stdout.flush()
     if code != EXIT_OK:

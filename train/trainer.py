@@ -550,8 +550,8 @@ class Trainer:
     def fit(self) -> Path:
         """Train to the stop step, checkpointing every checkpoint_every steps and at the end, then
         publish OUT/model (this run's final model; never another run's). Returns OUT/model. A
-        preemption signal (SIGTERM, SIGUSR1) makes every rank finish its step and checkpoint together,
-        then raises Preempted (exit code lifecycle.EXIT_PREEMPTED)."""
+        stop signal (SIGTERM, SIGUSR1/2, Ctrl-C; lifecycle.StopSignals) makes every rank finish its step and
+        checkpoint together, then raises Preempted (exit code lifecycle.EXIT_PREEMPTED)."""
         every, accum = int(self.cfg.checkpoint_every), int(self.cfg.grad_accum)
         eval_every = int(self.cfg.get("eval_every", 0) or 0)
         last_ckpt = None

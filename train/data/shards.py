@@ -131,6 +131,10 @@ class ShardWriter:
 
     def abort(self):
         try:
+            try:  # closed first: left open, tarfile's stream flushes into the closed file when collected
+                self._tar.close()
+            except Exception:
+                pass
             self._f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
