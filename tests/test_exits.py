@@ -237,3 +237,23 @@ def test_ctrl_c_to_clt_harvest_keeps_its_shards_and_the_rerun_continues(tmp_path
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"with {len(kept)} shard(s) written" in rerun.stdout + rerun.stderr, (kept, rerun.stderr[-3000:])
     assert (out / "dataset.json").is_file()
+
+
+def test_a_killed_rank_is_the_launchers_exit_code_and_one_line(data, tmp_path):
+    """A rank killed by SIGKILL (what the OOM killer does): the launcher exits 128 + 9 with one line naming
+    that rank; the other rank, which lost its peer mid-collective, says so in one line (exit 3)."""
+    out = tmp_path / "run"
+    with open(tmp_path / "job.log", "w+") as log:
+        p = _launcher(2, [f"data.path={data}", f"out_dir={out}", *COMMON, "parallel=fp2", "steps=100000",
+                          "checkpoint_every=1000000"], log)
+        wait_for_step(out, 3, lambda: p.poll() is None)
+        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True, text=True).stdout
+        ranks = sorted(int(x) for x in kids.split())
+        assert len(ranks) == 2, kids
+        os.kill(ranks[1], signal.SIGKILL)
+        code = p.wait(120)
+        log.seek(0)
+        text = log.read()
+    assert code == 128 + signal.SIGKILL, text[-3000:]
+    assert "clt-train: rank 1 ended with exit code 137" in text and "Traceback" not in text, text[-3000:]
+    assert "clt-train: error: rank 0: another rank left the job during a collective" in text, text[-3000:]
