@@ -45,14 +45,21 @@ def _children() -> list[int]:
     return kids
 
 
-def _ranks_code(folder: Path, fallback: int) -> int:
-    """The code the ranks reported: the one they agree on, else the first non-zero by rank."""
-    codes = []
-    for f in sorted(folder.glob("rank-*"), key=lambda p: int(p.name.split("-")[1])):
+def _reported(folder: Path) -> dict[int, tuple[int, bool]]:
+    """rank -> (exit code, a consequence of another rank's end) as each rank wrote it (lifecycle)."""
+    out = {}
+    for f in folder.glob("rank-*"):
         try:
-            codes.append(int(f.read_text().strip()))
-        except (OSError, ValueError):
+            words = f.read_text().split()
+            out[int(f.name.split("-")[1])] = (int(words[0]), "consequence" in words[1:])
+        except (OSError, ValueError, IndexError):
             continue
+    return out
+
+
+def _ranks_code(folder: Path, fallback: int) -> int:
+    """The code the ranks reported: the first non-zero by rank (they usually agree), else 0."""
+    codes = [code for _, (code, _) in sorted(_reported(folder).items())]
     if not codes:
         return fallback
     return next((c for c in codes if c != EXIT_OK), EXIT_OK)
@@ -87,10 +94,22 @@ def main(argv: list[str] | None = None) -> int:
             run(args)
             return EXIT_OK
         except ChildFailedError as e:
-            # the ranks that failed, with their codes; the first one's is the job's (the others were
-            # usually stopped because of it)
-            rank, failure = e.get_first_failure()
-            code = _signal_code(int(failure.exitcode))
+            # The job's code is its root cause's. Each rank that ended by itself reported its code
+            # (lifecycle.run_command); in order: a rank's own code, then a rank killed by a signal (SIGKILL:
+            # the OOM killer), then "another rank left the job" (a consequence), last the ranks torchrun
+            # itself stopped (SIGTERM/SIGINT) once one had failed. (torchrun's failure times are whole
+            # seconds: they cannot order ranks that fail together.)
+            # (a rank that reported 0 and still failed died at exit, e.g. an abort: its own code is the signal)
+            reported = {r: v for r, v in _reported(Path(folder)).items() if v[0] != EXIT_OK}
+
+            def root_cause_first(item):
+                r, f = item
+                if r in reported:
+                    return (2 if reported[r][1] else 0, r)
+                return (3 if f.exitcode in (-signal.SIGTERM, -signal.SIGINT) else 1, r)
+
+            rank, failure = min(e.failures.items(), key=root_cause_first)
+            code = reported[rank][0] if rank in reported else _signal_code(int(failure.exitcode))
             if code not in (2, 3, 75, 130):
                 print(f"clt-train: rank {rank} ended with exit code {code} ({failure.message or 'see its output above'})",
                       file=sys.stderr, flush=True)

@@ -56,6 +56,11 @@ class RankLost(RuntimeError):
     and where it was."""
 
 
+class PeerLeft(RankLost):
+    """RankLost because another rank's connection closed: a consequence of that rank's own end (the
+    launcher reports the other rank's code, not this one's)."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Stop signals
 
@@ -171,14 +176,15 @@ class Teardown:
 # Commands
 
 
-def _report_exit(code: int):
+def _report_exit(code: int, consequence: bool):
+    """rank-R in EXIT_DIR_ENV: "CODE" or "CODE consequence" (this rank ended because another did)."""
     folder = os.environ.get(EXIT_DIR_ENV)
     if not folder:
         return
     try:
         path = Path(folder) / f"rank-{int(os.environ.get('RANK', 0))}"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{code}\n")
+        tmp.write_text(f"{code}{' consequence' if consequence else ''}\n")
         os.replace(tmp, path)
     except OSError:
         pass  # the launcher then reports the signal it got instead
@@ -190,6 +196,11 @@ STOPPED_AT_ONCE = "stopped at once, without a checkpoint (the last one written i
 def exit_code(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT_ONCE) -> int:
     """Run job() inside a Teardown; return its exit code, having printed at most one line for it.
     `interrupted`: what a (second) Ctrl-C leaves, in the command's terms."""
+    return _outcome(job, prog, bad_input, interrupted)[0]
+
+
+def _outcome(job, prog: str, bad_input: tuple, interrupted: str) -> tuple[int, bool]:
+    """(exit code, whether it is a consequence of another rank's end)."""
     def say(msg):  # one write, so the lines of ranks sharing a terminal do not interleave
         sys.stderr.write(f"{prog}: {msg}\n")
         sys.stderr.flush()
@@ -197,30 +208,30 @@ def exit_code(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_
     try:
         with Teardown():
             job()
-        return EXIT_OK
+        return EXIT_OK, False
     except SystemExit as e:  # a job's own exit (Hydra's, a skipped sweep run): its code, already reported
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_BAD_INPUT)
+        return (e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_BAD_INPUT)), False
     except Preempted:
-        return EXIT_PREEMPTED  # the loop printed where it checkpointed
+        return EXIT_PREEMPTED, False  # the loop printed where it checkpointed
     except RankLost as e:
         say(f"error: {e}")
-        return EXIT_RANK_LOST
+        return EXIT_RANK_LOST, isinstance(e, PeerLeft)
     except KeyboardInterrupt:
         say(f"interrupted: {interrupted}")
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED, False
     except bad_input as e:
         say(f"error: {e}")
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT, False
     except BaseException:
         traceback.print_exc()
-        return EXIT_BUG
+        return EXIT_BUG, False
 
 
 def run_command(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT_ONCE):
     """The entry points' job: run it, end everything, exit with its code. Success returns (exit 0 at the
     interpreter's end), so a Hydra multirun in one process goes on to its next run."""
-    code = exit_code(job, prog, bad_input, interrupted)
-    _report_exit(code)
+    code, consequence = _outcome(job, prog, bad_input, interrupted)
+    _report_exit(code, consequence)
     sys.stdout.flush()
     if code != EXIT_OK:
         sys.exit(code)

@@ -32,7 +32,7 @@ from .clt import CLT, batch_metrics, loss_terms
 from .config import (CONFIG_DIR, ConfigError, clips_in_optimizer, clt_config, deepspeed_overrides, loss_weights,
                      resolve_precision, resolve_steps, validate_runtime, validate_train)
 from .grad_clip import ClippedAdam
-from .lifecycle import Preempted, RankLost, StopSignals, Teardown, run_command
+from .lifecycle import PeerLeft, Preempted, RankLost, StopSignals, Teardown, run_command
 from .data import DatasetError, DatasetInfo, loader_from_config, reshard_loader_states, verify_shards
 from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss, PhasePeaks
 from .model_io import atomic_write_bytes
@@ -666,7 +666,7 @@ def _named_failure(e: BaseException, trainer) -> Exception | None:
             f"{int(dist_timeout().total_seconds())} s for another rank, which is hung or dead; the job "
             f"stops (resume=true continues from the last checkpoint). {text.splitlines()[0][:200]}")
     if any(s in low for s in ("connection closed by peer", "connection reset by peer", "broken pipe")):
-        return RankLost(f"rank {rank}: another rank left the job during a collective ({where}); look for its "
+        return PeerLeft(f"rank {rank}: another rank left the job during a collective ({where}); look for its "
                         f"own error above. resume=true continues from the last checkpoint")
     if isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in low:
         estimate = f"; estimated need {trainer.memory.describe()}" if trainer is not None else ""
