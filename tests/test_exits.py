@@ -141,7 +141,7 @@ def test_a_second_ctrl_c_raises_and_the_command_exits_130_with_one_line(capsys):
     def interrupted():
         raise KeyboardInterrupt
 
-    assert lifecycle.exit_code(interrupted, "clt-x") == lifecycle.EXIT_INTERRUPTED
+    assert lifecycle.outcome(interrupted, "clt-x") == (lifecycle.EXIT_INTERRUPTED, False)
     err = capsys.readouterr().err
     assert err.splitlines() == ["clt-x: interrupted: stopped at once, without a checkpoint (the last one "
                                 "written is kept)"]

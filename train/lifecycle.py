@@ -193,14 +193,10 @@ def _report_exit(code: int, consequence: bool):
 STOPPED_AT_ONCE = "stopped at once, without a checkpoint (the last one written is kept)"
 
 
-def exit_code(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT_ONCE) -> int:
-    """Run job() inside a Teardown; return its exit code, having printed at most one line for it.
-    `interrupted`: what a (second) Ctrl-C leaves, in the command's terms."""
-    return _outcome(job, prog, bad_input, interrupted)[0]
-
-
-def _outcome(job, prog: str, bad_input: tuple, interrupted: str) -> tuple[int, bool]:
-    """(exit code, whether it is a consequence of another rank's end)."""
+def outcome(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT_ONCE) -> tuple[int, bool]:
+    """Run job() inside a Teardown; return (its exit code, whether that is a consequence of another rank's
+    end), having printed at most one line for it. `interrupted`: what a (second) Ctrl-C leaves, in the
+    command's terms."""
     def say(msg):  # one write, so the lines of ranks sharing a terminal do not interleave
         sys.stderr.write(f"{prog}: {msg}\n")
         sys.stderr.flush()
@@ -230,7 +226,7 @@ def _outcome(job, prog: str, bad_input: tuple, interrupted: str) -> tuple[int, b
 def run_command(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT_ONCE):
     """The entry points' job: run it, end everything, exit with its code. Success returns (exit 0 at the
     interpreter's end), so a Hydra multirun in one process goes on to its next run."""
-    code, consequence = _outcome(job, prog, bad_input, interrupted)
+    code, consequence = outcome(job, prog, bad_input, interrupted)
     _report_exit(code, consequence)
     sys.stdout.flush()
     if code != EXIT_OK:

@@ -77,12 +77,18 @@ def _umask() -> int:
     return 0o022
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+def stream_sha256(f, chunk: int = 1 << 22) -> str:
+    """The sha256 of what is left to read in binary file `f` (hashlib releases the GIL on large updates,
+    so threads hashing files run in parallel)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return stream_sha256(f)
 
 
 def check_sha256(path: Path, expected: str, source: str):

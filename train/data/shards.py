@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load as st_load
 from tqdm import tqdm
 
+from ..model_io import stream_sha256
 from .format import (SAMPLE_EXT, STORAGE_DTYPES, DatasetError, DatasetInfo, Sample, SampleError, decode_sample,
                      encode_sample, is_url, open_url)
 
@@ -404,13 +405,11 @@ def read_samples(url: str) -> Iterator[tuple[str, dict[str, torch.Tensor], dict]
 
 def _file_sha256(path: str) -> tuple[str, tuple | None]:
     """(sha256, the file's identity) -- the identity None if the file changed while it was hashed."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
         before = _file_ident(f.fileno())
-        while b := f.read(1 << 22):  # hashlib releases the GIL on large updates: threads run in parallel
-            h.update(b)
+        digest = stream_sha256(f)
         after = _file_ident(f.fileno())
-    return h.hexdigest(), before if before == after else None
+    return digest, before if before == after else None
 
 
 def verify_shards(dataset, split: str = "all", heldout_shards: int = 0, threads: int | None = None,
