@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from cltrain import kernels
-from cltrain.train.clt import CLT, CLTConfig, LossWeights, loss_terms
+from cltrain.train.clt import CLT, CLTConfig, LossWeights, loss_terms, reference_decode, reference_encode
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -110,7 +110,7 @@ def impls_here() -> list[str]:
 
 def impl_fns(name):
     if name == "dense":
-        return kernels.reference_encode, kernels.reference_decode
+        return reference_encode, reference_decode
     if name == "torch_sparse":
         return kernels.torch_encode, kernels.torch_sparse_decode
     if name == "triton":
@@ -196,12 +196,12 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
     acts_by_regime, ref = {}, {}
     for regime, eps in regimes.items():
         clear(enc_leaves)
-        e = kernels.reference_encode(x, *enc_leaves, eps, False)
+        e = reference_encode(x, *enc_leaves, eps, False)
         torch.autograd.backward([e.acts, e.preact_gap], [ga, gg])
         acts_leaf = e.acts.detach().clone().requires_grad_()  # clone keeps the [N, B, F] layout
         acts_by_regime[regime] = (acts_leaf, e.grad_mask)
         clear([acts_leaf, *W_leaves])
-        out = kernels.reference_decode(acts_leaf, W_leaves, e.grad_mask)
+        out = reference_decode(acts_leaf, W_leaves, e.grad_mask)
         out.backward(dY)
         ref[regime] = (e.pre.detach(), e.acts.detach(), e.preact_gap.detach(), [t.grad for t in enc_leaves],
                        out.detach(), acts_leaf.grad, [w.grad for w in W_leaves])
@@ -489,20 +489,20 @@ def sparse_products(lines, log, reps):
     the CSR x dense products (the decode's forward and weight gradient, the encoder's weight gradient)
     compiled vs torch's (MKL)."""
     from cltrain.kernels import cpu_native
-    from cltrain.kernels.torch_ops import SparseLayers, _acts_grad, _csr_addmm, _sampled_pairs
+    from cltrain.kernels.torch_ops import SparseLayers, acts_grad, csr_addmm, sampled_pairs
     B, N, D, F = 1024, 12, 768, 4096
     g = torch.Generator().manual_seed(2)
     dY_s = torch.randn(B, N * D, generator=g)
     W2 = torch.randn(F, N * D, generator=g) / 100
     out = torch.empty(B, F)
-    t_dense = timed(lambda: _acts_grad(out, dY_s, W2, None), reps)
+    t_dense = timed(lambda: acts_grad(out, dY_s, W2, None), reps)
     native = cpu_native.available()
     variants = (("compiled", "1"), ("torch", "0")) if native else (("torch", "0"),)
     cells = []
     for d in (0.01, 0.02, 0.05, 0.1, 0.2):
         m = torch.rand(B, F, generator=g) < d
-        pairs = _sampled_pairs(m[:, None], 1, 1.0)[0]
-        t = {name: _with_compiled(flag, lambda: timed(lambda: _acts_grad(out, dY_s, W2, pairs), reps))
+        pairs = sampled_pairs(m[:, None], 1, 1.0)[0]
+        t = {name: _with_compiled(flag, lambda: timed(lambda: acts_grad(out, dY_s, W2, pairs), reps))
              for name, flag in variants}
         cells.append(f"{d:.0%}: " + ", ".join(f"{name} {v:.3g} s ({v / t_dense:.0%})" for name, v in t.items()))
         log(f"   sampled {d:.0%}: {t} (dense {t_dense:.3g} s)")
@@ -523,9 +523,9 @@ def sparse_products(lines, log, reps):
         nz = SparseLayers(a[:, None])
         crow, f_idx, vals = nz.token_major()[0]
         ccol, b_idx, vals_fm, _ = nz.feature_major()[0]
-        ops = ((lambda: _csr_addmm(y_s, crow, f_idx, vals, W2, True), 2 * vals.numel() * N * D),
-               (lambda: _csr_addmm(dw, ccol, b_idx, vals_fm, dY_s, False), 2 * vals.numel() * N * D),
-               (lambda: _csr_addmm(gW, ccol, b_idx, vals_fm, x, True), 2 * vals.numel() * D))
+        ops = ((lambda: csr_addmm(y_s, crow, f_idx, vals, W2, True), 2 * vals.numel() * N * D),
+               (lambda: csr_addmm(dw, ccol, b_idx, vals_fm, dY_s, False), 2 * vals.numel() * N * D),
+               (lambda: csr_addmm(gW, ccol, b_idx, vals_fm, x, True), 2 * vals.numel() * D))
         cells = []
         for op, flops in ops:
             t = {name: _with_compiled(flag, lambda: timed(op, reps)) for name, flag in variants}

@@ -3,7 +3,7 @@
     install(clt, impl="auto") -> name      sets clt.encode_impl / clt.decode_impl
 
 impl is one of
-    "dense"         train/clt.py's reference_encode / reference_decode (the definitions)
+    "dense"         the CLT's own reference_encode / reference_decode (train/clt.py: the definitions)
     "torch_sparse"  plain PyTorch: fused JumpReLU encode, sparse CSR decode (the CPU path)
     "triton"        Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for tests)
 
@@ -27,8 +27,6 @@ import ctypes
 import importlib
 import importlib.util
 
-from cltrain.train.clt import reference_decode, reference_encode
-
 from .fused import torch_encode_decode
 from .torch_ops import torch_encode, torch_sparse_decode
 
@@ -40,7 +38,7 @@ def triton_available() -> bool:
 
 
 __all__ = ["install", "IMPLEMENTATIONS", "triton_available", "torch_encode", "torch_sparse_decode",
-           "torch_encode_decode", "reference_encode", "reference_decode"]
+           "torch_encode_decode"]
 if triton_available():
     __all__ += ["triton_encode", "triton_decode"]
 
@@ -97,7 +95,9 @@ def install(clt, impl: str = "auto") -> str:
         impl = "triton" if on_cuda and triton_available() else "torch_sparse"
     fused = None
     if impl == "dense":
-        encode, decode = reference_encode, reference_decode
+        # the definitions travel with the model (CLT.reference_encode / reference_decode): kernels/
+        # imports nothing of train/
+        encode, decode = clt.reference_encode, clt.reference_decode
     elif impl == "torch_sparse":
         encode, decode, fused = torch_encode, torch_sparse_decode, torch_encode_decode
     else:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from cltrain.train.clt import Encoded, nonzero_positions
+from cltrain.encoding import Encoded, nonzero_positions
 
-from .torch_ops import _TorchEncode, _TorchSparseDecode, default_dense_above
+from .torch_ops import TorchEncode, TorchSparseDecode, default_dense_above
 
 
 # The window-complement path runs wherever it applies and P = active | outside the window is sparse
@@ -148,7 +148,7 @@ def torch_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float,
     switch defaults to torch_ops.default_dense_above(W_dec[0])."""
     if dense_grad_above is None:
         dense_grad_above = default_dense_above(W_dec[0])
-    impl = _Impl(_TorchEncode, _TorchSparseDecode, (bandwidth, st_to_preact, dense_grad_above),
+    impl = _Impl(TorchEncode, TorchSparseDecode, (bandwidth, st_to_preact, dense_grad_above),
                  (dense_grad_above,), _torch_pre_theta)
     return _apply(impl, x, W_enc, b_enc, log_threshold, W_dec)
 

@@ -27,7 +27,7 @@ benchmarks/kernels.md and `default_dense_above`).
 Why the encode's backward is sparse too: in training nothing needs d loss / d x or d loss / d pre
 (the pre-activation penalty reads Encoded.preact_gap), and d loss / d pre is then a part on grad_mask
 minus a per-feature constant, so the encoder's weight gradient is a sparse product plus a rank-1
-term instead of a dense [F, B] x [B, D] matmul per layer (see _TorchEncode).
+term instead of a dense [F, B] x [B, D] matmul per layer (see TorchEncode).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import warnings
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from cltrain.train.clt import Encoded, jumprelu_grad_mask, nonzero_positions, preact_gap
+from cltrain.encoding import Encoded, jumprelu_grad_mask, nonzero_positions, preact_gap
 
 from . import cpu_native
 
@@ -53,7 +53,7 @@ DENSE_ACTS_ABOVE = 0.05
 # Both switches where the compiled kernels run (kernels/cpu_native.py: float32 on CPU): whole steps
 # at 6-30% firing crossed over between 20% and 30% (benchmarks/kernels.md, "Early in training").
 COMPILED_DENSE_ABOVE = 0.25
-# Column block of the sampled product (see _acts_grad).
+# Column block of the sampled product (see acts_grad).
 SAMPLED_BLOCK = 256
 
 
@@ -70,7 +70,7 @@ def _quiet_sparse():
 # Fused JumpReLU encode
 
 
-class _TorchEncode(torch.autograd.Function):
+class TorchEncode(torch.autograd.Function):
     """pre = x W_enc^T + b_enc, acts = JumpReLU(pre), grad_mask and preact_gap in one autograd node
     instead of the reference's several, so the backward makes few passes over [B, N, F].
 
@@ -106,7 +106,7 @@ class _TorchEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap):
-        grads = _TorchEncode._backward(ctx, grad_pre, grad_acts, grad_gap)
+        grads = TorchEncode._backward(ctx, grad_pre, grad_acts, grad_gap)
         extra = getattr(ctx, "window_extra", None)  # [N, F], from the fused encode+decode (fused.py)
         if extra is not None and grads[3] is not None:
             # d loss / d theta -= (theta / eps) * extra; times theta for the log parameterization
@@ -174,7 +174,7 @@ def _encode_dense_grad_pre(ctx, pre, theta, grad_pre, grad_acts, grad_gap):
 def _encode_backward_sparse(ctx, x, pre, theta, positions, grad_acts, grad_gap, window_sums: bool):
     """The encoder's gradients from a rank-1 term and the positions given: grad_mask's, or (with
     window_sums, straight-through to h off) those where h >= theta, the window's threshold
-    gradient then taken as per-feature sums over the dense grad_acts (see _TorchEncode)."""
+    gradient then taken as per-feature sums over the dense grad_acts (see TorchEncode)."""
     N, B, F = pre.shape
     n, b, f = positions.s, positions.b, positions.f
     th = theta.squeeze(1)[n, f]
@@ -231,7 +231,7 @@ def torch_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact:
     (default: `default_dense_above(W_enc)`)."""
     if dense_grad_above is None:
         dense_grad_above = default_dense_above(W_enc)
-    pre, acts, mask, gap = _TorchEncode.apply(x, W_enc, b_enc, log_threshold, bandwidth, st_to_preact,
+    pre, acts, mask, gap = TorchEncode.apply(x, W_enc, b_enc, log_threshold, bandwidth, st_to_preact,
                                               dense_grad_above)
     return Encoded(pre, acts, mask, gap)
 
@@ -325,7 +325,7 @@ def _csr(ptr, idx, values, shape):
     return torch.sparse_csr_tensor(ptr, idx, values, shape, check_invariants=False)
 
 
-def _csr_addmm(out, ptr, idx, values, dense, accumulate: bool):
+def csr_addmm(out, ptr, idx, values, dense, accumulate: bool):
     """out [R, K] (+)= CSR(ptr, idx, values) [R, M] @ dense [M, K], in place: in float32 on CPU the
     compiled kernel (kernels/cpu_native.py), else torch's addmm (MKL's on CPU)."""
     if (out.dtype == dense.dtype == values.dtype == torch.float32 and out.device.type == "cpu"
@@ -336,7 +336,7 @@ def _csr_addmm(out, ptr, idx, values, dense, accumulate: bool):
                 out=out)
 
 
-class _TorchSparseDecode(torch.autograd.Function):
+class TorchSparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts, grad_mask, dense_grad_above: float, *W_dec):
         B, N, F = acts.shape
@@ -358,7 +358,7 @@ class _TorchSparseDecode(torch.autograd.Function):
                 if dense[s]:
                     torch.addmm(y_s, a[:, s], W2, out=y_s)
                 elif values.numel():
-                    _csr_addmm(y_s, crow, f_idx, values.to(W2.dtype), W2, accumulate=True)
+                    csr_addmm(y_s, crow, f_idx, values.to(W2.dtype), W2, accumulate=True)
         ctx.nz, ctx.dense = nz, dense
         ctx.dense_grad_above = dense_grad_above
         ctx.grad_mask = grad_mask  # the object itself: it keys mask_positions (a bool tensor, no grad)
@@ -378,8 +378,8 @@ class _TorchSparseDecode(torch.autograd.Function):
         grad_acts = pairs = None
         if need_acts:
             # [N, B, F] in memory like the encode's output; zeros where the gradient is not needed.
-            grad_acts = dY.new_empty(N, B, F)  # every layer's slice is written by _acts_grad
-            pairs = _sampled_pairs(grad_mask, N, ctx.dense_grad_above)
+            grad_acts = dY.new_empty(N, B, F)  # every layer's slice is written by acts_grad
+            pairs = sampled_pairs(grad_mask, N, ctx.dense_grad_above)
         grad_W = []
         with _quiet_sparse():
             for s, w in enumerate(W_dec):
@@ -393,18 +393,18 @@ class _TorchSparseDecode(torch.autograd.Function):
                         grad_W.append(torch.zeros_like(w))
                     else:  # dW_s = a_s^T dY_s, feature-major: each decoder row written once
                         dw = dY.new_empty(F, n_slots * D)
-                        _csr_addmm(dw, ccol, b_idx, values.to(dY.dtype), dY_s, accumulate=False)
+                        csr_addmm(dw, ccol, b_idx, values.to(dY.dtype), dY_s, accumulate=False)
                         grad_W.append(dw.view(F, n_slots, D).to(w.dtype))
                 else:
                     grad_W.append(None)
                 if need_acts:
-                    _acts_grad(grad_acts[s], dY_s, _upcast(w).reshape(F, n_slots * D), pairs[s])
+                    acts_grad(grad_acts[s], dY_s, _upcast(w).reshape(F, n_slots * D), pairs[s])
         if grad_acts is not None:
             grad_acts = grad_acts.to(grad_y.dtype).transpose(0, 1)
         return (grad_acts, None, None, *grad_W)
 
 
-def _sampled_pairs(grad_mask, n_layers: int, dense_grad_above: float):
+def sampled_pairs(grad_mask, n_layers: int, dense_grad_above: float):
     """Per source layer: the masked (token, feature) pairs, feature-major (column pointers [F + 1],
     token index, -, feature index), where they are few enough for a sampled product; None where a
     dense product is cheaper (or there is no mask). Densities are counted first: listing the indices
@@ -419,7 +419,7 @@ def _sampled_pairs(grad_mask, n_layers: int, dense_grad_above: float):
             for c, pairs in zip(layers.counts, layers.feature_major())]
 
 
-def _acts_grad(out, dY_s, W2, pairs):
+def acts_grad(out, dY_s, W2, pairs):
     """out [B, F] <- dY_s @ W2^T, exactly at the masked pairs (feature-major layout; all when None)."""
     B, F = out.shape
     if pairs is None:
@@ -459,4 +459,4 @@ def torch_sparse_decode(acts, W_dec, grad_mask=None, *, dense_grad_above: float 
     """
     if dense_grad_above is None:
         dense_grad_above = default_dense_above(W_dec[0])
-    return _TorchSparseDecode.apply(acts, grad_mask, dense_grad_above, *W_dec)
+    return TorchSparseDecode.apply(acts, grad_mask, dense_grad_above, *W_dec)

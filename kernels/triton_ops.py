@@ -38,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from cltrain.train.clt import Encoded, nonzero_positions
+from cltrain.encoding import Encoded, nonzero_positions
 
-from .torch_ops import SparseLayers, _sampled_pairs
+from .torch_ops import SparseLayers, sampled_pairs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -458,7 +458,7 @@ class _TritonDecode(torch.autograd.Function):
         grad_acts = pairs = None
         if need_acts:
             grad_acts = torch.zeros(N, B, F, dtype=torch.float32, device=dY.device)
-            pairs = _sampled_pairs(ctx.grad_mask, N, ctx.dense_grad_above)
+            pairs = sampled_pairs(ctx.grad_mask, N, ctx.dense_grad_above)
         grad_W = []
         for s, w in enumerate(W_dec):
             n_slots = w.shape[1]

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from cltrain.train import clt as clt_module
-from cltrain.train.clt import (CLT, CLTConfig, LossWeights, RowNorm, batch_metrics, jumprelu, jumprelu_grad_mask,
-                               loss_terms, mse_loss, nonzero_positions, preact_gap, preact_loss, reference_decode,
-                               sparsity_loss)
+from cltrain.train.clt import CLT, CLTConfig, LossWeights, RowNorm, batch_metrics, jumprelu, loss_terms, mse_loss, preact_loss, reference_decode, sparsity_loss
+from cltrain.encoding import jumprelu_grad_mask, nonzero_positions, preact_gap
 
 
 def make_clt(N=3, D=8, F=16, seed=0, **kw):

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cltrain.train.config import (CONFIG_DIR, CONFIG_GROUPS, TRAIN_SCHEMA, ConfigError, compose, resolve_precision,
-                                  resolve_steps, validate_eval, validate_export, validate_harvest_config,
-                                  validate_runtime, validate_train)
+from cltrain.train.config import CONFIG_DIR, CONFIG_GROUPS, TRAIN_SCHEMA, compose, resolve_precision, resolve_steps, validate_eval, validate_export, validate_harvest_config, validate_runtime, validate_train
+from cltrain.errors import ConfigError
 
 
 def group_options(group):

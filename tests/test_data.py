@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cltrain.train.config import ConfigError
+from cltrain.errors import ConfigError
 from cltrain.train.data import (ActivationLoader, DatasetError, DatasetInfo, ShardWriter, check_dataset_matches,
                                 read_shard, rr_consumed)
 

@@ -13,7 +13,8 @@ from cltrain.train import evaluate as ev
 from cltrain.train import plots
 from cltrain.train import replacement as rp
 from cltrain.train.clt import CLT, CLTConfig, inference_encode_layer
-from cltrain.train.config import ConfigError, compose
+from cltrain.train.config import compose
+from cltrain.errors import ConfigError
 from cltrain.train.data import ActivationLoader, DatasetError
 from cltrain.train.model_io import clt_state, save_clt
 

@@ -20,7 +20,8 @@ from circuit_tracer.graph import Graph, compute_graph_scores
 from cltrain.train import evaluate as ev
 from cltrain.train import graphs
 from cltrain.train.clt import CLT, CLTConfig
-from cltrain.train.config import ConfigError, compose
+from cltrain.train.config import compose
+from cltrain.errors import ConfigError
 from cltrain.train.export import export
 from cltrain.train.lm import byte_tokenizer, tiny_config
 from cltrain.train.model_io import clt_state, save_clt

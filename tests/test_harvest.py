@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cltrain.train import harvest as harvest_mod
-from cltrain.train.config import ConfigError, compose
+from cltrain.train.config import compose
+from cltrain.errors import ConfigError
 from cltrain.train.data import ActivationLoader, DatasetInfo, read_samples
 from cltrain.train.lm import byte_tokenizer, load_lm, mlp_sites
 from cltrain.train.text import documents

@@ -45,7 +45,7 @@ triton_ops = _import_triton_ops()
 from cltrain import kernels  # noqa: E402
 from cltrain.kernels import torch_encode, torch_sparse_decode  # noqa: E402
 from cltrain.kernels import torch_ops  # noqa: E402
-from cltrain.train import clt as clt_module  # noqa: E402
+from cltrain import encoding  # noqa: E402
 from cltrain.kernels.torch_ops import encode_forward_twin  # noqa: E402
 from cltrain.train.clt import (CLT, CLTConfig, LossWeights, loss_terms, reference_decode,  # noqa: E402
                                reference_encode)
@@ -449,7 +449,7 @@ def test_torch_sparse_step_lists_mask_positions_once(monkeypatch):
             listings.append(str(key.dtype))
             super().__setitem__(key, value)
 
-    monkeypatch.setattr(clt_module, "_NONZERO", CountingMemo())
+    monkeypatch.setattr(encoding, "_NONZERO", CountingMemo())
     enc, y_hat = clt(x)
     assert enc.grad_mask.float().mean() < torch_ops.DENSE_GRAD_ABOVE
     terms = loss_terms(clt, enc, y_hat, torch.randn_like(y_hat), LossWeights(sparsity=0.1, preact=0.1))

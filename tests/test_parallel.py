@@ -23,7 +23,8 @@ import torch
 from cltrain.train import trainer
 from cltrain.train.checkpoint import CheckpointError
 from cltrain.train.clt import CLT, CLTConfig
-from cltrain.train.config import ConfigError, compose
+from cltrain.train.config import compose
+from cltrain.errors import ConfigError
 from cltrain.train.data import ActivationLoader, write_synthetic_dataset
 from cltrain.train.model_io import ModelReader
 

@@ -17,7 +17,8 @@ import torch
 from cltrain.train import export as export_mod
 from cltrain.train import trainer
 from cltrain.train.checkpoint import CheckpointError, read_trainer_state
-from cltrain.train.config import ConfigError, compose
+from cltrain.train.config import compose
+from cltrain.errors import ConfigError
 from cltrain.train.data import ActivationLoader, DatasetError, DatasetInfo, write_synthetic_dataset
 from cltrain.train.data.format import join_url
 from cltrain.train.evaluate import evaluate

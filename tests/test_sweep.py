@@ -4,13 +4,14 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from cltrain.train import lifecycle, sweep, trainer
-from cltrain.train.config import ConfigError, compose
+from cltrain import names, rank_env
+from cltrain.train import lifecycle, trainer
+from cltrain.train.config import compose
+from cltrain.errors import ConfigError
 from cltrain.train.data import write_synthetic_dataset
 from cltrain.train.model_io import ModelReader
 
@@ -32,7 +33,7 @@ def dataset(tmp_path_factory):
 def _cli(args, cwd, module="cltrain.train.trainer"):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     # in-process runs of other tests left this process's rendezvous (its port is still held) in os.environ
-    for key in (sweep.SWEPT_ENV, "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for key in (names.SWEPT_ENV, "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=240)
@@ -91,10 +92,10 @@ def test_invalid_sweep_value_stops_before_any_run(dataset, tmp_path):
 
 
 def test_run_names():
-    assert sweep.base_name(False, 4096, 5.0) == "clt-F4096-ls5"
-    assert sweep.base_name(True, 1024, 0.5) == "plt-F1024-ls0.5"
-    assert sweep.base_name("false", 64, 1, "batchtopk", 16) == "clt-F64-batchtopk16"
-    assert sweep.clean("/data/acts v2") == "data_acts_v2"
+    assert names.base_name(False, 4096, 5.0) == "clt-F4096-ls5"
+    assert names.base_name(True, 1024, 0.5) == "plt-F1024-ls0.5"
+    assert names.base_name("false", 64, 1, "batchtopk", 16) == "clt-F64-batchtopk16"
+    assert names.clean("/data/acts v2") == "data_acts_v2"
 
 
 def test_slurm_launcher_sbatch_parameters(tmp_path, monkeypatch):
@@ -128,11 +129,11 @@ def test_slurm_launcher_sbatch_parameters(tmp_path, monkeypatch):
 def test_slurm_rendezvous():
     env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3",
            "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242", "RANK": "0"}
-    sweep.slurm_rendezvous(env)
+    rank_env.slurm_rendezvous(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("11", "16", "3")
     assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == str(20000 + 4242)
     plain = {"SLURM_PROCID": "1"}
-    sweep.slurm_rendezvous(plain)  # not a submitit job: untouched
+    rank_env.slurm_rendezvous(plain)  # not a submitit job: untouched
     assert plain == {"SLURM_PROCID": "1"}
 
 

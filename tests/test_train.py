@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cltrain.train import trainer
 from cltrain.train.checkpoint import CheckpointError
 from cltrain.train.clt import CLT
-from cltrain.train.config import ConfigError, compose
+from cltrain.train.config import compose
+from cltrain.errors import ConfigError
 from cltrain.train.data import ActivationLoader, DatasetError, write_synthetic_dataset
 from cltrain.train import model_io
 from cltrain.train.model_io import ModelReader, load_clt

@@ -119,7 +119,7 @@ def test_zero0_reproduces_plain_torch_exactly(dataset, reference, tmp_path, monk
 def test_zero0_in_bf16_is_refused(dataset, tmp_path):
     """DeepSpeed's stage-0 bf16 optimizer runs Adam one step off (config.check_zero_stage_precision):
     refused before anything is built; ZeRO-1 is the way."""
-    from cltrain.train.config import ConfigError
+    from cltrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"'deepspeed\.zero_stage' = 0 with precision=bf16.*deepspeed=zero1"):
         trainer.train(config(dataset, tmp_path / "bf", "deepspeed=zero0", "precision=bf16"))

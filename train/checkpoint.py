@@ -48,10 +48,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from cltrain.errors import ConfigError
 from .engine_state import adam_step, ensure_adam_state, get_full_state, set_full_state
-from .model_io import (META, FeatureShards, StreamingSafetensorsWriter, atomic_write_bytes, check_sha256,
-                       feature_dim, shard_file)
+from .model_io import META, FeatureShards, StreamingSafetensorsWriter, feature_dim, shard_file
+from cltrain.files import atomic_write_bytes, check_sha256
 
 LATEST = "latest"
 TRAINER = "trainer.json"
@@ -297,7 +297,7 @@ class CheckpointManager:
         """Write checkpoint `step`; returns its folder. trainer_state: what trainer.json records (rank 0);
         model_meta: model.json's dataset/train blocks; rank_state: this rank's loader/RNG/etc.;
         stats: metrics.FeatureStats (local slice; reduced over DP for the shard files)."""
-        layout, rank = self.layout, self.layout.rank
+        rank = self.layout.rank
         final, tmp = self.root / step_name(step), self.root / (step_name(step) + ".tmp")
         error = None
         if rank == 0:
@@ -423,10 +423,10 @@ class CheckpointManager:
         for name, p in self.params.items():
             state = get_full_state(self.engine, p)  # collective over DP: every rank, every parameter
             if writer:
-                attempt(lambda: weights.write(name, state["weight"]))
+                attempt(lambda s=state: weights.write(name, s["weight"]))
                 for key in ("exp_avg", "exp_avg_sq"):
-                    attempt(lambda: optim.write(f"{key}/{name}", state[key]))
-            del state
+                    attempt(lambda s=state: optim.write(f"{key}/{name}", s[key]))
+            del state  # each parameter's full state is freed before the next is gathered
         if writer:
             for k, v in buffers.items():
                 attempt(lambda: weights.write(k, v))
@@ -516,7 +516,7 @@ class CheckpointManager:
 def publish_model(checkpoint: Path, dst: Path, fingerprint: dict):
     """OUT/model from a checkpoint's model folder: hard links (no second copy of the weights; a copy
     where links are impossible), swapped in whole. Refuses a checkpoint of another run."""
-    from .model_io import replace_dir
+    from cltrain.files import replace_dir
 
     saved = read_trainer_state(checkpoint).get("fingerprint", {})
     diff = fingerprint_diff(saved, fingerprint)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
-from torch.utils.weak import WeakTensorKeyDictionary
+from cltrain.encoding import Encoded, jumprelu_grad_mask, nonzero_positions, preact_gap
 
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk")
 
@@ -101,27 +101,11 @@ def jumprelu(h, log_theta, bandwidth: float, st_to_preact: bool = False):
     return JumpReLU.apply(h, log_theta, bandwidth, st_to_preact)
 
 
-def jumprelu_grad_mask(h, theta, bandwidth: float):
-    """Where JumpReLU's backward reads d loss / d a: active positions and the straight-through window.
-    Outside it the gradient of a is multiplied by zero, so a decode may skip computing it there."""
-    return (h > theta) | ((h - theta).abs() < bandwidth / 2)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Reference encode / decode: the definitions kernels are tested against
 
 EncodeFn = Callable[..., "Encoded"]
 DecodeFn = Callable[..., torch.Tensor]
-
-
-class Encoded(NamedTuple):
-    pre: torch.Tensor  # [B, N, F] pre-activations h
-    acts: torch.Tensor  # [B, N, F] activations a
-    grad_mask: torch.Tensor | None  # [B, N, F] bool: where a decode must produce d loss / d a (None: all)
-    # [N, F]: sum over tokens of relu(theta - h), the pre-activation penalty's only use of h (JumpReLU
-    # only). Its gradient w.r.t. h is -1[h < theta] per feature: a dense [B, N, F] gradient that a
-    # fused encode never materializes (it is a per-feature constant minus a part on grad_mask).
-    preact_gap: torch.Tensor | None = None
 
 
 def preactivations(x, W_enc, b_enc):
@@ -135,11 +119,6 @@ def reference_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_pre
     acts = jumprelu(pre, log_threshold, bandwidth, st_to_preact)
     mask = jumprelu_grad_mask(pre.detach(), log_threshold.detach().exp(), bandwidth)
     return Encoded(pre, acts, mask, preact_gap(pre, log_threshold.exp()))
-
-
-def preact_gap(pre, theta):
-    """[B, N, F], [N, F] -> [N, F]: sum over tokens of relu(theta - h)."""
-    return torch.relu(theta - pre).sum(0)
 
 
 def reference_decode(acts, W_dec: list[torch.Tensor], grad_mask=None) -> torch.Tensor:
@@ -215,6 +194,10 @@ class CLT(nn.Module):
     layout builds one per rank). Initialized from `seed` (or generator.initial_seed()) so that a slice
     holds exactly those rows of the whole dictionary's initialization. device="meta" builds the
     structure without memory: `to_empty(device=...)` then `reset_parameters()` initialize it."""
+
+    # The definitions every kernel is compared with; kernels.install(clt, "dense") restores them.
+    reference_encode = staticmethod(reference_encode)
+    reference_decode = staticmethod(reference_decode)
 
     def __init__(self, cfg: CLTConfig, generator: torch.Generator | None = None, *, seed: int | None = None,
                  feature_range: tuple[int, int] | None = None, device=None):
@@ -369,29 +352,9 @@ class RowNorm(torch.autograd.Function):
         return w * (g / n.clamp_min(torch.finfo(n.dtype).tiny))[:, None, None]
 
 
-# The non-zero activations are walked by the sparsity term and by a sparse decode, a grad_mask's
-# positions by the decode's and the encode's backward: count and list each once per tensor. Keyed
-# weakly by the tensor (Encoded.acts, Encoded.grad_mask), so an entry lives as long as that step's
-# tensor; the tensor's version counter guards against in-place changes.
-_NONZERO = WeakTensorKeyDictionary()
 # Above this fraction of non-zero activations the sparsity term is computed densely: early in
 # training (theta = 0.03 at init) nearly half the activations can be non-zero.
 SPARSE_TERMS_BELOW = 0.1
-
-
-def nonzero_positions(t, max_density: float = 1.0):
-    """(layer, token, feature) indices of the non-zeros of t [B, N, F] (activations or a mask), sorted
-    in that order (the encode's [N, B, F] memory order, so the scan is contiguous); None when more
-    than `max_density` of t is non-zero (listing them would cost more than dense arithmetic)."""
-    entry = _NONZERO.get(t)
-    if entry is None or entry[0] != t._version:
-        entry = _NONZERO[t] = [t._version, int(torch.count_nonzero(t)), None]
-    _, count, indices = entry
-    if count > max_density * t.numel():
-        return None
-    if indices is None:
-        indices = entry[2] = t.transpose(0, 1).nonzero(as_tuple=True)
-    return indices
 
 
 class TanhSparsity(torch.autograd.Function):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cltrain.errors import ConfigError
+
 from .clt import ACTIVATIONS, CLTConfig, LossWeights
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -29,22 +31,6 @@ CONFIG_GROUPS = ("model", "data", "optim", "parallel", "deepspeed", "logger", "s
 #                   of the job's config
 EXTENSION_POINTS = ("+sweep=NAME", "hydra.*")
 _FREE_ROOTS = ("hydra",)  # present only with return_hydra_config=True; Hydra validates it itself
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and the value."""
-
-
-def _run_name(*args) -> str:
-    from .sweep import run_name
-
-    return run_name(*args)
-
-
-# ${cltrain.run_name:...} (the sweep presets' readable run names, train/sweep.py): registered wherever a
-# config is composed or a job resolves one (launcher workers import this module with the job).
-if not OmegaConf.has_resolver("cltrain.run_name"):
-    OmegaConf.register_new_resolver("cltrain.run_name", _run_name)
 
 
 def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] = (),

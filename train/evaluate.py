@@ -33,13 +33,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .clt import CLT, inference_forward
-from .config import CONFIG_DIR, ConfigError
+from .config import CONFIG_DIR
+from cltrain.errors import ConfigError
 from .export import dataset_scales, export, resolve_model_dir
 from .lifecycle import run_command
 from .graphs import GraphSettings, require_circuit_tracer
 from .graphs import prepare as graph_prepare
 from .graphs import run as graph_run
-from .model_io import META, atomic_write_bytes, load_clt
+from .model_io import META, load_clt
+from cltrain.files import atomic_write_bytes
 from .plots import METRICS_FILE, plot_frontier, write_plots
 from .replacement import replacement_for
 

@@ -52,9 +52,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from .clt import CLT
-from .config import CONFIG_DIR, ConfigError
+from .config import CONFIG_DIR
+from cltrain.errors import ConfigError
 from .lifecycle import run_command
-from .model_io import META, ModelReader, replace_dir, save_safetensors
+from .model_io import META, ModelReader, save_safetensors
+from cltrain.files import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,7 @@ def export_thresholds(reader: ModelReader, calibration: Iterable[torch.Tensor] |
     where they came from. JumpReLU and recorded BatchTopK thresholds stream with the layers; a TopK cut
     is estimated on calibration activations, which needs the encoder in memory."""
     cfg = reader.cfg
-    N, F = cfg.n_layers, cfg.n_features
+    F = cfg.n_features
     if cfg.activation == "jumprelu":
         return (lambda i, w: w["log_threshold"].float().exp()), "jumprelu"
     recorded = reader.tensor("batchtopk_threshold").float()

@@ -39,7 +39,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .config import ConfigError
+from cltrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool 
     from circuit_tracer.graph import compute_graph_scores
     from circuit_tracer.utils.create_graph_files import create_graph_files
 
-    from .model_io import replace_dir
+    from cltrain.files import replace_dir
 
     s = job.settings
     scan = f"cltrain-{job.shapes['kind']}-{job.export_dir.name}"

@@ -36,12 +36,13 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save as st_save
 from tqdm import tqdm
 
-from .config import CONFIG_DIR, ConfigError, require_choice, require_positive_int, validate_harvest_config
+from .config import CONFIG_DIR, require_choice, require_positive_int, validate_harvest_config
+from cltrain.errors import ConfigError
 from .data import (DATASET_JSON, DTYPES, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetError, DatasetInfo, ShardWriter,
-                   _mix, all_finite, shard_name)
+                   seed_mix, all_finite, shard_name)
 from .lifecycle import run_command
 from .lm import TINY, hook_mlp_sites, hook_names, load_lm, mlp_sites, tiny_config
-from .model_io import atomic_write_bytes
+from cltrain.files import atomic_write_bytes
 from .parallel import resolve_device
 from .text import describe, documents
 
@@ -349,7 +350,7 @@ def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
         else:
             data = {}
         n = data["ids"].shape[0] if data else 0
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(cfg.seed, rank, prog["flushes"], 3)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_mix(cfg.seed, rank, prog["flushes"], 3)))
         data = {k: v[perm] for k, v in data.items()}
         start = 0
         while n - start >= cfg.shard_tokens or (final and n - start >= T):

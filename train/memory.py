@@ -9,7 +9,6 @@ ones) and the loader's shuffle window. benchmarks/parallel.md compares it with m
 """
 from __future__ import annotations
 
-import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,10 +124,6 @@ def memory_limit(device: torch.device, local_ranks: int) -> tuple[int | None, st
     if not limits:
         return None, "unknown"
     return min(limits)
-
-
-def local_world_size() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
 
 
 def peak_rss() -> int | None:

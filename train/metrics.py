@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .model_io import atomic_write_bytes
+from cltrain.files import atomic_write_bytes
 
 # The step-time split, per optimizer step. "comm" is the feature-parallel partial-sum all-reduce (taken
 # out of "decode"); "backward" is its own phase: autograd interleaves the encode's and decode's

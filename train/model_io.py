@@ -20,12 +20,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from cltrain.files import atomic_write_bytes, check_sha256, file_sha256, umask
 
 from .clt import CLT, CLTConfig
 
@@ -45,76 +46,11 @@ def feature_dim(name: str) -> int | None:
     return 1 if base in ("W_enc", "b_enc", "log_threshold", "tokens_since_fire", "fire_count") else None
 
 
-def atomic_write_bytes(path: Path, data: bytes):
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (e.g. disk full) leaves nothing behind
-        raise
-
-
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
     """safetensors' save_file with the file mode every other file gets (it writes 0600: an exported or
     published model would be unreadable to the collaborators a shared folder is for)."""
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _umask() -> int:
-    try:  # Linux: read it without setting it (os.umask would change it for every thread meanwhile)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def stream_sha256(f, chunk: int = 1 << 22) -> str:
-    """The sha256 of what is left to read in binary file `f` (hashlib releases the GIL on large updates,
-    so threads hashing files run in parallel)."""
-    h = hashlib.sha256()
-    while block := f.read(chunk):
-        h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return stream_sha256(f)
-
-
-def check_sha256(path: Path, expected: str, source: str):
-    """The file's sha256 is `expected` (as `source` records it), else a ValueError naming both."""
-    found = file_sha256(path)
-    if found != expected:
-        raise ValueError(f"{path}: sha256 {found}, {expected} expected ({source}): the file was damaged or "
-                         f"replaced after it was written")
-
-
-def replace_dir(stage: Path, dst: Path):
-    """Move a finished folder `stage` to `dst`, replacing an older `dst` only at the very end, so
-    readers see the old folder or the new one, never half of either."""
-    stage, dst = Path(stage), Path(dst)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    try:
-        os.replace(stage, dst)
-    except OSError:
-        if old is not None:
-            os.replace(old, dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    os.chmod(path, 0o666 & ~umask())
 
 
 # ----------------------------------------------------------------------------------------------------

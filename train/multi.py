@@ -18,9 +18,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .config import ConfigError, validate_train
+from .config import validate_train
+from cltrain.errors import ConfigError
 from .lifecycle import Preempted, Teardown
-from .sweep import base_name, clean, finished_model
+from .sweep import finished_model
+from cltrain.names import base_name, clean
 
 
 def dictionary_configs(cfg: DictConfig) -> list[DictConfig]:

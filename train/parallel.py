@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cltrain.rank_env import dist_env
+
 from .clt import CLT, CLTConfig
 
 # ----------------------------------------------------------------------------------------------------
@@ -36,17 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the launcher's environment. torchrun, the deepspeed launcher
-    and accelerate set RANK/WORLD_SIZE/LOCAL_RANK; under a bare `srun` only SLURM_* exist, so map them
-    (MASTER_ADDR/MASTER_PORT must then come from the batch script, see launch/slurm.sbatch)."""
-    env = os.environ
-    if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 def dist_timeout() -> datetime.timedelta:

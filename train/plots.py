@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .model_io import atomic_write_bytes
+from cltrain.files import atomic_write_bytes
 
 METRICS_FILE = "metrics.json"
 PLOTS = ("nmse_per_layer.png", "l0_per_layer.png", "feature_density.png")

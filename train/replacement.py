@@ -25,7 +25,7 @@ import torch.nn.functional as Fn
 from tqdm.auto import tqdm
 
 from .clt import CLT, inference_encode_layer
-from .config import ConfigError
+from cltrain.errors import ConfigError
 from .lm import hook_mlp_sites, load_lm, mlp_sites
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import ConfigError
+from cltrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

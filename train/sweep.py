@@ -10,89 +10,17 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, compose, validate_train
+from .config import compose, validate_train
+from cltrain.errors import ConfigError
+from cltrain.names import SWEPT_ENV
 
-# Keys swept on the command line (set by clt-train's main before Hydra starts, read by the run-name
-# resolver inside each job; the environment reaches joblib workers and SLURM jobs alike).
-SWEPT_ENV = "CLTRAIN_SWEPT_KEYS"
-# Already in the base of every name.
-NAME_KEYS = ("model", "model.per_layer", "model.n_features", "model.loss.lambda_s", "model.activation",
-             "model.topk")
-# Sweep-level keys that never distinguish runs (paths, the sweep's own settings).
-NEVER_IN_NAME = ("data.path", "out_dir", "resume", "logger.group", "logger.mode", "logger.project",
-                 "logger.entity", "progress")
 MAX_RUNS_CHECKED = 512
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def clean(text: str) -> str:
-    """A value as a single path component: no slashes (no nested folders), no spaces or quotes."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_") or "x"
-
-
-def base_name(per_layer, n_features, lambda_s, activation="jumprelu", topk=0) -> str:
-    """clt-F4096-ls5 / plt-F1024-ls0.5; TopK / BatchTopK runs add their k (their lambda_s is unused)."""
-    arch = "plt" if str(per_layer).lower() in ("true", "1") else "clt"
-    name = f"{arch}-F{n_features}"
-    if activation in ("topk", "batchtopk"):
-        return f"{name}-{activation}{topk}"
-    try:
-        lam = _fmt(float(lambda_s))
-    except (TypeError, ValueError):
-        lam = str(lambda_s)
-    return f"{name}-ls{lam}"
-
-
-def swept_keys() -> set[str]:
-    """Keys that take several values in this sweep: the command line's (SWEPT_ENV) and the preset's
-    hydra.sweeper.params."""
-    keys = {k for k in os.environ.get(SWEPT_ENV, "").split(",") if k}
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        params = HydraConfig.get().sweeper.get("params") or {}
-        keys |= {str(k).lstrip("+~") for k in params}
-    except (ValueError, AttributeError):
-        pass
-    return keys
-
-
-def _task_overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except (ValueError, AttributeError):
-        return []
-
-
-def run_name(per_layer, n_features, lambda_s, activation="jumprelu", topk=0) -> str:
-    """The `cltrain.run_name` resolver: the base name plus `key-value` for every other swept key of
-    this job (so runs that differ only in, e.g., optim.lr get different folders)."""
-    name = base_name(per_layer, n_features, lambda_s, activation, topk)
-    swept = swept_keys() - set(NAME_KEYS) - set(NEVER_IN_NAME)
-    extra = []
-    for ov in _task_overrides():
-        key, _, value = ov.partition("=")
-        key = key.lstrip("+~")
-        if key in swept:
-            extra.append(f"{key.split('.')[-1]}{clean(value)}")
-    return "-".join([name] + sorted(extra))
-
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,7 +92,7 @@ def expected_fingerprint(cfg: DictConfig) -> dict:
 
     from .config import resolve_precision, resolve_steps
     from .data import DatasetInfo
-    from .parallel import dist_env
+    from cltrain.rank_env import dist_env
     from .trainer import fingerprint
 
     info = DatasetInfo.load(str(cfg.data.path))
@@ -209,37 +137,6 @@ def finished_model(cfg: DictConfig) -> Path | None:
 
 # ----------------------------------------------------------------------------------------------------
 # SLURM jobs sent by Hydra's submitit launcher: one SLURM task per GPU, each a rank.
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list (node[03-05,7],other -> node03), as `scontrol show hostnames`."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    head = re.split(r",(?![^\[]*\])", nodelist)[0]
-    m = re.match(r"([^\[]+)\[([^\]]+)\]", head)
-    if not m:
-        return head
-    first = m.group(2).split(",")[0].split("-")[0]
-    return m.group(1) + first
-
-
-def slurm_rendezvous(env=os.environ):
-    """Inside a SLURM job started by submitit (SUBMITIT_EXECUTOR=slurm): the ranks come from this task's
-    SLURM_* variables (never from a submitting shell's RANK), the rendezvous from the job's first node
-    and a port derived from the job id (every task computes the same one). No-op elsewhere."""
-    if env.get("SUBMITIT_EXECUTOR") != "slurm" or "SLURM_PROCID" not in env:
-        return
-    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_NTASKS", "1")
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if int(env["WORLD_SIZE"]) > 1:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        env["MASTER_ADDR"] = first_host(nodelist)
-        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
 
 
 def mark_swept(argv: list[str]):

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from .model_io import META, atomic_write_bytes
+from .model_io import META
+from cltrain.files import atomic_write_bytes
 
 COLUMNS = [
     ("run", "run"), ("status", "status"), ("arch", "arch"), ("n_features", "F"), ("lambda_s", "lambda_s"),
@@ -128,7 +129,7 @@ def evaluate_sweep(cfg, graphs) -> dict:
     """clt-eval with sweep_dir: see the module docstring. Returns {"rows", "table", "csv", "plots"}."""
     from tqdm.auto import tqdm
 
-    from .config import ConfigError
+    from cltrain.errors import ConfigError
     from .evaluate import evaluate
     from .plots import plot_frontier
 

@@ -29,16 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint as ckpt
 from . import run_folder
 from .clt import CLT, batch_metrics, loss_terms
-from .config import (CONFIG_DIR, ConfigError, clips_in_optimizer, clt_config, deepspeed_overrides, loss_weights,
-                     resolve_precision, resolve_steps, validate_runtime, validate_train)
+from .config import CONFIG_DIR, clips_in_optimizer, clt_config, deepspeed_overrides, loss_weights, resolve_precision, resolve_steps, validate_runtime, validate_train
+from cltrain.errors import ConfigError
 from .grad_clip import ClippedAdam
 from .lifecycle import PeerLeft, Preempted, RankLost, StopSignals, Teardown, run_command
 from .data import DatasetError, DatasetInfo, loader_from_config, reshard_loader_states, verify_shards
-from .memory import MemoryEstimate, estimate_rank_memory, local_world_size, memory_limit, peak_rss, PhasePeaks
-from .model_io import atomic_write_bytes
+from .memory import MemoryEstimate, estimate_rank_memory, memory_limit, peak_rss, PhasePeaks
+from cltrain.rank_env import local_world_size
+from cltrain.files import atomic_write_bytes
 from .metrics import FeatureStats, RunLogger, StepReport, StepTimer, gpu_memory, peak_flops
-from .parallel import (Layout, PartialSum, dist_env, dist_timeout, init_distributed, local_clt, materialize,
-                       resolve_device)
+from .parallel import Layout, PartialSum, dist_timeout, init_distributed, local_clt, materialize, resolve_device
+from cltrain.rank_env import dist_env
 
 log = logging.getLogger(__name__)
 
@@ -708,7 +709,7 @@ def train(cfg: DictConfig) -> Path:
 
 
 def _hydra_job(cfg: DictConfig):
-    from .sweep import slurm_rendezvous
+    from cltrain.rank_env import slurm_rendezvous
 
     slurm_rendezvous()  # a SLURM job sent by the submitit launcher: ranks and rendezvous from SLURM_*
     run_command(lambda: train(cfg), "clt-train", bad_input=(ConfigError, DatasetError, ckpt.CheckpointError))

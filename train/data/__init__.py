@@ -62,7 +62,7 @@ from .format import (DATASET_JSON, DTYPES, FORMAT, QUANTIZED_DTYPES, SAMPLE_EXT,
                      STORAGE_DTYPES, DatasetError, DatasetInfo, Sample, SampleError, all_finite,
                      check_dataset_matches, decode_sample, encode_sample, is_url, join_url, normalization_scales,
                      open_url, quantize_rows, seed_mix)
-from .loader import (ActivationLoader, Batch, Schedule, _mix, epoch_shards, loader_from_config,  # noqa: F401
+from .loader import (ActivationLoader, Batch, Schedule, epoch_shards, loader_from_config,  # noqa: F401
                      remaining_pieces, reshard_loader_states, rr_consumed, to_training)
 from .shards import EmptySlot, ShardWriter, read_samples, read_shard, shard_name, verify_shards  # noqa: F401
 from .synthetic import write_synthetic_dataset  # noqa: F401

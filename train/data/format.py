@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save as st_save
 
-from ..config import ConfigError
-from ..model_io import atomic_write_bytes
+from cltrain.errors import ConfigError
+from cltrain.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

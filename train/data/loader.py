@@ -34,13 +34,12 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from ..config import ConfigError
+from cltrain.errors import ConfigError
 from .format import DatasetError, DatasetInfo, is_url, kill_pipes, seed_mix
 from .shards import EmptySlot, SampleRef, map_shard, read_shard
 
 log = logging.getLogger(__name__)
 
-_mix = seed_mix  # the name other modules import
 STATE_VERSION = 2
 
 
@@ -49,7 +48,7 @@ STATE_VERSION = 2
 
 
 def epoch_shards(records: list[dict], epoch: int, seed: int, dp_rank: int, dp_size: int) -> list[dict]:
-    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(_mix(seed, epoch, 1))).tolist()
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed_mix(seed, epoch, 1))).tolist()
     return [records[i] for i in perm[dp_rank::dp_size]]
 
 
@@ -154,8 +153,8 @@ class Schedule:
 
     def window_seed(self, epoch: int, window: int) -> int:
         if self.is_leftover(epoch):
-            return _mix(self.seed, epoch, self.dp_rank, window, 3, self.dp_size)
-        return _mix(self.seed, epoch, self.dp_rank, window, 2)
+            return seed_mix(self.seed, epoch, self.dp_rank, window, 3, self.dp_size)
+        return seed_mix(self.seed, epoch, self.dp_rank, window, 2)
 
 
 def window_order(n_present: int, excluded: list[int], seed: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load as st_load
 from tqdm import tqdm
 
-from ..model_io import stream_sha256
+from cltrain.files import stream_sha256
 from .format import (SAMPLE_EXT, STORAGE_DTYPES, DatasetError, DatasetInfo, Sample, SampleError, decode_sample,
                      encode_sample, is_url, open_url)
 
