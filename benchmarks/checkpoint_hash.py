@@ -51,7 +51,7 @@ def main():
             saves = []
             for _ in range(a.repeats):
                 t0 = time.perf_counter()
-                path = t.save()
+                (path,) = t.save()
                 saves.append(time.perf_counter() - t0)
         finally:
             t.close()

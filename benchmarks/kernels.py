@@ -319,7 +319,7 @@ def run_shape(sh: Shape, ceil: dict, lines: list[str], log):
         cells.append(" / ".join(f"{v:.2f}" for v in ratios))
         lines.append("| " + " | ".join(cells) + " |")
     if sh.step:
-        # The floor of a step: the encoder's matmuls, 6BNFD FLOPs, at this run's matmul rate (DESIGN 4)
+        # The floor of a step: the encoder's matmuls, 6BNFD FLOPs, at this run's matmul rate (docs/design.md section 4)
         floor = enc_flops / (ceil["tflops"] * 1e12)
         lines += ["", f"Step floor (encoder 6BNFD = {enc_flops / 1e9:.3g} GFLOP at the measured matmul rate): "
                   f"{floor:.3g} s; step / floor: " + ", ".join(

@@ -1,4 +1,4 @@
-"""K dictionaries on one data pass (train/multi.py) against K sequential runs, on the demo's activations
+"""K dictionaries on one data pass (train/trainer.py) against K sequential runs, on the demo's activations
 (demo_out/activations, written by `make demo` or `make sweep-demo`). Writes benchmarks/sweep.md.
 
     .venv/bin/python benchmarks/sweep.py [--data demo_out/activations] [--steps 60]

@@ -1,4 +1,4 @@
-"""Fast encode / decode implementations for the CLT (DESIGN section 4).
+"""Fast encode / decode implementations for the CLT (docs/design.md section 4).
 
     install(clt, impl="auto") -> name      sets clt.encode_impl / clt.decode_impl
 

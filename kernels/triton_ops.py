@@ -12,7 +12,7 @@ in fp32 / under the interpreter. TRITON_INTERPRET must be set before this module
 Layouts: pre-activations, activations and masks live in [N, B, F] memory (viewed as [B, N, F], the
 same layout the reference einsum returns), so one layer's [B, F] slice is contiguous.
 
-Decode access pattern (DESIGN section 4): at realistic batch sizes almost every feature fires somewhere
+Decode access pattern (docs/design.md section 4): at realistic batch sizes almost every feature fires somewhere
 in the batch, so the decoder-weight gradient writes nearly every row of W_dec and the decode is bound
 by reading W_dec and writing its gradient, not by FLOPs. The weight-gradient kernel is therefore
 feature-major: one program per (feature, D-block, slot) walks that feature's active tokens and writes

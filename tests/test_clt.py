@@ -1,4 +1,4 @@
-"""The CLT math of DESIGN section 1: JumpReLU and its straight-through gradients, the decode's layer
+"""The CLT math of docs/design.md section 1: JumpReLU and its straight-through gradients, the decode's layer
 structure, the loss terms, and a first sign that it trains."""
 import math
 
@@ -72,7 +72,7 @@ def test_grad_mask_is_active_or_window():
 
 
 def loop_decode(clt, acts):
-    """An independent loop over (source, target) pairs, straight from DESIGN section 1."""
+    """An independent loop over (source, target) pairs, straight from docs/design.md section 1."""
     B, N, _ = acts.shape
     y = torch.zeros(B, N, clt.cfg.d_model, dtype=acts.dtype)
     for t in range(N):

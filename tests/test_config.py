@@ -1,4 +1,4 @@
-"""The Hydra config tree: every group composes, defaults follow DESIGN section 1, bad values are named,
+"""The Hydra config tree: every group composes, defaults follow docs/design.md section 1, bad values are named,
 unknown keys are refused, and the console script turns each into one line and exit code 2."""
 import os
 import re
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cltrain.train.config import CONFIG_DIR, CONFIG_GROUPS, TRAIN_SCHEMA, compose, resolve_precision, resolve_steps, validate_eval, validate_export, validate_harvest_config, validate_runtime, validate_train
+from cltrain.train.config import (CONFIG_DIR, CONFIG_GROUPS, EvalSettings, ExportSettings, HarvestSettings,
+                                  TrainSettings, compose, resolve_precision)
 from cltrain.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ def test_every_option_of_every_group_composes_and_validates(group):
         if group == "deepspeed" and option == "zero3":
             overrides.append("parallel=single")
         cfg = compose("train", overrides)
-        validate_train(cfg)
+        TrainSettings.from_config(cfg)
 
 
 def test_sweep_composes():
@@ -40,7 +41,7 @@ def test_sweep_composes():
 
 def test_defaults_follow_the_design():
     cfg = compose("train")
-    validate_train(cfg)
+    TrainSettings.from_config(cfg)
     assert cfg.model.loss.sparsity_c == 4.0
     assert cfg.model.bandwidth == 2.0
     assert cfg.model.loss.lambda_p == 3e-6
@@ -65,7 +66,7 @@ def test_defaults_follow_the_design():
 def test_bad_value_names_key_and_value(override, key):
     cfg = compose("train", [override])
     with pytest.raises(ConfigError) as err:
-        validate_train(cfg)
+        TrainSettings.from_config(cfg)
     msg = str(err.value)
     assert f"'{key}'" in msg
     value = override.split("=", 1)[1]
@@ -75,8 +76,8 @@ def test_bad_value_names_key_and_value(override, key):
 
 def test_topk_needs_k():
     with pytest.raises(ConfigError, match="'model.topk'"):
-        validate_train(compose("train", ["model.activation=topk"]))
-    validate_train(compose("train", ["model.activation=batchtopk", "model.topk=32"]))
+        TrainSettings.from_config(compose("train", ["model.activation=topk"]))
+    TrainSettings.from_config(compose("train", ["model.activation=batchtopk", "model.topk=32"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ BAD_TRAIN = [
 def test_every_bad_train_value_is_named(overrides, key, text):
     cfg = compose("train", overrides)
     with pytest.raises(ConfigError) as err:
-        validate_train(cfg)
+        TrainSettings.from_config(cfg)
     msg = str(err.value)
     assert f"'{key}'" in msg, msg
     assert text in msg, msg
@@ -170,7 +171,7 @@ def test_unknown_key_is_refused_even_with_plus(override, key, near):
     cfg = compose("train", [override])  # Hydra accepts the addition ...
     assert OmegaConf.select(cfg, key) is not None
     with pytest.raises(ConfigError) as err:  # ... the validation does not
-        validate_train(cfg)
+        TrainSettings.from_config(cfg)
     msg = str(err.value)
     assert f"'{key}'" in msg and "unknown key" in msg and "+sweep=NAME" in msg, msg
     if near:
@@ -178,12 +179,12 @@ def test_unknown_key_is_refused_even_with_plus(override, key, near):
 
 
 def test_extension_points_are_accepted():
-    validate_train(compose("train", ["+sweep=dict_sizes"]))  # group selection; ${hydra:...} resolves
+    TrainSettings.from_config(compose("train", ["+sweep=dict_sizes"]))  # group selection; ${hydra:...} resolves
     for option in ("local", "slurm"):  # Hydra's own launcher group (configs/hydra/launcher/)
         cfg = compose("train", [f"hydra/launcher={option}"], return_hydra_config=True)
-        validate_train(cfg)
+        TrainSettings.from_config(cfg)
     cfg = compose("train", ["hydra.run.dir=elsewhere", "+hydra.job.env_set.FOO=1"], return_hydra_config=True)
-    validate_train(cfg)
+    TrainSettings.from_config(cfg)
     assert cfg.hydra.run.dir == "elsewhere"
 
 
@@ -204,7 +205,7 @@ def test_schema_lists_only_keys_that_exist():
 
     for cfg in configs:
         walk(OmegaConf.to_container(cfg, resolve=False))
-    assert set(TRAIN_SCHEMA) == seen
+    assert set(TrainSettings.schema()) == seen
 
 
 @pytest.mark.parametrize("override,text", [
@@ -219,11 +220,12 @@ def test_hydra_errors_are_config_errors(override, text):
 
 
 def test_steps_or_train_tokens():
-    validate_train(compose("train", ["steps=null", "train_tokens=100000"]))
-    assert resolve_steps(compose("train", ["batch_tokens=1000", "grad_accum=2"]), data_parallel=4) == 1000
-    cfg = compose("train", ["steps=null", "train_tokens=100001", "batch_tokens=1000", "grad_accum=2"])
-    assert resolve_steps(cfg, data_parallel=1) == 51  # the fewest steps that consume the budget
-    assert resolve_steps(cfg, data_parallel=4) == 13
+    TrainSettings.from_config(compose("train", ["steps=null", "train_tokens=100000"]))
+    assert TrainSettings.from_config(compose("train", ["batch_tokens=1000", "grad_accum=2"])).resolve_steps(4) == 1000
+    s = TrainSettings.from_config(compose("train", ["steps=null", "train_tokens=100001", "batch_tokens=1000",
+                                                    "grad_accum=2"]))
+    assert s.resolve_steps(1) == 51  # the fewest steps that consume the budget
+    assert s.resolve_steps(4) == 13
 
 
 @pytest.mark.parametrize("value,device,want", [
@@ -254,21 +256,33 @@ def test_precision_defaults_to_auto():
 ])
 def test_runtime_checks(overrides, world, cuda, key, text, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cfg = compose("train", overrides)
-    validate_train(cfg)  # valid on its own: only the launched job makes it wrong
+    s = TrainSettings.from_config(compose("train", overrides))  # valid on its own: only the launched job makes it wrong
     with pytest.raises(ConfigError) as err:
-        validate_runtime(cfg, world_size=world, cuda_available=cuda)
+        s.check_runtime(world_size=world, cuda_available=cuda)
     assert f"'{key}'" in str(err.value) and text in str(err.value), str(err.value)
 
 
-def test_runtime_checks_pass_where_they_should(monkeypatch):
-    validate_runtime(compose("train", ["parallel=fp2"]), world_size=4, cuda_available=False)
-    validate_runtime(compose("train", ["device=cuda", "kernels=triton"]), world_size=1, cuda_available=True)
-    validate_runtime(compose("train", ["deepspeed=zero0"]), world_size=1, cuda_available=False)  # auto: fp32
-    validate_runtime(compose("train", ["deepspeed=zero0", "device=cpu"]), world_size=1, cuda_available=True)
-    validate_runtime(compose("train", ["deepspeed=zero0", "precision=fp32"]), world_size=1, cuda_available=True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    validate_runtime(compose("train", ["kernels=triton"]), world_size=1, cuda_available=False)
+@pytest.mark.parametrize("overrides,good,bad,interpret", [
+    (["parallel=fp2"], (4, False), (3, False), None),  # a world of FP groups, not a part of one
+    (["device=cuda", "kernels=triton"], (1, True), (1, False), None),  # triton where CUDA is
+    (["deepspeed=zero0"], (1, False), (1, True), None),  # auto precision: fp32 on CPU, bf16 on CUDA
+    (["deepspeed=zero0", "device=cpu"], (1, True), (1, True), "never"),  # cpu: fp32 even where CUDA is
+    (["deepspeed=zero0", "precision=fp32"], (1, True), (1, True), "never"),
+    (["kernels=triton"], (1, False), (1, False), "1"),  # on CPU only under TRITON_INTERPRET=1
+])
+def test_runtime_checks_pass_only_where_they_should(overrides, good, bad, interpret, monkeypatch):
+    """Each case is accepted on `good` (world size, CUDA) and, where a twin exists, refused on `bad`: the
+    check draws its line in the right place, not just somewhere."""
+    s = TrainSettings.from_config(compose("train", overrides))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if interpret == "1":
+        with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+            s.check_runtime(*good)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert s.check_runtime(*good) is None
+    if interpret is None:
+        with pytest.raises(ConfigError):
+            s.check_runtime(*bad)
 
 
 @pytest.fixture
@@ -282,40 +296,40 @@ def no_wandb_key(tmp_path, monkeypatch):
 def test_online_logging_needs_a_key(no_wandb_key, monkeypatch):
     cfg = compose("train", ["logger.mode=online"])
     with pytest.raises(ConfigError, match=r"'logger\.mode' = 'online'.*logger\.mode=offline"):
-        validate_train(cfg)
+        TrainSettings.from_config(cfg)
     # a .netrc entry for another host is not a key for W&B
     (no_wandb_key / ".netrc").write_text("machine example.com login user password secret\n")
     with pytest.raises(ConfigError, match="no W&B API key"):
-        validate_train(cfg)
+        TrainSettings.from_config(cfg)
     (no_wandb_key / ".netrc").write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
-    validate_train(cfg)  # as `wandb login` writes it
+    TrainSettings.from_config(cfg)  # as `wandb login` writes it
     (no_wandb_key / ".netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
-    validate_train(cfg)
+    TrainSettings.from_config(cfg)
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
     (no_wandb_key / ".netrc").write_text("machine wandb.example.org login user password 0123456789abcdef\n")
-    validate_train(cfg)  # a self-hosted server's entry
+    TrainSettings.from_config(cfg)  # a self-hosted server's entry
 
 
 @pytest.mark.parametrize("name,validate,base,overrides,key", [
-    ("eval", validate_eval, ["model_dir=runs/clt"], ["+foo=1"], "foo"),
-    ("eval", validate_eval, [], [], "model_dir"),
-    ("eval", validate_eval, ["model_dir=runs/clt"], ["batch_tokens=0"], "batch_tokens"),
-    ("eval", validate_eval, ["model_dir=runs/clt"], ["split=test"], "split"),
-    ("eval", validate_eval, ["model_dir=runs/clt"], ["replacement.skip_documents=-1"], "replacement.skip_documents"),
-    ("eval", validate_eval, ["model_dir=runs/clt"], ["frontier=abc"], "frontier"),
-    ("export", validate_export, ["model_dir=runs/clt"], ["+model.n_features=3"], "model"),
-    ("export", validate_export, [], [], "model_dir"),
-    ("export", validate_export, ["model_dir=runs/clt"], ["dtype=int8"], "dtype"),
-    ("export", validate_export, ["model_dir=runs/clt"], ["calibration.tokens=0"], "calibration.tokens"),
-    ("export", validate_export, ["model_dir=runs/clt"], ["overwrite=yes"], "overwrite"),
-    ("harvest", validate_harvest_config, [], ["+max_token=5"], "max_token"),
-    ("harvest", validate_harvest_config, [], ["seed=abc"], "seed"),
-    ("harvest", validate_harvest_config, [], ["layers=[3,1]"], "layers"),
-    ("harvest", validate_harvest_config, [], ["context=1"], "context"),
-    ("harvest", validate_harvest_config, [], ["name=a/b"], "name"),
-    ("harvest", validate_harvest_config, [], ["threads=0"], "threads"),
+    ("eval", EvalSettings.from_config, ["model_dir=runs/clt"], ["+foo=1"], "foo"),
+    ("eval", EvalSettings.from_config, [], [], "model_dir"),
+    ("eval", EvalSettings.from_config, ["model_dir=runs/clt"], ["batch_tokens=0"], "batch_tokens"),
+    ("eval", EvalSettings.from_config, ["model_dir=runs/clt"], ["split=test"], "split"),
+    ("eval", EvalSettings.from_config, ["model_dir=runs/clt"], ["replacement.skip_documents=-1"], "replacement.skip_documents"),
+    ("eval", EvalSettings.from_config, ["model_dir=runs/clt"], ["frontier=abc"], "frontier"),
+    ("export", ExportSettings.from_config, ["model_dir=runs/clt"], ["+model.n_features=3"], "model"),
+    ("export", ExportSettings.from_config, [], [], "model_dir"),
+    ("export", ExportSettings.from_config, ["model_dir=runs/clt"], ["dtype=int8"], "dtype"),
+    ("export", ExportSettings.from_config, ["model_dir=runs/clt"], ["calibration.tokens=0"], "calibration.tokens"),
+    ("export", ExportSettings.from_config, ["model_dir=runs/clt"], ["overwrite=yes"], "overwrite"),
+    ("harvest", HarvestSettings.from_config, [], ["+max_token=5"], "max_token"),
+    ("harvest", HarvestSettings.from_config, [], ["seed=abc"], "seed"),
+    ("harvest", HarvestSettings.from_config, [], ["layers=[3,1]"], "layers"),
+    ("harvest", HarvestSettings.from_config, [], ["context=1"], "context"),
+    ("harvest", HarvestSettings.from_config, [], ["name=a/b"], "name"),
+    ("harvest", HarvestSettings.from_config, [], ["threads=0"], "threads"),
 ])
 def test_other_commands_name_bad_keys(name, validate, base, overrides, key):
     if base or name == "harvest":
@@ -325,7 +339,35 @@ def test_other_commands_name_bad_keys(name, validate, base, overrides, key):
 
 
 def test_eval_frontier_only_needs_no_model_dir():
-    validate_eval(compose("eval", ["frontier=[a/metrics.json,b/metrics.json]", "out_dir=plots"]))
+    s = EvalSettings.from_config(compose("eval", ["frontier=[a/metrics.json,b/metrics.json]", "out_dir=plots"]))
+    assert s.model_dir is None and s.frontier == ["a/metrics.json", "b/metrics.json"] and s.out_dir == "plots"
+    with pytest.raises(ConfigError, match="'model_dir'"):  # neither a model nor a frontier: nothing to do
+        EvalSettings.from_config(compose("eval", ["out_dir=plots"]))
+
+
+@pytest.mark.parametrize("name,settings", [("train", TrainSettings), ("eval", EvalSettings),
+                                           ("export", ExportSettings), ("harvest", HarvestSettings)])
+def test_code_defaults_agree_with_configs(name, settings):
+    """Every default of a command's settings class equals the default configs/ composes, key by key, and
+    every key configs/ has is the code's (interpolated paths compare as they resolve with the defaults)."""
+    composed = OmegaConf.to_container(compose(name), resolve=True)
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    code, configs = flat(settings.defaults()), flat(composed)
+    schema = settings.schema()
+    assert set(configs) <= set(code)
+    assert all(not schema[k].required for k in set(code) - set(configs))  # keys only some group options set
+    code = {k: v for k, v in code.items() if k in configs}
+    differ = {k: (code[k], configs[k]) for k in code if code[k] != configs[k] or type(code[k]) is not type(configs[k])}
+    assert not differ, f"code default vs configs/ default: {differ}"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ N, D, F = 3, 8, 16
 
 
 # ----------------------------------------------------------------------------------------------------
-# An independent reader of the circuit-tracer layout (written from the format description, DESIGN 5)
+# An independent reader of the circuit-tracer layout (written from the format description, docs/design.md section 5)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

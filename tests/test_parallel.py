@@ -1,4 +1,4 @@
-"""Feature and data parallelism (DESIGN section 3) with real processes (torchrun, gloo, CPU, fp32).
+"""Feature and data parallelism (docs/design.md section 3) with real processes (torchrun, gloo, CPU, fp32).
 
 - every feature-parallel size starts from the same weights, built slice by slice (never whole);
 - a feature-parallel slice computes what the whole CLT computes, for every activation (TopK and
@@ -130,8 +130,8 @@ def test_dp2_fp2_equals_one_process_on_the_same_tokens(runs, tmp_path):
             parts = [next(r) for r in replicas]
             batch = (torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))  # normalized float32
             step = t.step + 1
-            ref[step] = t.train_step([batch])
-        ref_w = {k: v.detach().clone() for k, v in t.clt.state_dict().items()}
+            ref[step] = t.train_step([batch])[0]
+        ref_w = {k: v.detach().clone() for k, v in t.dictionaries[0].clt.state_dict().items()}
     finally:
         t.close()
     assert max(v["grad_norm"] for v in ref.values()) > 0.5  # clipping (at 0.5) engaged

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from cltrain.train import trainer
+from cltrain.train import dictionary, trainer
 from cltrain.train.checkpoint import CheckpointError
 from cltrain.train.clt import CLT
 from cltrain.train.config import compose
@@ -127,9 +127,9 @@ def test_crash_mid_checkpoint_keeps_latest(dataset, tmp_path, monkeypatch):
 
 
 def test_schedules():
-    lr = [trainer.lr_at(s, 10, 1.0, 2, 0.2) for s in range(10)]
+    lr = [dictionary.lr_at(s, 10, 1.0, 2, 0.2) for s in range(10)]
     assert lr[:3] == [0.5, 1.0, 1.0] and lr[8:] == [1.0, 0.5]  # warm-up, flat, decay over the last 2
-    lam = [trainer.lambda_s_at(s, 10, 2.0, 0.5) for s in (0, 1, 5, 9)]
+    lam = [dictionary.lambda_s_at(s, 10, 2.0, 0.5) for s in (0, 1, 5, 9)]
     assert lam == [0.0, 0.4, 2.0, 2.0]
 
 

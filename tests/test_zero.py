@@ -7,7 +7,7 @@ weights; stage 0 must reproduce plain torch exactly.
 
 Stage 0 passes only once the trainer uses the fix: for deepspeed.zero_stage=0 in fp32, the client
 optimizer is train/grad_clip.py's ClippedAdam (fp_group=layout.fp_group) and the DeepSpeed config gets
-config.deepspeed_overrides(...) (gradient_clipping 0). Without it DeepSpeed's stage-0 engine drops the
+engine.deepspeed_overrides(...) (gradient_clipping 0). Without it DeepSpeed's stage-0 engine drops the
 norm (get_global_grad_norm() is None, logged as nan) and clips with its own rounding.
 """
 import json
@@ -15,9 +15,9 @@ import json
 import pytest
 import torch
 
-from cltrain.train import trainer
+from cltrain.train import dictionary, trainer
 from cltrain.train.clt import CLT
-from cltrain.train.config import compose
+from cltrain.train.config import TrainSettings, compose
 from cltrain.train.data import loader_from_config, write_synthetic_dataset
 from cltrain.train.metrics import StepTimer
 from cltrain.train.model_io import ModelReader
@@ -47,22 +47,22 @@ def config(dataset, out, *overrides):
 
 def reference_run(cfg):
     """Plain torch: returns (gradient norm before clipping at each step, final weights)."""
-    from cltrain.train.config import clt_config
+    cfg = TrainSettings.from_config(cfg)
     from cltrain.train.data import DatasetInfo
 
     info = DatasetInfo.load(str(cfg.data.path))
-    clt = CLT(clt_config(cfg.model, info.n_layers, info.d_model),
+    clt = CLT(cfg.model.clt_config(info.n_layers, info.d_model),
               generator=torch.Generator().manual_seed(int(cfg.seed)))
-    module = trainer.TrainStep(clt, cfg.model, StepTimer(cuda=False))
+    module = dictionary.TrainStep(clt, cfg.model, StepTimer(cuda=False))
     opt = torch.optim.Adam(module.parameters(), lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas),
                            eps=float(cfg.optim.eps), weight_decay=float(cfg.optim.weight_decay), fused=True)
     loader = loader_from_config(cfg.data, int(cfg.batch_tokens), seed=int(cfg.seed))
     batches, norms = iter(loader), []
     steps = int(cfg.steps)
     for step in range(steps):
-        lr = trainer.lr_at(step, steps, float(cfg.optim.lr), int(cfg.optim.warmup_steps),
+        lr = dictionary.lr_at(step, steps, float(cfg.optim.lr), int(cfg.optim.warmup_steps),
                            float(cfg.optim.decay_fraction))
-        lam = trainer.lambda_s_at(step, steps, float(cfg.model.loss.lambda_s),
+        lam = dictionary.lambda_s_at(step, steps, float(cfg.model.loss.lambda_s),
                                   float(cfg.model.loss.lambda_s_ramp_fraction))
         for g in opt.param_groups:
             g["lr"] = lr

@@ -14,7 +14,7 @@ Layout of OUT/checkpoints:
                                     RNG array, SAFE_GLOBALS; a file that asks for anything else is refused)
 
 Each feature shard is written by the first data-parallel rank of its feature-parallel group, one tensor
-at a time (engine_state gathers a parameter's ZeRO fragments over the DP group, then it is streamed to
+at a time (engine.get_full_state gathers a parameter's ZeRO fragments over the DP group, then it is streamed to
 disk), so no rank ever holds more than its own slice plus one tensor. The weights are stored once.
 
 Atomicity: everything goes to step-XXXXXX.tmp; every rank fsyncs its files and reports their sizes;
@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from cltrain.errors import ConfigError
-from .engine_state import adam_step, ensure_adam_state, get_full_state, set_full_state
+from .engine import adam_step, ensure_adam_state, get_full_state, set_full_state
 from .model_io import META, FeatureShards, StreamingSafetensorsWriter, feature_dim, shard_file
 from cltrain.files import atomic_write_bytes, check_sha256
 
@@ -284,7 +284,7 @@ class CheckpointManager:
     them with the same arguments.
 
     clt: this rank's CLT slice; engine: the DeepSpeed engine training it; layout: train/parallel.Layout;
-    full_cfg: the whole CLT's config; fingerprint: the run's (train/trainer.fingerprint)."""
+    full_cfg: the whole CLT's config; fingerprint: the run's (fingerprint below)."""
 
     def __init__(self, root: Path, clt, engine, layout, full_cfg, fingerprint: dict, device, keep: int):
         self.root, self.clt, self.engine, self.layout = Path(root), clt, engine, layout
@@ -532,3 +532,30 @@ def publish_model(checkpoint: Path, dst: Path, fingerprint: dict):
         except OSError:
             shutil.copy2(f, tmp / f.name)
     replace_dir(tmp, dst)
+
+
+def fingerprint(s, info, layout, precision: str, steps: int) -> dict:
+    """What a resume compares with the checkpoint (s: config.TrainSettings): the model, the data order, the
+    optimizer, the schedules and the global batch must match; the layout keys (LAYOUT_KEYS: world size,
+    feature parallel size, ZeRO stage, per-replica batch split) may change, the state is remapped."""
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = node
+
+    walk("model", s.model.to_dict())
+    walk("optim", s.optim.to_dict())
+    for key in ("seed", "batch_tokens", "grad_accum", "data.shuffle_buffer", "data.heldout_shards",
+                "data.num_workers", "parallel.feature_parallel", "deepspeed.zero_stage"):
+        flat[key] = s.select(key)
+    # resolved values: `precision=auto` and the run length from `train_tokens` compare as what they mean
+    flat["precision"], flat["steps"] = precision, steps
+    flat.update({"world_size": layout.world, "dataset.model": info.model, "dataset.layers": list(info.layers),
+                 "dataset.d_model": info.d_model, "dataset.n_tokens": info.n_tokens,
+                 "dataset.digest": info.digest(),
+                 "global_batch_tokens": s.batch_tokens * s.grad_accum * layout.dp_size})
+    return flat

@@ -1,4 +1,4 @@
-"""The cross-layer transcoder: parameters, activations, encode, decode and loss terms (DESIGN section 1).
+"""The cross-layer transcoder: parameters, activations, encode, decode and loss terms (docs/design.md section 1).
 
 This module is the single definition of the CLT math. It knows nothing of ranks or kernels:
 - the feature-parallel layout (train/parallel.py) builds each rank's CLT as a slice of features of the
@@ -231,7 +231,7 @@ class CLT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """Encoder U(-1/sqrt(F), 1/sqrt(F)); decoder U(-1/sqrt(N*D), 1/sqrt(N*D)) with F the whole
-        dictionary's features per layer; biases 0; thresholds threshold_init (DESIGN 1). Keyed per
+        dictionary's features per layer; biases 0; thresholds threshold_init (docs/design.md section 1). Keyed per
         feature block (keyed_uniform_rows): a slice gets its rows of the whole dictionary's init."""
         N, D, F = self.cfg.n_layers, self.cfg.d_model, self.total_features
         enc_bound, dec_bound = 1 / math.sqrt(F), 1 / math.sqrt(N * D)

@@ -51,7 +51,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from .evaluate import evaluate
-    from .graphs import GraphSettings
+    from .config import GraphSettings
     from .plots import plot_frontier
     from .export import export
     from .harvest import harvest

@@ -1,6 +1,6 @@
 """clt-eval: how well a trained CLT reconstructs, how sparse it is, and how well it replaces the MLPs.
 
-Two parts, both written to <out_dir>/metrics.json, PNG plots, and W&B (DESIGN section 6):
+Two parts, both written to <out_dir>/metrics.json, PNG plots, and W&B (docs/design.md section 6):
 
 1. On held-out activation shards (normalized, as trained; every metric here is scale-free):
    - NMSE_l = E||y_hat_l - y_l||^2 / E||y_l - mean(y_l)||^2 and explained variance 1 - NMSE_l, per layer;
@@ -20,34 +20,35 @@ The PNG plots are train/plots.py's. Every activation rule is the CLT module's in
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .clt import CLT, inference_forward
-from .config import CONFIG_DIR
 from cltrain.errors import ConfigError
-from .export import dataset_scales, export, resolve_model_dir
-from .lifecycle import run_command
-from .graphs import GraphSettings, require_circuit_tracer
-from .graphs import prepare as graph_prepare
-from .graphs import run as graph_run
-from .model_io import META, load_clt
 from cltrain.files import atomic_write_bytes
+
+from .config import CONFIG_DIR, EvalSettings, GraphSettings, LoggerSettings
+from .eval_metrics import DENSE_THRESHOLD, flat_metrics, shard_metrics
+from .export import dataset_scales, export, resolve_model_dir
+from .graphs import prepare as graph_prepare
+from .graphs import require_circuit_tracer
+from .graphs import run as graph_run
+from .lifecycle import run_command
+from .metrics import start_wandb_run
+from .model_io import META, load_clt
 from .plots import METRICS_FILE, plot_frontier, write_plots
 from .replacement import replacement_for
+from .sweep_report import log_sweep_wandb, plot_agreement, row_from_metrics, sweep_runs, train_config_of, write_table
 
 log = logging.getLogger(__name__)
-
-DENSE_THRESHOLD = 0.1  # a feature firing on more than this fraction of tokens counts as dense
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,85 +75,14 @@ def check_dataset_matches_model(info, meta: dict, source: str):
 # Part 1: reconstruction and sparsity on held-out shards
 
 
-@torch.no_grad()
-def shard_metrics(clt: CLT, batches: Iterable, max_tokens: int | None = None,
-                  dense_threshold: float = DENSE_THRESHOLD, progress: bool = True) -> dict:
-    """Accumulate NMSE, explained variance, L0 and firing counts over batches with .x, .y [B, N, D]
-    (normalized). Returns the metrics plus "density" [N, F] (firing rate per feature, a tensor)."""
-    N, F, D = clt.cfg.n_layers, clt.cfg.n_features, clt.cfg.d_model
-    dev = clt.b_dec.device
-    sse = torch.zeros(N, dtype=torch.float64, device=dev)
-    sum_y = torch.zeros(N, D, dtype=torch.float64, device=dev)
-    sum_y2 = torch.zeros(N, dtype=torch.float64, device=dev)
-    fired = torch.zeros(N, F, dtype=torch.float64, device=dev)
-    n = 0
-    bar = tqdm(total=max_tokens, unit="tok", desc="eval shards", disable=not progress)
-    for batch in batches:
-        x, y = batch.x.to(dev), batch.y.to(dev)
-        if max_tokens is not None:
-            x, y = x[: max_tokens - n], y[: max_tokens - n]
-        if x.shape[0] == 0:
-            break
-        acts, y_hat = inference_forward(clt, x)
-        sse += (y_hat - y).double().pow(2).sum(-1).sum(0)
-        sum_y += y.double().sum(0)
-        sum_y2 += y.double().pow(2).sum(-1).sum(0)
-        fired += (acts != 0).sum(0).double()
-        n += x.shape[0]
-        bar.update(x.shape[0])
-        if max_tokens is not None and n >= max_tokens:
-            break
-    bar.close()
-    if n == 0:
-        raise ValueError("no evaluation tokens: the held-out split is empty")
-    var = (sum_y2 / n - (sum_y / n).pow(2).sum(-1)).clamp_min(1e-12)  # E||y - mean(y)||^2
-    nmse = (sse / n) / var
-    density = fired / n
-    l0 = fired.sum(-1) / n
-    dead = int((fired == 0).sum())
-    dense = int((density > dense_threshold).sum())
-    return {
-        "tokens": n,
-        "nmse": {"per_layer": nmse.tolist(), "mean": float(nmse.mean())},
-        "explained_variance": {"per_layer": (1 - nmse).tolist(), "mean": float((1 - nmse).mean())},
-        "l0": {"per_layer": l0.tolist(), "total": float(l0.sum()), "mean": float(l0.mean())},
-        "features": {"total": N * F, "dead_count": dead, "dead_fraction": dead / (N * F),
-                     "dense_count": dense, "dense_fraction": dense / (N * F),
-                     "dense_threshold": dense_threshold,
-                     "dead_per_layer": (fired == 0).sum(-1).tolist(),
-                     "dense_per_layer": (density > dense_threshold).sum(-1).tolist()},
-        "density": density.cpu(),
-    }
 
-
-def flat_metrics(metrics: dict, prefix: str = "eval/") -> dict[str, float]:
-    """metrics.json flattened to scalar W&B keys, e.g. eval/nmse/layer_3, eval/replacement/mode_b/kl."""
-    out = {}
-
-    def walk(d, key):
-        for k, v in d.items():
-            name = f"{key}{k}"
-            if isinstance(v, dict):
-                walk(v, name + "/")
-            elif isinstance(v, list) and k == "per_layer":
-                out.update({f"{key}layer_{i}": float(x) for i, x in enumerate(v)})
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[name] = float(v)
-
-    walk({k: v for k, v in metrics.items() if k not in ("layers",)}, prefix)
-    return out
-
-
-def log_wandb(logger_cfg, metrics: dict, plots: list[Path], out_dir: Path, config: dict | None = None):
-    if logger_cfg is None or logger_cfg.get("mode", "disabled") == "disabled":
+def log_wandb(logger: LoggerSettings | None, metrics: dict, plots: list[Path], out_dir: Path,
+              config: dict | None = None):
+    run = start_wandb_run(logger, out_dir, job_type="eval", config=config)
+    if run is None:
         return
     import wandb
 
-    run = wandb.init(project=logger_cfg.get("project"), entity=logger_cfg.get("entity"),
-                     name=logger_cfg.get("run_name"), group=logger_cfg.get("group"),
-                     tags=list(logger_cfg.get("tags") or []), mode=logger_cfg.mode, dir=str(out_dir),
-                     job_type="eval", config=config,
-                     settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True))
     try:
         values = flat_metrics(metrics)
         extra = {f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plots}
@@ -266,7 +196,6 @@ def _prepare_graphs(settings: GraphSettings, model_dir: Path, meta: dict, info, 
         log.warning("attribution graphs skipped: the dataset %s has no base model (%s)", info.path, spec)
         return None, None
     require_circuit_tracer()
-    settings.validate()
     scratch = None
     if settings.export is not None:
         export_dir = Path(settings.export)
@@ -313,67 +242,71 @@ def _print_summary(metrics: dict):
 # Console script
 
 
-def _validate(cfg):
-    from .config import require_choice, require_number, require_positive_int, validate_eval
-
-    validate_eval(cfg)
-    if not cfg.get("model_dir"):
-        raise ConfigError("config key 'model_dir' = None: expected the folder of a trained CLT "
-                          "(model.safetensors + model.json) or a clt-train run folder, e.g. clt-eval model_dir=runs/clt")
-    require_choice(cfg, "split", ("heldout", "all"))
-    require_positive_int(cfg, "heldout_shards")
-    require_positive_int(cfg, "max_tokens", allow_none=True)
-    require_positive_int(cfg, "batch_tokens")
-    require_number(cfg, "dense_threshold", lo=0, hi=1, lo_open=True)
-    require_choice(cfg, "device", ("auto", "cpu", "cuda"))
-    for key in ("n_sequences", "seq_len", "batch_size"):
-        require_positive_int(cfg, f"replacement.{key}")
-    skip = cfg.replacement.get("skip_documents", 0)
-    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
-        raise ConfigError(f"config key 'replacement.skip_documents' = {skip!r}: expected an integer >= 0")
-    require_choice(cfg, "logger.mode", ("offline", "online", "disabled"))
-    graphs = GraphSettings.from_config(cfg.get("graphs"))
-    if graphs.enabled:
-        graphs.validate()
-    return graphs
-
-
 def run(cfg) -> dict:
-    """clt-eval with a composed config (configs/eval.yaml). With `frontier` (a list of metrics.json files
-    or eval folders) it also writes frontier.png; with frontier and no model_dir it only plots."""
-    if cfg.get("sweep_dir"):  # every run of a sweep, one table and the sweep plots (train/sweep_report.py)
-        from .config import validate_eval
-        from .sweep_report import evaluate_sweep
-
-        validate_eval(cfg)
-        graphs = GraphSettings.from_config(cfg.get("graphs"))
-        if graphs.enabled:
-            graphs.validate()
-        return evaluate_sweep(cfg, graphs)
-    frontier = list(cfg.get("frontier") or [])
-    if frontier and not cfg.get("model_dir"):
-        if not cfg.get("out_dir"):
+    """clt-eval from its settings (or composed config, configs/eval.yaml). With `frontier` (a list of
+    metrics.json files or eval folders) it also writes frontier.png; with frontier and no model_dir it only
+    plots; with sweep_dir it evaluates every run of a sweep."""
+    s = EvalSettings.from_config(cfg)
+    if s.sweep_dir:
+        return evaluate_sweep(s)
+    frontier = list(s.frontier or [])
+    if frontier and not s.model_dir:
+        if not s.out_dir:
             raise ConfigError("config key 'out_dir' = None: expected where to write frontier.png")
-        return {"frontier": str(plot_frontier(frontier, Path(cfg.out_dir) / "frontier.png"))}
-    graphs = _validate(cfg)
-    metrics = _evaluate_from_config(cfg, graphs)
+        return {"frontier": str(plot_frontier(frontier, Path(s.out_dir) / "frontier.png"))}
+    metrics = _evaluate_model(s, s.model_dir, s.out_dir, s.logger)
     if frontier:
-        out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else resolve_model_dir(cfg.model_dir) / "eval"
+        out_dir = Path(s.out_dir) if s.out_dir else resolve_model_dir(s.model_dir) / "eval"
         metrics["frontier"] = str(plot_frontier(frontier + [out_dir], out_dir / "frontier.png"))
     return metrics
 
 
-def _evaluate_from_config(cfg, graphs: GraphSettings) -> dict:
-    r = cfg.replacement
-    return evaluate(cfg.model_dir, dataset=cfg.get("dataset"), out_dir=cfg.get("out_dir"), split=cfg.split,
-                    heldout_shards=int(cfg.heldout_shards), max_tokens=cfg.get("max_tokens"),
-                    batch_tokens=int(cfg.batch_tokens), dense_threshold=float(cfg.dense_threshold),
-                    replacement=bool(r.enabled), lm=r.get("model"), text=r.get("text"),
-                    skip_documents=int(r.get("skip_documents", 0)),
-                    n_sequences=int(r.n_sequences), seq_len=int(r.seq_len), lm_batch=int(r.batch_size),
-                    skip_bos=bool(r.get("skip_bos", True)), skip_harvested=bool(r.get("skip_harvested", True)),
-                    device=cfg.device, graphs=graphs, logger_cfg=cfg.logger,
-                    progress=bool(cfg.get("progress", True)))
+def _evaluate_model(s: EvalSettings, model_dir, out_dir, logger: LoggerSettings) -> dict:
+    r = s.replacement
+    return evaluate(model_dir, dataset=s.dataset, out_dir=out_dir, split=s.split, heldout_shards=s.heldout_shards,
+                    max_tokens=s.max_tokens, batch_tokens=s.batch_tokens, dense_threshold=s.dense_threshold,
+                    replacement=r.enabled, lm=r.model, text=r.text, skip_documents=r.skip_documents,
+                    n_sequences=r.n_sequences, seq_len=r.seq_len, lm_batch=r.batch_size, skip_bos=r.skip_bos,
+                    skip_harvested=r.skip_harvested, device=s.device, graphs=s.graphs, logger_cfg=logger,
+                    progress=s.progress)
+
+
+def evaluate_sweep(s: EvalSettings) -> dict:
+    """clt-eval with sweep_dir: every run of the sweep evaluated as one model, then the sweep's table and
+    plots (train/sweep_report.py). Returns {"rows", "table", "csv", "plots"}."""
+    sweep_dir = Path(str(s.sweep_dir))
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"config key 'sweep_dir' = {str(sweep_dir)!r}: not a folder (expected a sweep's "
+                          f"folder, e.g. runs/dict_sizes)")
+    runs = sweep_runs(sweep_dir)
+    if not runs:
+        raise ConfigError(f"config key 'sweep_dir' = {str(sweep_dir)!r}: no run folders in it (expected "
+                          f"sub-folders with model/ or checkpoints/, as clt-train -m writes)")
+    out_dir = Path(str(s.out_dir)) if s.out_dir else sweep_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    group = s.logger.group or sweep_dir.name
+    rows, ok_dirs = [], []
+    for run in tqdm(runs, desc="clt-eval sweep", unit="run", disable=not s.progress):
+        model = run / "model"
+        if not (model / META).is_file():
+            rows.append({"run": run.name, "status": "failed: no model (the run failed or did not finish)"})
+            continue
+        logger = dataclasses.replace(s.logger, group=group, run_name=f"{run.name}-eval")
+        try:
+            m = _evaluate_model(s, model, run / "eval", logger)
+        except Exception as e:  # one broken run is a row, not the end of the report
+            rows.append({"run": run.name, "status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+            continue
+        rows.append(row_from_metrics(run.name, m, train_config_of(model)))
+        ok_dirs.append(run / "eval")
+    md, csv_path = write_table(rows, out_dir)
+    plots = []
+    if ok_dirs:
+        plots = [plot_frontier(ok_dirs, out_dir / "frontier.png"), plot_agreement(rows, out_dir / "agreement.png")]
+    log_sweep_wandb(s.logger, group, rows, plots, out_dir)
+    print(md.read_text(), flush=True)
+    print(f"clt-eval: sweep table {md} and {csv_path}; plots {', '.join(str(p) for p in plots)}", flush=True)
+    return {"rows": rows, "table": str(md), "csv": str(csv_path), "plots": [str(p) for p in plots]}
 
 
 def _main(cfg):

@@ -1,4 +1,4 @@
-"""clt-export: a trained CLT as a circuit-tracer folder that runs on raw activations (DESIGN section 5).
+"""clt-export: a trained CLT as a circuit-tracer folder that runs on raw activations (docs/design.md section 5).
 
 Layout written (matching decoderesearch/circuit-tracer's readers):
 
@@ -52,7 +52,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .clt import CLT
-from .config import CONFIG_DIR
+from .config import CONFIG_DIR, ExportSettings
 from cltrain.errors import ConfigError
 from .lifecycle import run_command
 from .model_io import META, ModelReader, save_safetensors
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # circuit-tracer's TransformerLens-style hook names: x is the residual stream before the MLP's norm
-# (DESIGN section 1) unless the dataset was harvested at the norm's output (the normalized MLP input).
+# (docs/design.md section 1) unless the dataset was harvested at the norm's output (the normalized MLP input).
 RESID_MID_HOOK, MLP_IN_HOOK, OUTPUT_HOOK = "hook_resid_mid", "mlp.hook_in", "hook_mlp_out"
 CONFIG_FILE = "config.yaml"
 
@@ -352,23 +352,12 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 # Console script
 
 
-def _validate(cfg):
-    from .config import require_choice, require_positive_int, validate_export
-
-    validate_export(cfg)
-    if not cfg.get("model_dir"):
-        raise ConfigError("config key 'model_dir' = None: expected the folder of a trained CLT "
-                          "(model.safetensors + model.json) or a clt-train run folder, e.g. clt-export model_dir=runs/clt")
-    require_choice(cfg, "dtype", list(EXPORT_DTYPES))
-    require_positive_int(cfg, "calibration.tokens")
-
-
 def run(cfg) -> Path:
-    """clt-export with a composed config (configs/export.yaml)."""
-    _validate(cfg)
-    return export(cfg.model_dir, cfg.get("out_dir"), dtype=cfg.dtype, overwrite=bool(cfg.overwrite),
-                  model_name=cfg.get("model_name"), feature_input_hook=cfg.get("feature_input_hook"),
-                  dataset=cfg.calibration.get("dataset"), calibration_tokens=int(cfg.calibration.tokens))
+    """clt-export from its settings (or composed config, configs/export.yaml)."""
+    s = ExportSettings.from_config(cfg)
+    return export(s.model_dir, s.out_dir, dtype=s.dtype, overwrite=s.overwrite, model_name=s.model_name,
+                  feature_input_hook=s.feature_input_hook, dataset=s.calibration.dataset,
+                  calibration_tokens=s.calibration.tokens)
 
 
 def _main(cfg):

@@ -5,9 +5,9 @@ clips with its own deepspeed.runtime.utils.clip_grad_norm_ through clip_fp32_gra
 norm it computed: `_global_grad_norm` is only copied from the optimizer's attribute of that name, which a
 torch optimizer lacks, so get_global_grad_norm() is None. ClippedAdam clips where torch does (before
 Adam's update, with torch's own clip arithmetic) and keeps the norm in `_global_grad_norm`, which the
-engine then reports; the DeepSpeed config turns the engine's clipping off (config.deepspeed_overrides).
+engine then reports; the DeepSpeed config turns the engine's clipping off (engine.deepspeed_overrides).
 
-Feature-parallel ranks hold disjoint slices of the parameters marked `model_parallel` (DESIGN section 3)
+Feature-parallel ranks hold disjoint slices of the parameters marked `model_parallel` (docs/design.md section 3)
 and identical copies of the others, so the global norm sums the sharded squares over the FP group and
 counts the replicated ones once. At stage 0 DeepSpeed has already averaged the gradients over the
 data-parallel group before step(), so every DP replica computes the same norm without communication.

@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 
 from cltrain.errors import ConfigError
 
+from .config import GraphSettings
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'cltrain[graphs]' (make install does)"
@@ -62,46 +64,6 @@ BUILTIN_PROMPTS = (
     ("list", "one, two, three, four,"),
 )
 
-
-@dataclass
-class GraphSettings:
-    """configs/eval.yaml's `graphs` block (see there for each key)."""
-    enabled: bool = False
-    prompts: str = "builtin"
-    n_prompts: int = 4
-    heldout_tokens: int = 16
-    model: str | None = None
-    export: str | None = None
-    max_feature_nodes: int | None = 1000
-    max_n_logits: int = 5
-    desired_logit_prob: float = 0.9
-    batch_size: int = 64
-    save: bool = True
-    node_threshold: float = 0.8
-    edge_threshold: float = 0.98
-
-    @classmethod
-    def from_config(cls, cfg) -> GraphSettings:
-        if cfg is None:
-            return cls()
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"config key 'graphs.{unknown[0]}': unknown; expected one of {sorted(known)}")
-        return cls(**{k: cfg[k] for k in cfg})
-
-    def validate(self):
-        for key in ("n_prompts", "heldout_tokens", "max_n_logits", "batch_size"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"config key 'graphs.{key}' = {v!r}: expected a positive integer")
-        v = self.max_feature_nodes
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ConfigError(f"config key 'graphs.max_feature_nodes' = {v!r}: expected a positive integer or null")
-        for key in ("desired_logit_prob", "node_threshold", "edge_threshold"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-                raise ConfigError(f"config key 'graphs.{key}' = {v!r}: expected a number in (0, 1]")
 
 
 @dataclass
@@ -318,7 +280,6 @@ def prepare(export_dir: str | os.PathLike, model: str, settings: GraphSettings, 
     from .lm import hf_folder
 
     require_circuit_tracer()
-    settings.validate()
     export_dir = Path(export_dir)
     cfg, shapes = read_export(export_dir)
     folder = hf_folder(model)

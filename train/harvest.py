@@ -18,6 +18,12 @@ written but not yet recorded is simply written again under the same name.
 When every rank is done, rank 0 writes dataset.json: shards, token counts, sha256, hooks, and the
 normalization scales s[l] = sqrt(D) / E||v_l||, estimated on the first `scale_tokens` tokens rank 0
 harvested (stored dtype, BOS dropped), recorded as `scale_tokens` / `scale_source`.
+
+The stages, in the order of this file (`_run` strings them together for one rank, `harvest` around it):
+  1. text -> contexts:      `contexts` (tokens, fixed-length windows, BOS), `rank_batches` (this rank's share)
+  2. forward and capture:   `Capture` (the LM with hooks, stopping after the last captured layer) -> `Rows`
+  3. shard writer:          `ShardBuffer` (shuffle buffer, shards, carry, progress record) with `ScaleStats`
+                            (normalization scales); `merge` (every rank's record -> dataset.json)
 """
 from __future__ import annotations
 
@@ -27,22 +33,24 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save as st_save
 from tqdm import tqdm
 
-from .config import CONFIG_DIR, require_choice, require_positive_int, validate_harvest_config
+from .config import CONFIG_DIR, HarvestSettings
 from cltrain.errors import ConfigError
 from .data import (DATASET_JSON, DTYPES, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetError, DatasetInfo, ShardWriter,
                    seed_mix, all_finite, shard_name)
 from .lifecycle import run_command
 from .lm import TINY, hook_mlp_sites, hook_names, load_lm, mlp_sites, tiny_config
 from cltrain.files import atomic_write_bytes
+from cltrain.rank_env import dist_env
 from .parallel import resolve_device
 from .text import describe, documents
 
@@ -54,56 +62,22 @@ RESUME_KEYS = ("base_model", "text.source", "text.key", "text.hf_config", "text.
                "shard_tokens", "shuffle_buffer", "scale_tokens", "seed")
 
 
-class _StopForward(Exception):
-    """Raised by the last captured layer's hook: the rest of the model (and the LM head) is not needed."""
-
-
 def world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's or SLURM's environment; (0, 1) otherwise."""
-    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if r in os.environ and w in os.environ:
-            rank, size = int(os.environ[r]), int(os.environ[w])
-            if not 0 <= rank < size:
-                raise ValueError(f"environment {r}={rank} is not in [0, {w}={size})")
-            return rank, size
-    return 0, 1
+    """(rank, world size) from the launcher's environment (torchrun's or SLURM's, see cltrain.rank_env);
+    (0, 1) otherwise."""
+    rank, size, _ = dist_env()
+    if not 0 <= rank < size:
+        raise ValueError(f"environment RANK={rank} is not in [0, WORLD_SIZE={size})")
+    return rank, size
 
 
-def validate_harvest(cfg: DictConfig):
-    validate_harvest_config(cfg)
-    for key in ("max_tokens", "context", "batch_size", "tokens_per_sample", "shard_tokens", "shuffle_buffer",
-                "scale_tokens", "merge_timeout"):
-        require_positive_int(cfg, key)
-    require_positive_int(cfg, "threads", allow_none=True)
-    require_choice(cfg, "x_source", ("resid", "normalized"))
-    require_choice(cfg, "bos", ("drop", "keep"))
-    require_choice(cfg, "model_dtype", ("fp32", "bf16"))
-    require_choice(cfg, "dtype", tuple(STORAGE_DTYPES))
-    require_choice(cfg, "device", ("auto", "cpu", "cuda"))
-    if cfg.shard_tokens % cfg.tokens_per_sample:
-        raise ConfigError(f"config key 'shard_tokens' = {cfg.shard_tokens}: expected a multiple of "
-                          f"tokens_per_sample={cfg.tokens_per_sample}")
-    if cfg.shuffle_buffer < cfg.shard_tokens:
-        raise ConfigError(f"config key 'shuffle_buffer' = {cfg.shuffle_buffer}: expected at least "
-                          f"shard_tokens={cfg.shard_tokens} (a shard is cut from one shuffled buffer)")
-    if cfg.context < 2:
-        raise ConfigError(f"config key 'context' = {cfg.context}: expected at least 2 (BOS + a token)")
-    layers = cfg.layers
-    if layers is not None and (len(layers) != 2 or not all(isinstance(l, int) and l >= 0 for l in layers)
-                               or layers[0] > layers[1]):
-        raise ConfigError(f"config key 'layers' = {OmegaConf.to_object(layers)!r}: expected null or "
-                          f"[first, last] with 0 <= first <= last")
-    if not str(cfg.name) or "/" in str(cfg.name):
-        raise ConfigError(f"config key 'name' = {cfg.name!r}: expected a file name prefix")
-
-
-def settings(cfg: DictConfig) -> dict:
-    return {k: OmegaConf.to_object(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v
-            for k in RESUME_KEYS}
+def settings(cfg: HarvestSettings) -> dict:
+    """The RESUME_KEYS' values, as plain Python values."""
+    return {k: cfg.select(k) for k in RESUME_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Text -> contexts
+# Stage 1: text -> contexts
 
 
 def contexts(docs: Iterator[str], tok, context: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -127,8 +101,247 @@ def contexts(docs: Iterator[str], tok, context: int) -> Iterator[tuple[list[int]
             del ids[:n], doc[:n]
 
 
+def rank_batches(cfg: HarvestSettings, tok, rank: int, size: int, prog: dict) -> Iterator[list[tuple]]:
+    """Batches of `batch_size` (context index, token ids, documents) of this rank's contexts (r, r + W, ...
+    among the first max_tokens // context), from the first one its progress record does not count as done.
+    Sets prog["text_exhausted"] when the text ran out before max_tokens."""
+    n_ctx_total = cfg.max_tokens // cfg.context
+    batch = []
+    for i, (ids, doc) in enumerate(contexts(documents(cfg.text.source, cfg.text.key, cfg.text.hf_config,
+                                                      cfg.text.hf_split), tok, cfg.context)):
+        if i >= n_ctx_total:
+            break
+        if i % size != rank or i < prog["contexts_done"]:
+            continue
+        batch.append((i, ids, doc))
+        if len(batch) == cfg.batch_size:
+            yield batch
+            batch = []
+    else:
+        prog["text_exhausted"] = True
+    if batch:
+        yield batch
+
+
+def _warn_if_text_ran_out(cfg: HarvestSettings, rank: int, size: int, prog: dict):
+    """Say so when the text ended before the contexts max_tokens asked for."""
+    n_ctx_total = cfg.max_tokens // cfg.context
+    if prog["text_exhausted"] and prog["contexts"] * size < n_ctx_total:
+        log.warning("rank %d: the text ran out after %d contexts; max_tokens=%d asked for %d contexts",
+                    rank, prog["contexts_done"], cfg.max_tokens, n_ctx_total)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Progress records (one per rank) and the merge into dataset.json
+# Stage 2: forward and capture
+
+
+class _StopForward(Exception):
+    """Raised by the last captured layer's hook: the rest of the model (and the LM head) is not needed."""
+
+
+@dataclass
+class Rows:
+    """One forward pass's captured tokens, one row each: data holds x and y [n, layers, D] in the storage
+    dtype, ids, doc, ctx, pos [n] (BOS positions already dropped with bos=drop); fed counts the tokens fed
+    (BOS included), dropped the BOS positions left out."""
+    data: dict[str, torch.Tensor]
+    last_context: int
+    contexts: int
+    fed: int
+    dropped: int
+
+
+def _width(c) -> int:
+    """The residual stream width from a model config."""
+    return next(getattr(c, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(c, k))
+
+
+def _select_sites(cfg: HarvestSettings, model) -> tuple[int, int, list]:
+    """(first, last, sites): the MLP sites of `layers` (every layer with an MLP when null), checked."""
+    sites = mlp_sites(model)
+    lo, hi = (0, len(sites) - 1) if cfg.layers is None else tuple(cfg.layers)
+    if hi >= len(sites):
+        raise ConfigError(f"config key 'layers' = {[lo, hi]}: {cfg.base_model} has {len(sites)} MLP layers (0..{len(sites) - 1})")
+    sites = sites[lo:hi + 1]
+    if cfg.x_source == "normalized" and not all(s.input_is_norm for s in sites):
+        raise ConfigError(f"config key 'x_source' = 'normalized': {cfg.base_model}'s MLPs have no norm before them")
+    return lo, hi, sites
+
+
+class Capture:
+    """The language model and its captured MLP sites. `meta` describes them (layers, width, hooks,
+    tokenizer, separator); inside `hooked()`, calling it on a batch of contexts runs the forward pass up to
+    the last captured layer and returns its Rows: x_l (the MLP site's input, or its norm's output with
+    x_source=normalized) and y_l (the MLP's output), cast to the storage dtype, BOS positions dropped."""
+
+    def __init__(self, cfg: HarvestSettings, device):
+        self.cfg, self.device = cfg, device
+        self.model, self.tok = load_lm(cfg.base_model, dtype=torch.float32 if cfg.model_dtype == "fp32" else torch.bfloat16,
+                                       seed=cfg.seed, device=device)
+        lo, hi, self.sites = _select_sites(cfg, self.model)
+        self.sep = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        self.meta = {"layers": list(range(lo, hi + 1)), "d_model": _width(self.model.config),
+                     "hooks": hook_names(self.sites, cfg.x_source),
+                     "tokenizer": f"{type(self.tok).__name__}, vocabulary {len(self.tok)}", "bos_token_id": self.sep}
+        # int8 shards are quantized per row when a shard is written; until then tokens wait in bf16.
+        self.store = DTYPES.get(cfg.dtype, torch.bfloat16)
+        self.x: list = [None] * len(self.sites)
+        self.y: list = [None] * len(self.sites)
+
+    def _on_x(self, i: int, x: torch.Tensor):
+        self.x[i] = x.detach()
+
+    def _on_y(self, i: int, y: torch.Tensor):
+        self.y[i] = y.detach()
+        if i == len(self.sites) - 1:
+            raise _StopForward
+
+    @contextmanager
+    def hooked(self):
+        """The hooks on the captured sites, removed on leaving."""
+        hooks = hook_mlp_sites(self.sites, self._on_x, self._on_y, x_from_output=self.cfg.x_source != "resid")
+        try:
+            yield self
+        finally:
+            hooks.remove()
+
+    def __call__(self, batch: list[tuple]) -> Rows:
+        cfg, C = self.cfg, self.cfg.context
+        ids = torch.tensor([b[1] for b in batch], dtype=torch.long, device=self.device)
+        try:
+            self.model(input_ids=ids, use_cache=False)
+        except _StopForward:
+            pass
+        x = torch.stack(self.x, dim=2).to(self.store).flatten(0, 1).cpu()  # [B*C, N, D]
+        y = torch.stack(self.y, dim=2).to(self.store).flatten(0, 1).cpu()
+        if not (all_finite(x) and all_finite(y)):
+            raise FloatingPointError(
+                f"{cfg.base_model}: non-finite activations in contexts {batch[0][0]}..{batch[-1][0]} after casting "
+                f"to {cfg.dtype}" + (" (overflow: use dtype=bfloat16)" if cfg.dtype == "float16" else ""))
+        tok_ids = ids.flatten().cpu()
+        doc = torch.tensor([b[2] for b in batch], dtype=torch.long).flatten()
+        ctx = torch.tensor([b[0] for b in batch], dtype=torch.long).repeat_interleave(C)
+        pos = torch.arange(C).repeat(len(batch))
+        keep = tok_ids != self.sep if (cfg.bos == "drop" and self.sep is not None) else torch.ones_like(tok_ids, dtype=torch.bool)
+        data = {"x": x[keep], "y": y[keep], "ids": tok_ids[keep], "doc": doc[keep], "ctx": ctx[keep], "pos": pos[keep]}
+        return Rows(data, last_context=batch[-1][0], contexts=len(batch), fed=ids.numel(), dropped=int((~keep).sum()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: shard writer (shuffle buffer, shards, normalization scales, progress records, dataset.json)
+
+
+class ScaleStats:
+    """Sums of ||x_l|| and ||y_l|| (float64) over the first `limit` tokens added: the estimate behind the
+    normalization scales. Rank 0 counts scale_tokens tokens, the other ranks none (limit 0)."""
+
+    def __init__(self, record: dict, n_layers: int, limit: int):
+        self.limit = limit
+        self.count = record["count"]
+        self.sum_x = torch.tensor(record["sum_x"] or [0.0] * n_layers, dtype=torch.float64)
+        self.sum_y = torch.tensor(record["sum_y"] or [0.0] * n_layers, dtype=torch.float64)
+
+    def add(self, data: dict[str, torch.Tensor]):
+        if self.count < self.limit:
+            take = min(self.limit - self.count, data["ids"].shape[0])
+            self.sum_x.add_(data["x"][:take].double().norm(dim=-1).sum(0))
+            self.sum_y.add_(data["y"][:take].double().norm(dim=-1).sum(0))
+            self.count += take
+
+    def record(self) -> dict:
+        return {"sum_x": self.sum_x.tolist(), "sum_y": self.sum_y.tolist(), "count": self.count}
+
+
+class ShardBuffer:
+    """This rank's shuffle buffer and its progress record. `add` takes Rows (and counts them in the record
+    and the scale estimate); once `full`, `flush` shuffles the buffer, writes its full shards, keeps the
+    rest as the carry (on disk too, for a resume) and records all of it atomically. The carry of an
+    earlier run comes back first."""
+
+    def __init__(self, cfg: HarvestSettings, out: Path, rank: int, size: int, prog: dict, n_layers: int):
+        self.cfg, self.out, self.rank, self.size, self.prog = cfg, out, rank, size, prog
+        self.buf: list[dict[str, torch.Tensor]] = []
+        if prog["carry"]:
+            self.buf.append(load_file(str(out / prog["carry"])))
+        self.scale = ScaleStats(prog["scale"], n_layers, limit=cfg.scale_tokens if rank == 0 else 0)
+        self.buffered = sum(b["ids"].shape[0] for b in self.buf)
+        self.t_last = time.monotonic()  # model loading excluded from the recorded seconds
+
+    def add(self, rows: Rows):
+        prog = self.prog
+        self.scale.add(rows.data)
+        self.buf.append(rows.data)
+        self.buffered += rows.data["ids"].shape[0]
+        prog["contexts_done"] = rows.last_context + 1
+        prog["contexts"] += rows.contexts
+        prog["tokens_fed"] += rows.fed
+        prog["bos_dropped"] += rows.dropped
+
+    @property
+    def full(self) -> bool:
+        return self.buffered >= self.cfg.shuffle_buffer
+
+    def _shuffled(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The buffer as one batch of n rows, permuted with a generator seeded by (seed, rank, flush)."""
+        data = {k: torch.cat([b[k] for b in self.buf]) for k in self.buf[0]} if self.buf else {}
+        n = data["ids"].shape[0] if data else 0
+        seed = seed_mix(self.cfg.seed, self.rank, self.prog["flushes"], 3)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return {k: v[perm] for k, v in data.items()}, n
+
+    def flush(self, final: bool):
+        """Write the shuffled buffer's full shards (the final flush: also a last one of whole samples, the
+        rest dropped), keep the remainder as the carry, record progress, then drop the previous carry."""
+        cfg, prog, T = self.cfg, self.prog, self.cfg.tokens_per_sample
+        data, n = self._shuffled()
+        start = 0
+        while n - start >= cfg.shard_tokens or (final and n - start >= T):
+            m = min(cfg.shard_tokens, (n - start) // T * T)
+            _write_shard(cfg, self.out, self.rank, self.size, prog, {k: v[start:start + m] for k, v in data.items()})
+            start += m
+        old = prog["carry"]
+        prog["carry"], self.buf = None, []
+        if final:
+            prog["tail_dropped"] += n - start
+        elif n - start:  # the shuffled remainder stays in the buffer, and on disk for a resume
+            self.buf = [{k: v[start:].contiguous() for k, v in data.items()}]
+            prog["carry"] = f".carry-rank{self.rank:04d}-{prog['flushes']:06d}.safetensors"
+            atomic_write_bytes(self.out / prog["carry"], st_save(self.buf[0]))
+        self._record(final)
+        if old and old != prog["carry"]:
+            (self.out / old).unlink(missing_ok=True)
+        self.buffered = sum(b["ids"].shape[0] for b in self.buf)
+
+    def _record(self, final: bool):
+        """Write the progress record (seconds spent, flushes, scale sums, done) atomically."""
+        prog = self.prog
+        prog["seconds"] = prog.get("seconds", 0.0) + time.monotonic() - self.t_last
+        self.t_last = time.monotonic()
+        prog["flushes"] += 1
+        prog["scale"] = self.scale.record()
+        prog["done"] = final
+        _write_progress(self.out, self.rank, prog)
+
+
+def _write_shard(cfg: HarvestSettings, out: Path, rank: int, size: int, prog: dict, data: dict[str, torch.Tensor]):
+    """Write rows as this rank's next shard (samples of tokens_per_sample tokens) and count it in prog."""
+    index = len(prog["shards"]) * size + rank
+    name = shard_name(cfg.name, index)
+    w = ShardWriter(out, name, dtype=cfg.dtype)
+    T = cfg.tokens_per_sample
+    try:
+        for j in range(0, data["ids"].shape[0], T):
+            sl = slice(j, j + T)
+            w.add(f"{index:06d}-{j // T:06d}", data["x"][sl], data["y"][sl], data["ids"][sl], doc=data["doc"][sl],
+                  ctx=data["ctx"][sl], pos=data["pos"][sl],
+                  metadata={"model": cfg.base_model, "rank": rank, "shard": index})
+        rec = w.close()
+    except BaseException:
+        w.abort()
+        raise
+    prog["shards"].append({**rec, "index": index})
+    prog["tokens_written"] += rec["n_tokens"]
+    prog["bytes_written"] += (out / name).stat().st_size
 
 
 def progress_path(out: Path, rank: int) -> Path:
@@ -152,20 +365,8 @@ def _write_progress(out: Path, rank: int, prog: dict):
 def merge(out_dir: str | os.PathLike, timeout: float = 0.0) -> DatasetInfo:
     """Write dataset.json from the ranks' progress records, waiting up to `timeout` s for them to finish."""
     out = Path(out_dir)
-    deadline = time.monotonic() + timeout
-    while True:
-        first = read_progress(out, 0)
-        if first is None:
-            raise FileNotFoundError(f"{progress_path(out, 0)}: no harvest progress record; run clt-harvest first")
-        size = first["world"]
-        progs = [read_progress(out, r) for r in range(size)]
-        pending = [r for r, p in enumerate(progs) if p is None or not p.get("done")]
-        if not pending:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{out}: harvest rank(s) {pending} of {size} have not finished (no 'done' in "
-                               f"{progress_path(out, pending[0]).name}); rerun them, then clt-harvest again")
-        time.sleep(2.0)
+    first, progs = _finished_progress(out, timeout)
+    size = first["world"]
     for r, p in enumerate(progs):
         if p["settings"] != first["settings"] or p["world"] != size:
             raise ValueError(f"{progress_path(out, r)}: harvested with other settings than rank 0")
@@ -199,11 +400,29 @@ def merge(out_dir: str | os.PathLike, timeout: float = 0.0) -> DatasetInfo:
     return info
 
 
+def _finished_progress(out: Path, timeout: float) -> tuple[dict, list[dict]]:
+    """(rank 0's record, every rank's record) once every rank's says done, polling up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        first = read_progress(out, 0)
+        if first is None:
+            raise FileNotFoundError(f"{progress_path(out, 0)}: no harvest progress record; run clt-harvest first")
+        size = first["world"]
+        progs = [read_progress(out, r) for r in range(size)]
+        pending = [r for r, p in enumerate(progs) if p is None or not p.get("done")]
+        if not pending:
+            return first, progs
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{out}: harvest rank(s) {pending} of {size} have not finished (no 'done' in "
+                               f"{progress_path(out, pending[0]).name}); rerun them, then clt-harvest again")
+        time.sleep(2.0)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Harvest
+# Harvest: the stages strung together for one rank, with its progress record, a dry run and the merge
 
 
-def _model_shape(cfg: DictConfig) -> tuple[int, int]:
+def _model_shape(cfg: HarvestSettings) -> tuple[int, int]:
     """(layer count, width) from the model's config alone (no weights): for --dry-run."""
     spec = str(cfg.base_model)
     if spec in TINY:
@@ -221,7 +440,7 @@ def _model_shape(cfg: DictConfig) -> tuple[int, int]:
     return n, _width(c)
 
 
-def estimate(cfg: DictConfig, n_layers: int, d_model: int) -> dict:
+def estimate(cfg: HarvestSettings, n_layers: int, d_model: int) -> dict:
     """Disk size of a harvest before it runs (x and y, provenance, tar and safetensors headers)."""
     lo, hi = (0, n_layers - 1) if cfg.layers is None else tuple(cfg.layers)
     n = hi - lo + 1
@@ -236,43 +455,28 @@ def estimate(cfg: DictConfig, n_layers: int, d_model: int) -> dict:
             "bytes": total, "shards": math.ceil(kept / cfg.shard_tokens), "bytes_per_token": per_token}
 
 
-def harvest(cfg: DictConfig, rank: int | None = None, world_size: int | None = None) -> DatasetInfo | None:
-    """Run (or resume) this rank's part of a harvest; rank 0 then writes dataset.json and returns it
-    (other ranks and dry runs return None). rank/world_size default to the torchrun/SLURM environment."""
-    validate_harvest(cfg)
+def _dry_run(cfg: HarvestSettings, out: Path):
+    """Print the estimated size of the harvest; nothing is written."""
+    est = estimate(cfg, *_model_shape(cfg))
+    print(f"clt-harvest dry run: {est['contexts']} contexts -> ~{est['tokens']:,} tokens x layers "
+          f"{est['layers'][0]}..{est['layers'][1]} x D={est['d_model']} x (x, y) in {cfg.dtype} = "
+          f"~{est['bytes'] / 1e9:.3f} GB ({est['bytes_per_token'] / 1e3:.1f} kB/token) in ~{est['shards']} "
+          f"shard(s) under {out}")
+
+
+def harvest(cfg, rank: int | None = None, world_size: int | None = None) -> DatasetInfo | None:
+    """Run (or resume) this rank's part of a harvest from its settings (or composed config); rank 0 then
+    writes dataset.json and returns it (other ranks and dry runs return None). rank/world_size default to
+    the torchrun/SLURM environment."""
+    cfg = HarvestSettings.from_config(cfg)
     if rank is None or world_size is None:
         rank, world_size = world()
     out = Path(cfg.out_dir)
     if cfg.dry_run:
-        est = estimate(cfg, *_model_shape(cfg))
-        print(f"clt-harvest dry run: {est['contexts']} contexts -> ~{est['tokens']:,} tokens x layers "
-              f"{est['layers'][0]}..{est['layers'][1]} x D={est['d_model']} x (x, y) in {cfg.dtype} = "
-              f"~{est['bytes'] / 1e9:.3f} GB ({est['bytes_per_token'] / 1e3:.1f} kB/token) in ~{est['shards']} "
-              f"shard(s) under {out}")
+        _dry_run(cfg, out)
         return None
     out.mkdir(parents=True, exist_ok=True)
-    want = settings(cfg)
-    prog = read_progress(out, rank)
-    if prog is None:
-        if rank == 0 and (out / DATASET_JSON).exists():
-            raise ConfigError(f"{out / DATASET_JSON}: out_dir already holds a dataset this harvest did not write; "
-                              f"choose another out_dir")
-        prog = {"settings": want, "rank": rank, "world": world_size, "contexts_done": 0, "shards": [],
-                "carry": None, "flushes": 0, "tokens_fed": 0, "tokens_written": 0, "bos_dropped": 0,
-                "tail_dropped": 0, "bytes_written": 0, "contexts": 0, "text_exhausted": False, "done": False,
-                "scale": {"sum_x": None, "sum_y": None, "count": 0}, "meta": None}
-    else:
-        for k in RESUME_KEYS:
-            if prog["settings"].get(k) != want[k]:
-                raise ConfigError(f"config key '{k}' = {want[k]!r} but {progress_path(out, rank)} was harvested "
-                                  f"with {k}={prog['settings'].get(k)!r}; resume with the same settings or "
-                                  f"choose another out_dir")
-        if prog["world"] != world_size:
-            raise ConfigError(f"{progress_path(out, rank)}: harvested with {prog['world']} rank(s), this run has "
-                              f"{world_size}; resume with the same number of processes")
-        if not prog["done"]:
-            log.info("rank %d: resuming at context %d with %d shard(s) written", rank, prog["contexts_done"],
-                     len(prog["shards"]))
+    prog = _open_progress(cfg, out, rank, world_size)
     if not prog["done"]:
         caller_threads = torch.get_num_threads()
         try:
@@ -284,7 +488,33 @@ def harvest(cfg: DictConfig, rank: int | None = None, world_size: int | None = N
     return merge(out, timeout=cfg.merge_timeout)
 
 
-def _clean_leftovers(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
+def _open_progress(cfg: HarvestSettings, out: Path, rank: int, world_size: int) -> dict:
+    """This rank's progress record: a new one, or the recorded one when its settings and world size match."""
+    want = settings(cfg)
+    prog = read_progress(out, rank)
+    if prog is None:
+        if rank == 0 and (out / DATASET_JSON).exists():
+            raise ConfigError(f"{out / DATASET_JSON}: out_dir already holds a dataset this harvest did not write; "
+                              f"choose another out_dir")
+        return {"settings": want, "rank": rank, "world": world_size, "contexts_done": 0, "shards": [],
+                "carry": None, "flushes": 0, "tokens_fed": 0, "tokens_written": 0, "bos_dropped": 0,
+                "tail_dropped": 0, "bytes_written": 0, "contexts": 0, "text_exhausted": False, "done": False,
+                "scale": {"sum_x": None, "sum_y": None, "count": 0}, "meta": None}
+    for k in RESUME_KEYS:
+        if prog["settings"].get(k) != want[k]:
+            raise ConfigError(f"config key '{k}' = {want[k]!r} but {progress_path(out, rank)} was harvested "
+                              f"with {k}={prog['settings'].get(k)!r}; resume with the same settings or "
+                              f"choose another out_dir")
+    if prog["world"] != world_size:
+        raise ConfigError(f"{progress_path(out, rank)}: harvested with {prog['world']} rank(s), this run has "
+                          f"{world_size}; resume with the same number of processes")
+    if not prog["done"]:
+        log.info("rank %d: resuming at context %d with %d shard(s) written", rank, prog["contexts_done"],
+                 len(prog["shards"]))
+    return prog
+
+
+def _clean_leftovers(cfg: HarvestSettings, out: Path, rank: int, size: int, prog: dict):
     """Remove what an interrupted run of this rank left half-written: temporary shards, unrecorded carries."""
     prefix = f".{cfg.name}-"
     for f in out.glob(f"{prefix}*.tar.tmp-*"):
@@ -297,177 +527,47 @@ def _clean_leftovers(cfg: DictConfig, out: Path, rank: int, size: int, prog: dic
                 f.unlink(missing_ok=True)
 
 
-def _run(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict):
-    _clean_leftovers(cfg, out, rank, size, prog)
-    device = resolve_device(str(cfg.device), int(os.environ.get("LOCAL_RANK", 0)))
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    model, tok = load_lm(cfg.base_model, dtype=torch.float32 if cfg.model_dtype == "fp32" else torch.bfloat16,
-                         seed=cfg.seed, device=device)
-    sites = mlp_sites(model)
-    lo, hi = (0, len(sites) - 1) if cfg.layers is None else tuple(cfg.layers)
-    if hi >= len(sites):
-        raise ConfigError(f"config key 'layers' = {[lo, hi]}: {cfg.base_model} has {len(sites)} MLP layers (0..{len(sites) - 1})")
-    sites = sites[lo:hi + 1]
-    if cfg.x_source == "normalized" and not all(s.input_is_norm for s in sites):
-        raise ConfigError(f"config key 'x_source' = 'normalized': {cfg.base_model}'s MLPs have no norm before them")
-    d_model = _width(model.config)
-    sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    meta = {"layers": list(range(lo, hi + 1)), "d_model": d_model, "hooks": hook_names(sites, cfg.x_source),
-            "tokenizer": f"{type(tok).__name__}, vocabulary {len(tok)}", "bos_token_id": sep}
+def _record_meta(out: Path, rank: int, prog: dict, meta: dict):
+    """Record the captured layers/width/hooks; a resumed rank must capture the same ones."""
     if prog["meta"] not in (None, meta):
         raise ConfigError(f"{progress_path(out, rank)}: the model's layers/width/hooks differ from the ones "
                           f"recorded ({prog['meta']} vs {meta})")
     prog["meta"] = meta
-    # int8 shards are quantized per row when a shard is written; until then tokens wait in bf16.
-    store = DTYPES.get(cfg.dtype, torch.bfloat16)
-    T, C, W = cfg.tokens_per_sample, cfg.context, size
 
-    # Hooks: x_l (the MLP site's input, or its norm's output) and y_l; stop after the last layer.
-    cap: dict[str, list] = {"x": [None] * len(sites), "y": [None] * len(sites)}
 
-    def on_y(i, y):
-        cap["y"][i] = y.detach()
-        if i == len(sites) - 1:
-            raise _StopForward
-    hooks = hook_mlp_sites(sites, lambda i, x: cap["x"].__setitem__(i, x.detach()), on_y,
-                           x_from_output=cfg.x_source != "resid")
-
-    # Carry (tokens shuffled in the last flush but not yet written) comes back first.
-    buf: list[dict[str, torch.Tensor]] = []
-    if prog["carry"]:
-        buf.append(load_file(str(out / prog["carry"])))
+def _progress_bar(cfg: HarvestSettings, rank: int, size: int, prog: dict) -> tqdm:
+    """Tokens fed by this rank, out of its share of max_tokens, starting at what it had done."""
+    C = cfg.context
     n_ctx_total = cfg.max_tokens // C
-    mine_total = len(range(rank, n_ctx_total, W))
-    scale_n, sums = prog["scale"]["count"], prog["scale"]
-    sum_x = torch.tensor(sums["sum_x"] or [0.0] * len(sites), dtype=torch.float64)
-    sum_y = torch.tensor(sums["sum_y"] or [0.0] * len(sites), dtype=torch.float64)
-
-    def flush(final: bool):
-        nonlocal buf, t_last
-        if buf:
-            data = {k: torch.cat([b[k] for b in buf]) for k in buf[0]}
-        else:
-            data = {}
-        n = data["ids"].shape[0] if data else 0
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_mix(cfg.seed, rank, prog["flushes"], 3)))
-        data = {k: v[perm] for k, v in data.items()}
-        start = 0
-        while n - start >= cfg.shard_tokens or (final and n - start >= T):
-            m = min(cfg.shard_tokens, (n - start) // T * T)
-            _write_shard(cfg, out, rank, W, prog, {k: v[start:start + m] for k, v in data.items()})
-            start += m
-        old = prog["carry"]
-        prog["carry"], buf = None, []
-        if final:
-            prog["tail_dropped"] += n - start
-        elif n - start:  # the shuffled remainder stays in the buffer, and on disk for a resume
-            buf = [{k: v[start:].contiguous() for k, v in data.items()}]
-            prog["carry"] = f".carry-rank{rank:04d}-{prog['flushes']:06d}.safetensors"
-            atomic_write_bytes(out / prog["carry"], st_save(buf[0]))
-        prog["seconds"] = prog.get("seconds", 0.0) + time.monotonic() - t_last  # model loading excluded
-        t_last = time.monotonic()
-        prog["flushes"] += 1
-        prog["scale"] = {"sum_x": sum_x.tolist(), "sum_y": sum_y.tolist(), "count": scale_n}
-        prog["done"] = final
-        _write_progress(out, rank, prog)
-        if old and old != prog["carry"]:
-            (out / old).unlink(missing_ok=True)
-
-    def my_batches():
-        batch = []
-        for i, (ids, doc) in enumerate(contexts(documents(cfg.text.source, cfg.text.key, cfg.text.hf_config,
-                                                          cfg.text.hf_split), tok, C)):
-            if i >= n_ctx_total:
-                break
-            if i % W != rank or i < prog["contexts_done"]:
-                continue
-            batch.append((i, ids, doc))
-            if len(batch) == cfg.batch_size:
-                yield batch
-                batch = []
-        else:
-            prog["text_exhausted"] = True
-        if batch:
-            yield batch
-
-    bar = tqdm(total=mine_total * C, initial=len(range(rank, min(prog["contexts_done"], n_ctx_total), W)) * C,
-               unit="tok", unit_scale=True, desc=f"harvest rank {rank}/{W}", position=rank, dynamic_ncols=True)
-    buffered = sum(b["ids"].shape[0] for b in buf)
-    t_last = time.monotonic()
-    try:
-        with torch.inference_mode():
-            for batch in my_batches():
-                ids = torch.tensor([b[1] for b in batch], dtype=torch.long, device=device)
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _StopForward:
-                    pass
-                x = torch.stack(cap["x"], dim=2).to(store).flatten(0, 1).cpu()  # [B*C, N, D]
-                y = torch.stack(cap["y"], dim=2).to(store).flatten(0, 1).cpu()
-                if not (all_finite(x) and all_finite(y)):
-                    raise FloatingPointError(
-                        f"{cfg.base_model}: non-finite activations in contexts {batch[0][0]}..{batch[-1][0]} after casting "
-                        f"to {cfg.dtype}" + (" (overflow: use dtype=bfloat16)" if cfg.dtype == "float16" else ""))
-                tok_ids = ids.flatten().cpu()
-                doc = torch.tensor([b[2] for b in batch], dtype=torch.long).flatten()
-                ctx = torch.tensor([b[0] for b in batch], dtype=torch.long).repeat_interleave(C)
-                pos = torch.arange(C).repeat(len(batch))
-                keep = tok_ids != sep if (cfg.bos == "drop" and sep is not None) else torch.ones_like(tok_ids, dtype=torch.bool)
-                item = {"x": x[keep], "y": y[keep], "ids": tok_ids[keep], "doc": doc[keep], "ctx": ctx[keep],
-                        "pos": pos[keep]}
-                if rank == 0 and scale_n < cfg.scale_tokens:
-                    take = min(cfg.scale_tokens - scale_n, item["ids"].shape[0])
-                    sum_x.add_(item["x"][:take].double().norm(dim=-1).sum(0))
-                    sum_y.add_(item["y"][:take].double().norm(dim=-1).sum(0))
-                    scale_n += take
-                buf.append(item)
-                buffered += item["ids"].shape[0]
-                prog["contexts_done"] = batch[-1][0] + 1
-                prog["contexts"] += len(batch)
-                prog["tokens_fed"] += ids.numel()
-                prog["bos_dropped"] += int((~keep).sum())
-                bar.update(ids.numel())
-                if buffered >= cfg.shuffle_buffer:
-                    flush(final=False)
-                    buffered = sum(b["ids"].shape[0] for b in buf)
-                    bar.set_postfix_str(f"{prog['bytes_written'] / 1e6:,.1f} MB written, {len(prog['shards'])} shards")
-            if prog["text_exhausted"] and prog["contexts"] * W < n_ctx_total:
-                log.warning("rank %d: the text ran out after %d contexts; max_tokens=%d asked for %d contexts",
-                            rank, prog["contexts_done"], cfg.max_tokens, n_ctx_total)
-            flush(final=True)
-    finally:
-        bar.close()
-        hooks.remove()
+    return tqdm(total=len(range(rank, n_ctx_total, size)) * C,
+                initial=len(range(rank, min(prog["contexts_done"], n_ctx_total), size)) * C,
+                unit="tok", unit_scale=True, desc=f"harvest rank {rank}/{size}", position=rank, dynamic_ncols=True)
 
 
-def _width(c) -> int:
-    """The residual stream width from a model config."""
-    return next(getattr(c, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(c, k))
-
-
-def _write_shard(cfg: DictConfig, out: Path, rank: int, size: int, prog: dict, data: dict[str, torch.Tensor]):
-    index = len(prog["shards"]) * size + rank
-    name = shard_name(cfg.name, index)
-    w = ShardWriter(out, name, dtype=cfg.dtype)
-    T = cfg.tokens_per_sample
-    try:
-        for j in range(0, data["ids"].shape[0], T):
-            sl = slice(j, j + T)
-            w.add(f"{index:06d}-{j // T:06d}", data["x"][sl], data["y"][sl], data["ids"][sl], doc=data["doc"][sl],
-                  ctx=data["ctx"][sl], pos=data["pos"][sl],
-                  metadata={"model": cfg.base_model, "rank": rank, "shard": index})
-        rec = w.close()
-    except BaseException:
-        w.abort()
-        raise
-    prog["shards"].append({**rec, "index": index})
-    prog["tokens_written"] += rec["n_tokens"]
-    prog["bytes_written"] += (out / name).stat().st_size
+def _run(cfg: HarvestSettings, out: Path, rank: int, size: int, prog: dict):
+    """One rank's pipeline: its contexts -> forward and capture -> shard buffer, flushed whenever full
+    and once more at the end."""
+    _clean_leftovers(cfg, out, rank, size, prog)
+    device = resolve_device(str(cfg.device), dist_env()[2])
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    capture = Capture(cfg, device)
+    _record_meta(out, rank, prog, capture.meta)
+    shards = ShardBuffer(cfg, out, rank, size, prog, n_layers=len(capture.sites))
+    with capture.hooked(), _progress_bar(cfg, rank, size, prog) as bar, torch.inference_mode():
+        for batch in rank_batches(cfg, capture.tok, rank, size, prog):
+            rows = capture(batch)
+            shards.add(rows)
+            bar.update(rows.fed)
+            if shards.full:
+                shards.flush(final=False)
+                bar.set_postfix_str(f"{prog['bytes_written'] / 1e6:,.1f} MB written, {len(prog['shards'])} shards")
+        _warn_if_text_ran_out(cfg, rank, size, prog)
+        shards.flush(final=True)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="harvest", version_base="1.3")
-def _hydra_main(cfg: DictConfig):
+def _hydra_main(cfg: HarvestSettings):
     def job():
         info = harvest(cfg)
         if info is not None:

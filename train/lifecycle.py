@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from cltrain.rank_env import dist_env
+
 log = logging.getLogger(__name__)
 
 # Exit codes, the same for a single process and for every rank (the launch scripts pass them through).
@@ -182,7 +184,7 @@ def _report_exit(code: int, consequence: bool):
     if not folder:
         return
     try:
-        path = Path(folder) / f"rank-{int(os.environ.get('RANK', 0))}"
+        path = Path(folder) / f"rank-{dist_env()[0]}"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(f"{code}{' consequence' if consequence else ''}\n")
         os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Base language models and where their MLPs read and write the residual stream (DESIGN section 1).
+"""Base language models and where their MLPs read and write the residual stream (docs/design.md section 1).
 
 `load_lm(spec)` loads a causal LM with transformers, offline where possible:
   - a Hugging Face name or a local folder (AutoModelForCausalLM / AutoTokenizer);

@@ -2,7 +2,7 @@
 so a CLT that does not fit stops at start-up with the estimate and the limit named, instead of being
 killed by the kernel's out-of-memory killer hours later (or silently at start).
 
-The estimate counts what the layout leaves on one rank (DESIGN section 3): this rank's feature slice of
+The estimate counts what the layout leaves on one rank (docs/design.md section 3): this rank's feature slice of
 the parameters, their gradients, DeepSpeed's fp32 master partition and Adam's two moments (ZeRO shards
 the last ones over the data-parallel group), the step's activations ([B, N, F/P] tensors and [B, N, D]
 ones) and the loader's shuffle window. benchmarks/parallel.md compares it with measured peaks.

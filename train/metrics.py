@@ -1,4 +1,4 @@
-"""What a run shows (DESIGN section 6): step timers, dead/dense feature tracking, console + W&B output.
+"""What a run shows (docs/design.md section 6): step timers, dead/dense feature tracking, console + W&B output.
 
 Only rank 0 prints and logs; the statistics that span ranks are reduced by the trainer before they
 get here (or by FeatureStats.reduce, a collective).
@@ -201,6 +201,23 @@ def _fmt(v: float) -> str:
     return f"{v:.3e}"
 
 
+def start_wandb_run(logger, folder: Path, *, run_id: str | None = None, job_type: str | None = None,
+                    config: dict | None = None):
+    """The one place a W&B run starts (training runs, clt-eval, sweep reports): from the logger settings
+    (config.LoggerSettings: mode offline / online / disabled, project, entity, run name, group, tags),
+    writing under `folder`; None when logging is disabled. run_id resumes that run after a restart. Each
+    call makes a new run, also several in one process (one per dictionary of a data pass)."""
+    if logger is None or logger.mode == "disabled":
+        return None
+    import wandb
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=logger.project, entity=logger.entity, name=logger.run_name, group=logger.group,
+                      tags=list(logger.tags or []), mode=logger.mode, dir=str(folder), job_type=job_type,
+                      id=run_id, resume="allow" if run_id else None, config=config, reinit="create_new",
+                      settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True))
+
+
 class RunLogger:
     """Console (progress bar with ETA + one summary line per report) and W&B, on rank 0 only.
 
@@ -223,19 +240,11 @@ class RunLogger:
         if run_id is not None:
             self.logged_until = self._last_step()
         self._truncate_jsonl(start_step)
-        if logger_cfg.mode != "disabled":
-            import wandb
-
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # secrets, not random: the id must not consume the RNG state a resumed run restores
-            self.run_id = run_id or secrets.token_hex(4)
-            self.run = wandb.init(
-                project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.run_name,
-                group=logger_cfg.group, tags=list(logger_cfg.tags or []), mode=logger_cfg.mode,
-                dir=str(run_dir), id=self.run_id, resume="allow", config=config,
-                # several runs in one process (train/multi.py: one per dictionary) each keep their own
-                reinit="create_new",
-                settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True))
+        # secrets, not random: the id must not consume the RNG state a resumed run restores
+        self.run_id = run_id or secrets.token_hex(4)
+        self.run = start_wandb_run(logger_cfg, run_dir, run_id=self.run_id, config=config)
+        if self.run is None:
+            self.run_id = run_id
         if progress:
             from tqdm.auto import tqdm
 

@@ -1,4 +1,4 @@
-"""The parallel layout (DESIGN section 3): world = data_parallel x feature_parallel.
+"""The parallel layout (docs/design.md section 3): world = data_parallel x feature_parallel.
 
 Applied to a CLT from outside; the CLT module itself stays rank-free:
 - `init_distributed` starts (or joins) the process group from the launcher's environment variables

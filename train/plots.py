@@ -1,4 +1,4 @@
-"""clt-eval's PNG plots (DESIGN section 6): NMSE and L0 per layer, the feature-density histogram, and
+"""clt-eval's PNG plots (docs/design.md section 6): NMSE and L0 per layer, the feature-density histogram, and
 for a sweep the L0-vs-NMSE frontier across dictionary sizes, CLT against PLT. Written atomically."""
 from __future__ import annotations
 

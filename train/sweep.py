@@ -1,10 +1,9 @@
-"""Sweeps: readable run names, the checks a multirun makes before any run starts, skipping finished runs
-on a resubmission, and the SLURM rendezvous for multi-GPU runs launched by Hydra's submitit launcher.
+"""Sweep bookkeeping: the checks a multirun makes before any run starts, and skipping finished runs on a
+resubmission. Run names are cltrain/names.py; the SLURM rendezvous for runs launched by Hydra's submitit
+launcher is cltrain/rank_env.py.
 
 A sweep is `clt-train -m +sweep=NAME ...` (configs/sweep/): every run lands in runs/<group>/<run name>,
-named from what distinguishes it (clt-F4096-ls5: architecture, dictionary size, lambda_s, and any
-other swept key), with one W&B group per sweep. Constant overrides (data.path=/a/b, steps=...) never
-enter a name. See launch/README.md.
+with one W&B group per sweep. See launch/README.md.
 """
 from __future__ import annotations
 
@@ -14,17 +13,21 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from .config import compose, validate_train
 from cltrain.errors import ConfigError
 from cltrain.names import SWEPT_ENV
+from cltrain.rank_env import dist_env
+
+from . import checkpoint as ckpt
+from .config import TrainSettings, compose, resolve_precision
+from .model_io import META
 
 MAX_RUNS_CHECKED = 512
 
 
 # ----------------------------------------------------------------------------------------------------
-# Before any run starts: every combination of the sweep composes and passes validate_train.
+# Before any run starts: every combination of the sweep composes into valid TrainSettings.
 
 
 def _split_overrides(args: list[str]):
@@ -76,7 +79,7 @@ def check_sweep(args: list[str]):
     combos = list(itertools.islice(itertools.product(*sweeps.values()), MAX_RUNS_CHECKED))
     for combo in combos:
         try:
-            validate_train(compose("train", fixed + list(combo)))
+            TrainSettings.from_config(compose("train", fixed + list(combo)))
         except ConfigError as e:
             raise ConfigError(f"sweep run [{' '.join(combo)}]: {e}; no run was started") from None
     return set(sweeps)
@@ -86,36 +89,29 @@ def check_sweep(args: list[str]):
 # Resubmission: a run whose OUT/model is this run's finished model is skipped.
 
 
-def expected_fingerprint(cfg: DictConfig) -> dict:
-    """This run's fingerprint (trainer.fingerprint) computed without building anything."""
+def expected_fingerprint(s: TrainSettings) -> dict:
+    """This run's fingerprint (checkpoint.fingerprint) computed without building anything."""
     import torch
 
-    from .config import resolve_precision, resolve_steps
     from .data import DatasetInfo
-    from cltrain.rank_env import dist_env
-    from .trainer import fingerprint
 
-    info = DatasetInfo.load(str(cfg.data.path))
+    info = DatasetInfo.load(str(s.data.path))
     _, world, _ = dist_env()
-    dp = max(world // int(cfg.parallel.feature_parallel), 1)
-    dev = str(cfg.device)
-    dev_type = "cuda" if dev == "cuda" or (dev == "auto" and torch.cuda.is_available()) else "cpu"
+    dp = max(world // s.parallel.feature_parallel, 1)
+    dev_type = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
     layout = SimpleNamespace(world=world, dp_size=dp)
-    return fingerprint(cfg, info, layout, resolve_precision(str(cfg.precision), dev_type), resolve_steps(cfg, dp))
+    return ckpt.fingerprint(s, info, layout, resolve_precision(s.precision, dev_type), s.resolve_steps(dp))
 
 
-def finished_model(cfg: DictConfig) -> Path | None:
+def finished_model(s: TrainSettings) -> Path | None:
     """OUT/model when it is this run's finished model (resume=true only: a resubmitted sweep): the latest
     checkpoint is at the run's last step with this run's fingerprint, and OUT/model was published from
     it. None otherwise (then the run resumes or starts)."""
     import json
 
-    from . import checkpoint as ckpt
-    from .model_io import META
-
-    if cfg.get("resume") is not True or cfg.get("stop_at_step") is not None:
+    if s.resume is not True or s.stop_at_step is not None:
         return None
-    out = Path(str(cfg.out_dir))
+    out = Path(str(s.out_dir))
     model = out / "model"
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     if latest is None or not (model / META).is_file():
@@ -125,7 +121,7 @@ def finished_model(cfg: DictConfig) -> Path | None:
         meta = json.loads((model / META).read_text())
     except (ckpt.CheckpointError, OSError, json.JSONDecodeError):
         return None
-    want = expected_fingerprint(cfg)
+    want = expected_fingerprint(s)
     have = saved.get("fingerprint", {})
     if ckpt.fingerprint_diff(have, want):
         return None
@@ -136,7 +132,7 @@ def finished_model(cfg: DictConfig) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# SLURM jobs sent by Hydra's submitit launcher: one SLURM task per GPU, each a rank.
+# clt-train's entry, before Hydra
 
 
 def mark_swept(argv: list[str]):

@@ -1,7 +1,7 @@
 """`make sweep-demo`: a dictionary-size sweep, CLT against PLT, on SmolLM2-135M, on a 2-core CPU.
 
 1. the demo's harvest (demo_out/activations, shared with `make demo`; skipped when it exists);
-2. 3 sizes x CLT/PLT trained in one job on one data pass (`dictionaries`, train/multi.py) into
+2. 3 sizes x CLT/PLT trained in one job on one data pass (`dictionaries`, train/trainer.py) into
    demo_out/sweep/<run name>;
 3. `clt-eval sweep_dir=demo_out/sweep`: the sweep table (sweep.md / sweep.csv), frontier.png and
    agreement.png in demo_out/sweep/report (replacement model on a few sequences, graphs off);

@@ -7,15 +7,17 @@ model, or its evaluation failed) is a row marked failed; the others go on.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
 
-from .model_io import META
 from cltrain.files import atomic_write_bytes
+
+from .metrics import start_wandb_run
+from .model_io import META
 
 COLUMNS = [
     ("run", "run"), ("status", "status"), ("arch", "arch"), ("n_features", "F"), ("lambda_s", "lambda_s"),
@@ -34,7 +36,7 @@ def sweep_runs(sweep_dir: Path) -> list[Path]:
                   and any((p / m).exists() for m in marks))
 
 
-def _train_config(model_dir: Path) -> dict:
+def train_config_of(model_dir: Path) -> dict:
     try:
         meta = json.loads((model_dir / META).read_text())
         return yaml.safe_load(meta.get("train", {}).get("config") or "") or {}
@@ -111,66 +113,14 @@ def plot_agreement(rows: list[dict], out_path: Path) -> Path:
     return out_path
 
 
-def log_sweep_wandb(logger_cfg, group: str, rows: list[dict], plots: list[Path], out_dir: Path):
-    if logger_cfg is None or logger_cfg.get("mode", "disabled") == "disabled":
+def log_sweep_wandb(logger, group: str, rows: list[dict], plots: list[Path], out_dir: Path):
+    run = start_wandb_run(dataclasses.replace(logger, group=group, run_name=f"{group}-report", tags=[]), out_dir,
+                          job_type="sweep-report")
+    if run is None:
         return
     import wandb
 
-    run = wandb.init(project=logger_cfg.get("project"), entity=logger_cfg.get("entity"), name=f"{group}-report",
-                     group=group, job_type="sweep-report", mode=logger_cfg.mode, dir=str(out_dir),
-                     reinit="create_new", settings=wandb.Settings(quiet=True, console="off"))
     keys = [k for k, _ in COLUMNS]
     run.log({"sweep/table": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows]),
              **{f"sweep/{p.stem}": wandb.Image(str(p)) for p in plots}})
     run.finish()
-
-
-def evaluate_sweep(cfg, graphs) -> dict:
-    """clt-eval with sweep_dir: see the module docstring. Returns {"rows", "table", "csv", "plots"}."""
-    from tqdm.auto import tqdm
-
-    from cltrain.errors import ConfigError
-    from .evaluate import evaluate
-    from .plots import plot_frontier
-
-    sweep_dir = Path(str(cfg.sweep_dir))
-    if not sweep_dir.is_dir():
-        raise ConfigError(f"config key 'sweep_dir' = {str(sweep_dir)!r}: not a folder (expected a sweep's "
-                          f"folder, e.g. runs/dict_sizes)")
-    runs = sweep_runs(sweep_dir)
-    if not runs:
-        raise ConfigError(f"config key 'sweep_dir' = {str(sweep_dir)!r}: no run folders in it (expected "
-                          f"sub-folders with model/ or checkpoints/, as clt-train -m writes)")
-    out_dir = Path(str(cfg.out_dir)) if cfg.get("out_dir") else sweep_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    group = cfg.logger.get("group") or sweep_dir.name
-    rows, ok_dirs = [], []
-    r = cfg.replacement
-    for run in tqdm(runs, desc="clt-eval sweep", unit="run", disable=not bool(cfg.get("progress", True))):
-        model = run / "model"
-        if not (model / META).is_file():
-            rows.append({"run": run.name, "status": "failed: no model (the run failed or did not finish)"})
-            continue
-        logger_cfg = OmegaConf.merge(cfg.logger, {"group": group, "run_name": f"{run.name}-eval"})
-        try:
-            m = evaluate(model, dataset=cfg.get("dataset"), out_dir=run / "eval", split=cfg.split,
-                         heldout_shards=int(cfg.heldout_shards), max_tokens=cfg.get("max_tokens"),
-                         batch_tokens=int(cfg.batch_tokens), dense_threshold=float(cfg.dense_threshold),
-                         replacement=bool(r.enabled), lm=r.get("model"), text=r.get("text"),
-                         skip_documents=int(r.get("skip_documents", 0)), n_sequences=int(r.n_sequences),
-                         seq_len=int(r.seq_len), lm_batch=int(r.batch_size), skip_bos=bool(r.get("skip_bos", True)),
-                         skip_harvested=bool(r.get("skip_harvested", True)), device=cfg.device, graphs=graphs,
-                         logger_cfg=logger_cfg, progress=bool(cfg.get("progress", True)))
-        except Exception as e:  # one broken run is a row, not the end of the report
-            rows.append({"run": run.name, "status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"})
-            continue
-        rows.append(row_from_metrics(run.name, m, _train_config(model)))
-        ok_dirs.append(run / "eval")
-    md, csv_path = write_table(rows, out_dir)
-    plots = []
-    if ok_dirs:
-        plots = [plot_frontier(ok_dirs, out_dir / "frontier.png"), plot_agreement(rows, out_dir / "agreement.png")]
-    log_sweep_wandb(cfg.logger, group, rows, plots, out_dir)
-    print(md.read_text(), flush=True)
-    print(f"clt-eval: sweep table {md} and {csv_path}; plots {', '.join(str(p) for p in plots)}", flush=True)
-    return {"rows": rows, "table": str(md), "csv": str(csv_path), "plots": [str(p) for p in plots]}

@@ -1,9 +1,9 @@
-"""Activation shards (DESIGN section 2): the format, dataset.json, a synthetic writer, and the loader.
+"""Activation shards (docs/design.md section 2): the format, dataset.json, a synthetic writer, and the loader.
 
 The package: format.py (dataset.json as DatasetInfo, URLs, one sample's encoding and checks, int8
 quantization), shards.py (ShardWriter, read_shard, verify_shards: on webdataset's TarWriter and tar
-iterator), loader.py (the schedule, worker processes, ActivationLoader, to_training,
-reshard_loader_states), synthetic.py (write_synthetic_dataset, for tests and benchmarks).
+iterator), loader.py (the schedule, ActivationLoader, to_training, reshard_loader_states), workers.py (the
+loader's worker processes), synthetic.py (write_synthetic_dataset, for tests and benchmarks).
 
 Format
 ------

@@ -1,42 +1,31 @@
-"""The loader: each rank's per-epoch schedule, worker processes, ActivationLoader, and moving a position
-to another data-parallel layout (reshard_loader_states).
+"""The loader: each rank's per-epoch schedule, the slot streams its workers read, ActivationLoader, and
+moving a position to another data-parallel layout (reshard_loader_states). The worker processes that
+read those streams are workers.py's WorkerPool (which says why processes, and why not torch's DataLoader).
 
-Why a hand-made worker pool and not torch's DataLoader over an IterableDataset: the schedule assigns
-each worker its own shard list per epoch and the consumer takes one sample from each worker in turn,
-skipping workers whose epoch is done; the shuffle windows, and therefore exact resume, are defined on
-that per-epoch order. DataLoader also takes from its workers in turn, but across epoch boundaries
-(a worker that finished its epoch is asked again and answers with the next epoch), so matching the
-schedule would need one DataLoader pass per epoch, re-forking the workers and losing the prefetch at
-every epoch boundary, and a worker error or a stalled URL surfaces there as a RuntimeError with a
-reformatted message. The pool below is ~150 lines: a dead or stalled worker is a DatasetError naming
-the rank and worker, and workers die with their parent (PR_SET_PDEATHSIG, and polling the parent's pid).
-
-How samples reach the training process: with 0 workers, local shards are read in this process as
-views of the mapped file (train/data/shards.py), their sha256 in a background thread. A worker hashes
-and checks its samples and sends each as a SampleRef, (file, offsets), and this process maps the
-file itself: the bytes cross no process boundary and are never copied before the shuffle gather,
-and the worker's CPU time goes to the hash and the NaN/Inf check. (Copying each sample into shared
-memory instead cost a write and a fresh page of shared memory per byte, and made 1 or 2 workers
+How samples reach the training process: with 0 workers, local shards are read in this process as views
+of the mapped file (train/data/shards.py), their sha256 in a background thread. A worker hashes and
+checks its samples and sends each as a SampleRef, (file, offsets), and this process maps the file
+itself (WorkerPool.next): the bytes cross no process boundary and are never copied before the shuffle
+gather, and the worker's CPU time goes to the hash and the NaN/Inf check. (Copying each sample into
+shared memory instead cost a write and a fresh page of shared memory per byte, and made 1 or 2 workers
 slower than none on a 2-core machine: benchmarks/data.md.) Samples from URLs have no file to map and
 still come through shared memory. The shuffle gather, the one copy left, runs in this process.
 """
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import math
 import os
-import queue as queue_mod
-import signal
-import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import torch
 
 from cltrain.errors import ConfigError
-from .format import DatasetError, DatasetInfo, is_url, kill_pipes, seed_mix
-from .shards import EmptySlot, SampleRef, map_shard, read_shard
+from .format import DatasetError, DatasetInfo, is_url, seed_mix
+from .shards import EmptySlot, read_shard
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +169,7 @@ def _window_slots(counts: list[int], start: int, count: int) -> list[tuple[int, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Worker processes
+# Slot streams: what each worker reads, in this process (0 workers) or in a worker process (workers.py)
 
 
 def _worker_items(info: DatasetInfo, sched: Schedule, w: int, start_epoch: int, start_slot: int, on_error: str,
@@ -195,128 +184,27 @@ def _worker_items(info: DatasetInfo, sched: Schedule, w: int, start_epoch: int, 
         epoch += 1
 
 
-class WorkerFailed(NamedTuple):
-    message: str
+def _worker_stream(info_doc: dict, base, sched: Schedule, w: int, start_epoch: int, start_slot: int, on_error: str,
+                   verify: bool, epochs: int | None) -> Iterator:
+    """What worker process w runs (a WorkerPool stream): its slot stream, samples by reference or in
+    shared memory (shared=True), over the dataset rebuilt from its JSON."""
+    info = DatasetInfo.from_json(info_doc, base)
+    return _worker_items(info, sched, w, start_epoch, start_slot, on_error, verify, epochs, shared=True)
 
 
-class WorkerDone(NamedTuple):
-    pass
+class _InProcess:
+    """0 workers on local files: the slot stream read in this process (in the same order as 1 worker).
+    The same interface as WorkerPool."""
+    procs: tuple = ()  # no worker processes
 
-
-def _die_with_parent(parent: int):
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux), so a killed training
-    process never leaves a worker behind holding memory and pipes. (The kernel means the thread that
-    forked: iterate the loader from a thread that outlives it, e.g. the main thread.)"""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass  # not Linux: the polling in _worker_main still ends the worker
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _end_worker(signum, frame):
-    kill_pipes()
-    os._exit(128 + signum)
-
-
-def _worker_main(q, stop, parent, info_doc, base, sched, w, start_epoch, start_slot, on_error, verify, epochs):
-    """A loader worker: it reads and checks its samples (sha256, shapes, NaN/Inf) and passes each on by
-    reference (SampleRef: the training process maps the local shard itself) or, from a URL, in shared
-    memory by handle."""
-    _die_with_parent(parent)
-    # close() stops a worker with SIGTERM, possibly mid-read from a pipe: command: end that too
-    signal.signal(signal.SIGTERM, _end_worker)
-    torch.set_num_threads(1)
-    try:
-        info = DatasetInfo.from_json(info_doc, base)
-        for item in _worker_items(info, sched, w, start_epoch, start_slot, on_error, verify, epochs, shared=True):
-            while True:  # a full queue while the parent is gone must not block forever
-                try:
-                    q.put(item, timeout=1.0)
-                    break
-                except queue_mod.Full:
-                    if os.getppid() != parent or stop.is_set():
-                        os._exit(0)
-    except Exception as e:
-        q.put(WorkerFailed(f"{type(e).__name__}: {e}" if not isinstance(e, DatasetError) else str(e)))
-    q.put(WorkerDone())
-    # Stay alive until the loader is done: the consumer fetches shared-memory handles from this process.
-    while not stop.wait(1.0) and os.getppid() == parent:
-        pass
-
-
-class _Sources:
-    """Slot streams of the workers: generators in-process (0 workers) or worker processes."""
-
-    def __init__(self, loader: "ActivationLoader", epoch: int, starts: list[int]):
-        self.loader, self.procs, self.queues = loader, [], []
-        self.maps: dict[int, tuple] = {}  # worker -> (path, ident, mapping) of the shard it reads now
-        L = loader
-        args = (L.on_error, L.verify, L.epochs)
-        # 0 workers reads local files in-process. URLs (pipe:, http, ...) always go through a worker
-        # process, whose queue has a timeout: a stalled stream is an error, not a hang. (0 and 1 worker
-        # read in the same order.)
-        if L.num_workers == 0 and not any(is_url(r["url"]) for r in L.records):
-            self.gens = [_worker_items(L.info, L.schedule, 0, epoch, starts[0], *args)]
-            return
-        ctx = torch.multiprocessing.get_context(L.mp_context)
-        self.stop = ctx.Event()
-        for w in range(L.schedule.n_workers):
-            q = ctx.Queue(maxsize=L.prefetch)
-            p = ctx.Process(target=_worker_main, daemon=True, name=f"cltrain-loader-{L.dp_rank}-{w}",
-                            args=(q, self.stop, os.getpid(), L.info.to_json(), L.info.path, L.schedule, w, epoch,
-                                  starts[w], *args))
-            p.start()
-            self.procs.append(p)
-            self.queues.append(q)
+    def __init__(self, gens: list[Iterator]):
+        self.gens = gens
 
     def next(self, w: int):
-        if not self.procs:
-            return next(self.gens[w])
-        q, p, t0 = self.queues[w], self.procs[w], time.monotonic()
-        rank = self.loader.dp_rank
-        while True:
-            try:
-                item = q.get(timeout=1.0)
-                break
-            except (ConnectionError, EOFError, OSError) as e:  # a handle of a worker that is gone
-                p.join(timeout=5)
-                raise DatasetError(f"loader worker {w} (rank {rank}) died with exit code "
-                                   f"{p.exitcode} before delivering its data ({type(e).__name__})") from None
-            except queue_mod.Empty:
-                if not p.is_alive() and q.empty():
-                    raise DatasetError(f"loader worker {w} (rank {rank}) died with exit code "
-                                       f"{p.exitcode} before delivering its data") from None
-                if time.monotonic() - t0 > self.loader.timeout:
-                    raise DatasetError(f"loader worker {w} (rank {rank}) delivered nothing for "
-                                       f"{self.loader.timeout:.0f} s (a shard URL that never answers?)") from None
-        if isinstance(item, WorkerFailed):
-            raise DatasetError(item.message)
-        if isinstance(item, WorkerDone):
-            raise DatasetError(f"loader worker {w} stopped before the end of its schedule (internal error)")
-        if isinstance(item, SampleRef):
-            # One mapping per shard a worker reads; samples still in a window keep older ones alive.
-            path, ident, mapping = self.maps.get(w, (None, None, None))
-            if (path, ident) != (item.path, item.ident):
-                mapping = map_shard(item.path, item.ident)
-                self.maps[w] = (item.path, item.ident, mapping)
-            item = item.view(mapping)
-        return item
+        return next(self.gens[w])
 
     def close(self):
-        if self.procs:
-            self.stop.set()
-        for q in self.queues:
-            q.cancel_join_thread()
-            q.close()
-        for p in self.procs:  # what they still hold is not needed: no graceful drain
-            if p.is_alive():
-                p.terminate()
-        for p in self.procs:
-            p.join(timeout=5)
-        self.procs, self.queues, self.maps = [], [], {}
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,7 +325,7 @@ class ActivationLoader:
         self._pos = (0, 0, 0)  # (epoch, window, tokens taken from the window)
         self._skipped_at_window = 0
         self._holes: list[int] = []  # window positions of the current window's empty slots
-        self._sources: _Sources | None = None
+        self._sources: WorkerPool | _InProcess | None = None
 
     # --- schedule ---
 
@@ -519,6 +407,19 @@ class ActivationLoader:
             self._sources.close()
             self._sources = None
 
+    def _open_sources(self, epoch: int, starts: list[int]) -> WorkerPool | _InProcess:
+        """The workers' slot streams from `epoch`, worker w's from slot starts[w] of its list."""
+        args = (self.on_error, self.verify, self.epochs)
+        # 0 workers reads local files in-process. URLs (pipe:, http, ...) always go through a worker
+        # process, whose queue has a timeout: a stalled stream is an error, not a hang. (0 and 1 worker
+        # read in the same order.)
+        if self.num_workers == 0 and not any(is_url(r["url"]) for r in self.records):
+            return _InProcess([_worker_items(self.info, self.schedule, 0, epoch, starts[0], *args)])
+        streams = [functools.partial(_worker_stream, self.info.to_json(), self.info.path, self.schedule, w, epoch,
+                                     starts[w], *args) for w in range(self.schedule.n_workers)]
+        return WorkerPool(streams, rank=self.dp_rank, prefetch=self.prefetch, timeout=self.timeout,
+                          mp_context=self.mp_context)
+
     def __del__(self):
         try:
             self.close()
@@ -560,7 +461,7 @@ class ActivationLoader:
             counts = sched.counts(epoch)
             M = sum(counts)
         starts = rr_consumed(counts, k * S)
-        self._sources = src = _Sources(self, epoch, starts)
+        self._sources = src = self._open_sources(epoch, starts)
         buf, have = self._new_batch(), 0
         # The loader's work is memory-bound: one thread does it as fast as two, and on a busy machine two
         # OpenMP threads contend (measured 3.5x slower). The caller's thread count is restored at each yield.
@@ -748,10 +649,10 @@ def reshard_loader_states(old_states: list[dict], new_dp_size: int, dataset) -> 
 def loader_from_config(data_cfg, batch_tokens: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                        device="cpu", split: str = "train", **kw) -> ActivationLoader:
     """An ActivationLoader from the `data` config group (configs/data/default.yaml)."""
-    if data_cfg.get("path") is None:
+    if data_cfg.path is None:
         raise ConfigError("config key 'data.path' = None: expected the dataset folder or URL written by clt-harvest")
     return ActivationLoader(
         str(data_cfg.path), batch_tokens, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
         shuffle_buffer=int(data_cfg.shuffle_buffer), num_workers=int(data_cfg.num_workers), split=split,
         heldout_shards=int(data_cfg.heldout_shards), on_error=str(data_cfg.on_error), device=device,
-        timeout=float(data_cfg.get("timeout", 600)), verify=bool(data_cfg.get("verify", True)), **kw)
+        timeout=float(data_cfg.timeout), verify=bool(data_cfg.verify), **kw)
