@@ -35,7 +35,6 @@ loader positions of the old data-parallel ranks are mapped onto the new ones.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -50,7 +49,7 @@ import torch.distributed as dist
 
 from cltrain.errors import ConfigError
 from .engine import adam_step, ensure_adam_state, get_full_state, set_full_state
-from .model_io import META, FeatureShards, StreamingSafetensorsWriter, feature_dim, shard_file
+from .model_io import META, FeatureShards, StreamingSafetensorsWriter, feature_dim, shard_file, write_model_json
 from cltrain.files import atomic_write_bytes, check_sha256
 
 LATEST = "latest"
@@ -361,15 +360,10 @@ class CheckpointManager:
                                 "sha256": manifest[f"{folder}/{shard_file(prefix, r, P)}"]["sha256"]}
                                for r in range(P)]}
 
-        docs = {f"model/{META}": {"clt_config": dataclasses.asdict(self.full_cfg), **model_meta,
-                                  "weights": index("weights", "model")},
-                "optim/index.json": index("optim", "optim")}
-        out = {}
-        for name, doc in docs.items():
-            data = json.dumps(doc, indent=2).encode()
-            atomic_write_bytes(tmp / name, data)
-            out[name] = _manifest_entry(data)
-        return out
+        model = write_model_json(tmp / "model" / META, self.full_cfg, model_meta, index("weights", "model"))
+        optim = json.dumps(index("optim", "optim"), indent=2).encode()
+        atomic_write_bytes(tmp / "optim" / "index.json", optim)
+        return {f"model/{META}": _manifest_entry(model), "optim/index.json": _manifest_entry(optim)}
 
     def _layout_doc(self) -> dict:
         L = self.layout

@@ -300,8 +300,16 @@ def save_clt(folder: str | os.PathLike, state: dict[str, torch.Tensor], cfg: CLT
     index = {"n_features": cfg.n_features,
              "shards": [{"file": WEIGHTS, "features": [0, cfg.n_features], "sha256": file_sha256(tmp)}]}
     os.replace(tmp, folder / WEIGHTS)
-    doc = {"clt_config": dataclasses.asdict(cfg), **meta, "weights": index}
-    atomic_write_bytes(folder / META, json.dumps(doc, indent=2).encode())
+    write_model_json(folder / META, cfg, meta, index)
+
+
+def write_model_json(path: Path, cfg: CLTConfig, meta: dict, index: dict) -> bytes:
+    """The one writer of model.json (a saved CLT, a checkpoint's model/): the whole CLT's config, the
+    dataset/train blocks of `meta`, and the weights index (shards, feature ranges, sha256). Written
+    atomically; returns the bytes written (a checkpoint's manifest records them)."""
+    data = json.dumps({"clt_config": dataclasses.asdict(cfg), **meta, "weights": index}, indent=2).encode()
+    atomic_write_bytes(path, data)
+    return data
 
 
 def load_clt(folder: str | os.PathLike, map_location="cpu") -> tuple[CLT, dict]:
