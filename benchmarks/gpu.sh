@@ -5,7 +5,8 @@
 #   2. the timing benchmark (benchmarks/kernels.py on CUDA: bf16, the GPU shape B=4096) with the
 #      targets: decode >= 10x dense at 1% active, fused encode >= 70% of a plain bf16 matmul's
 #      TFLOP/s, a training step within 2x of its floor
-#   3. a short real training run (clt-train on a synthetic dataset, device=cuda precision=bf16)
+#   3. a short real training run (clt-train on a synthetic dataset, device=cuda precision=bf16), and the
+#      live-activation test on the device (tests/test_live.py -k gpu)
 # and writes benchmarks/gpu/ (logs) and benchmarks/kernels_gpu.md, each naming the device.
 #
 # Needs no installation: it runs the system python (PYTHON=...) with the repository on PYTHONPATH
@@ -29,7 +30,7 @@ mkdir -p "$OUT"
 SHIM=$(mktemp -d)
 trap 'rm -rf "$SHIM"' EXIT
 mkdir -p "$SHIM/cltrain"
-cp cltrain/__init__.py "$SHIM/cltrain/"
+cp cltrain/*.py "$SHIM/cltrain/"  # the leaf modules (errors, files, rank_env, names, encoding)
 for pkg in train kernels configs; do ln -s "$PWD/$pkg" "$SHIM/cltrain/$pkg"; done
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .wheels ]; then
@@ -70,6 +71,9 @@ else
             model.threshold_calibration_rate=0.01 kernels=auto 2>&1 | tee "$OUT/train.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     rm -rf "$DATA"
+    echo "== 3b. live activations on $DEVICE (the base model on the training device; resumed run exact)"
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_live.py -k gpu 2>&1 | tee "$OUT/live.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 {

@@ -434,8 +434,38 @@ class ModelSettings(Settings):
 
 
 @dataclass(frozen=True)
+class LiveTextSettings(Settings):
+    PREFIX: ClassVar[str] = "data.live.text."
+    source: str = setting(PathLike().optional(), "builtin")
+    key: str = setting(Text().optional(), "text")
+    hf_config: str | None = setting(Text(none=True).optional(), None)
+    hf_split: str = setting(Text().optional(), "train")
+
+
+@dataclass(frozen=True)
+class LiveSettings(Settings):
+    """Live activations (data=live, train/live.py): the base model runs over text while the CLT trains.
+    The keys clt-harvest has (base_model, text, context, ...) mean what they mean there."""
+    PREFIX: ClassVar[str] = "data.live."
+    base_model: str = setting(PathLike().optional(), "smollm2")
+    text: LiveTextSettings = group(LiveTextSettings)
+    context: int = setting(Int(2, why=" (BOS + a token)").optional(), 128)
+    batch_size: int = setting(Int(1).optional(), 8)
+    layers: list | None = setting(Layers.optional(), None)
+    x_source: str = setting(Choice("resid", "normalized").optional(), "resid")
+    bos: str = setting(Choice("drop", "keep").optional(), "drop")
+    model_dtype: str = setting(Choice("fp32", "bf16").optional(), "fp32")
+    dtype: str = setting(Choice("bfloat16", "float16").optional(), "bfloat16")
+    scale_tokens: int = setting(Int(1).optional(), 4096)
+    threads: int | None = setting(Int(1, none=True).optional(), None)
+    write_to: str | None = setting(PathLike(none=True).optional(), None)
+    name: str = setting(ShardPrefix.optional(), "live")
+
+
+@dataclass(frozen=True)
 class DataSettings(Settings):
     PREFIX: ClassVar[str] = "data."
+    source: str = setting(Choice("shards", "live").optional(), "shards")
     path: str | None = setting(PathLike(none=True), None)
     heldout_shards: int = setting(Int(0), 1)
     shuffle_buffer: int = setting(Int(1, why=" (tokens; the loader's token-level shuffle cannot be turned off)"), 16384)
@@ -445,6 +475,12 @@ class DataSettings(Settings):
     verify: bool = setting(Bool, True)
     verify_upfront: bool = setting(Bool, True)
     allow_change_on_resume: bool = setting(Bool, False)
+    live: LiveSettings = group(LiveSettings)
+
+    def check(self):
+        if self.source == "live" and self.path is not None:
+            _fail("data.path", self.path, "null with data.source=live (live activations come from "
+                  "data.live.base_model; a dataset folder is data=default)")
 
 
 @dataclass(frozen=True)
@@ -541,6 +577,9 @@ class TrainSettings(CommandSettings):
             self.check_zero_stage_precision("bf16", "precision=bf16")
         if self.model.n_features % fp:
             _fail("model.n_features", self.model.n_features, f"a multiple of parallel.feature_parallel={fp}")
+        if self.eval_every > 0 and self.data.source == "live":
+            _fail("eval_every", self.eval_every, "0 with data=live (periodic evaluation reads held-out shards; "
+                  "evaluate a live run's model with clt-eval on shards, e.g. those data.live.write_to wrote)")
         if self.eval_every > 0 and self.data.heldout_shards < 1:
             _fail("eval_every", self.eval_every, "0 when data.heldout_shards=0 (evaluation reads the held-out "
                   "shards)")

@@ -94,8 +94,8 @@ class TrainStep(nn.Module):
 
 @dataclass
 class Shared:
-    """The run's pieces every dictionary uses: the dataset, the device, the layout, the run length, the
-    DeepSpeed module, and (once built) the loader and the phase peaks."""
+    """The run's pieces every dictionary uses: the dataset (or the live stream's description), the device,
+    the layout, the run length, the DeepSpeed module, and (once built) the loader and the phase peaks."""
     info: DatasetInfo
     device: torch.device
     precision: str
@@ -105,8 +105,9 @@ class Shared:
     steps: int
     stop: int
     deepspeed: object
-    loader: ActivationLoader | None = None
+    loader: ActivationLoader | None = None  # or live.LiveLoader
     peaks: PhasePeaks | None = None
+    generator_bytes: int = 0  # live activations: the base model copies this rank holds
 
 
 class OutOfMemory(ConfigError):
@@ -141,7 +142,7 @@ class Dictionary:
         try:
             self.full_cfg = s.model.clt_config(sh.info.n_layers, sh.info.d_model)
         except ConfigError as e:
-            raise ConfigError(f"{e} ({sh.info.json_path})") from None
+            raise ConfigError(f"{e} ({sh.info.source})") from None
         self.run_lock = run_folder.claim(self.out_dir, s.resume, s.overwrite, sh.rank)
         self.fingerprint = ckpt.fingerprint(s, sh.info, sh.layout, sh.precision, sh.steps)
         self.resume_from = ckpt.resolve_resume(s.resume, self.out_dir / "checkpoints")
@@ -177,7 +178,7 @@ class Dictionary:
             n_local, meta_clt.b_dec.numel(), self.full_cfg.n_layers, self.full_cfg.d_model,
             meta_clt.cfg.n_features, sh.layout.dp_size, s.deepspeed.zero_stage, sh.precision,
             s.batch_tokens, s.data.shuffle_buffer, s.data.num_workers,
-            sh.device.type == "cuda", bucket_elements(n_local))
+            sh.device.type == "cuda", bucket_elements(n_local), sh.generator_bytes)
         limit, source = memory_limit(sh.device, local_world_size())
         fits = limit is None or est.total <= limit or not s.check_memory
         if not ckpt.all_ranks_ok(fits, sh.device):
@@ -210,7 +211,7 @@ class Dictionary:
                                 progress=progress)
         f, layout = self.full_cfg, sh.layout
         self.logger.print(
-            f"clt-train: {sh.info.json_path} N={f.n_layers} D={f.d_model} F={f.n_features} world={sh.world} "
+            f"clt-train: {sh.info.source} N={f.n_layers} D={f.d_model} F={f.n_features} world={sh.world} "
             f"(data x feature parallel = {layout.dp_size} x {layout.fp_size}) ZeRO-{s.deepspeed.zero_stage} "
             f"{sh.precision} kernels={self.kernel_impl} device={sh.device}"
             + (f", resumed from {self.resume_from} at step {self.step}" if self.saved is not None else ""))

@@ -21,7 +21,8 @@ harvested (stored dtype, BOS dropped), recorded as `scale_tokens` / `scale_sourc
 
 The stages, in the order of this file (`_run` strings them together for one rank, `harvest` around it):
   1. text -> contexts:      `contexts` (tokens, fixed-length windows, BOS), `rank_batches` (this rank's share)
-  2. forward and capture:   `Capture` (the LM with hooks, stopping after the last captured layer) -> `Rows`
+  2. forward and capture:   train/capture.py's `Capture` (the LM with hooks, stopping after the last
+                            captured layer) -> `Rows`, shared with the live data source
   3. shard writer:          `ShardBuffer` (shuffle buffer, shards, carry, progress record) with `ScaleStats`
                             (normalization scales); `merge` (every rank's record -> dataset.json)
 """
@@ -33,8 +34,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -43,12 +42,13 @@ import torch
 from safetensors.torch import load_file, save as st_save
 from tqdm import tqdm
 
+from .capture import Capture, CaptureSpec, Rows, contexts, model_width
 from .config import CONFIG_DIR, HarvestSettings
 from cltrain.errors import ConfigError
-from .data import (DATASET_JSON, DTYPES, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetError, DatasetInfo, ShardWriter,
-                   seed_mix, all_finite, shard_name)
+from .data import (DATASET_JSON, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetError, DatasetInfo, ShardWriter,
+                   seed_mix, shard_name)
 from .lifecycle import run_command
-from .lm import TINY, hook_mlp_sites, hook_names, load_lm, mlp_sites, tiny_config
+from .lm import TINY, tiny_config
 from cltrain.files import atomic_write_bytes
 from cltrain.rank_env import dist_env
 from .parallel import resolve_device
@@ -79,26 +79,6 @@ def settings(cfg: HarvestSettings) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Stage 1: text -> contexts
 
-
-def contexts(docs: Iterator[str], tok, context: int) -> Iterator[tuple[list[int], list[int]]]:
-    """(token ids, document index per token) of consecutive contexts; each starts with the separator
-    (BOS, else EOS) and documents are separated by it. The separator's document is the next token's."""
-    sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    ids: list[int] = []
-    doc: list[int] = []
-    for d, text in enumerate(docs):
-        t = tok.encode(text, add_special_tokens=False, verbose=False)
-        if sep is not None:
-            t = [sep] + t
-        ids += t
-        doc += [d] * len(t)
-        while True:
-            lead = [] if sep is None or ids[:1] == [sep] else [sep]
-            n = context - len(lead)
-            if len(ids) < n:
-                break
-            yield lead + ids[:n], doc[:1] * len(lead) + doc[:n]
-            del ids[:n], doc[:n]
 
 
 def rank_batches(cfg: HarvestSettings, tok, rank: int, size: int, prog: dict) -> Iterator[list[tuple]]:
@@ -134,97 +114,6 @@ def _warn_if_text_ran_out(cfg: HarvestSettings, rank: int, size: int, prog: dict
 # ----------------------------------------------------------------------------------------------------
 # Stage 2: forward and capture
 
-
-class _StopForward(Exception):
-    """Raised by the last captured layer's hook: the rest of the model (and the LM head) is not needed."""
-
-
-@dataclass
-class Rows:
-    """One forward pass's captured tokens, one row each: data holds x and y [n, layers, D] in the storage
-    dtype, ids, doc, ctx, pos [n] (BOS positions already dropped with bos=drop); fed counts the tokens fed
-    (BOS included), dropped the BOS positions left out."""
-    data: dict[str, torch.Tensor]
-    last_context: int
-    contexts: int
-    fed: int
-    dropped: int
-
-
-def _width(c) -> int:
-    """The residual stream width from a model config."""
-    return next(getattr(c, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(c, k))
-
-
-def _select_sites(cfg: HarvestSettings, model) -> tuple[int, int, list]:
-    """(first, last, sites): the MLP sites of `layers` (every layer with an MLP when null), checked."""
-    sites = mlp_sites(model)
-    lo, hi = (0, len(sites) - 1) if cfg.layers is None else tuple(cfg.layers)
-    if hi >= len(sites):
-        raise ConfigError(f"config key 'layers' = {[lo, hi]}: {cfg.base_model} has {len(sites)} MLP layers (0..{len(sites) - 1})")
-    sites = sites[lo:hi + 1]
-    if cfg.x_source == "normalized" and not all(s.input_is_norm for s in sites):
-        raise ConfigError(f"config key 'x_source' = 'normalized': {cfg.base_model}'s MLPs have no norm before them")
-    return lo, hi, sites
-
-
-class Capture:
-    """The language model and its captured MLP sites. `meta` describes them (layers, width, hooks,
-    tokenizer, separator); inside `hooked()`, calling it on a batch of contexts runs the forward pass up to
-    the last captured layer and returns its Rows: x_l (the MLP site's input, or its norm's output with
-    x_source=normalized) and y_l (the MLP's output), cast to the storage dtype, BOS positions dropped."""
-
-    def __init__(self, cfg: HarvestSettings, device):
-        self.cfg, self.device = cfg, device
-        self.model, self.tok = load_lm(cfg.base_model, dtype=torch.float32 if cfg.model_dtype == "fp32" else torch.bfloat16,
-                                       seed=cfg.seed, device=device)
-        lo, hi, self.sites = _select_sites(cfg, self.model)
-        self.sep = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
-        self.meta = {"layers": list(range(lo, hi + 1)), "d_model": _width(self.model.config),
-                     "hooks": hook_names(self.sites, cfg.x_source),
-                     "tokenizer": f"{type(self.tok).__name__}, vocabulary {len(self.tok)}", "bos_token_id": self.sep}
-        # int8 shards are quantized per row when a shard is written; until then tokens wait in bf16.
-        self.store = DTYPES.get(cfg.dtype, torch.bfloat16)
-        self.x: list = [None] * len(self.sites)
-        self.y: list = [None] * len(self.sites)
-
-    def _on_x(self, i: int, x: torch.Tensor):
-        self.x[i] = x.detach()
-
-    def _on_y(self, i: int, y: torch.Tensor):
-        self.y[i] = y.detach()
-        if i == len(self.sites) - 1:
-            raise _StopForward
-
-    @contextmanager
-    def hooked(self):
-        """The hooks on the captured sites, removed on leaving."""
-        hooks = hook_mlp_sites(self.sites, self._on_x, self._on_y, x_from_output=self.cfg.x_source != "resid")
-        try:
-            yield self
-        finally:
-            hooks.remove()
-
-    def __call__(self, batch: list[tuple]) -> Rows:
-        cfg, C = self.cfg, self.cfg.context
-        ids = torch.tensor([b[1] for b in batch], dtype=torch.long, device=self.device)
-        try:
-            self.model(input_ids=ids, use_cache=False)
-        except _StopForward:
-            pass
-        x = torch.stack(self.x, dim=2).to(self.store).flatten(0, 1).cpu()  # [B*C, N, D]
-        y = torch.stack(self.y, dim=2).to(self.store).flatten(0, 1).cpu()
-        if not (all_finite(x) and all_finite(y)):
-            raise FloatingPointError(
-                f"{cfg.base_model}: non-finite activations in contexts {batch[0][0]}..{batch[-1][0]} after casting "
-                f"to {cfg.dtype}" + (" (overflow: use dtype=bfloat16)" if cfg.dtype == "float16" else ""))
-        tok_ids = ids.flatten().cpu()
-        doc = torch.tensor([b[2] for b in batch], dtype=torch.long).flatten()
-        ctx = torch.tensor([b[0] for b in batch], dtype=torch.long).repeat_interleave(C)
-        pos = torch.arange(C).repeat(len(batch))
-        keep = tok_ids != self.sep if (cfg.bos == "drop" and self.sep is not None) else torch.ones_like(tok_ids, dtype=torch.bool)
-        data = {"x": x[keep], "y": y[keep], "ids": tok_ids[keep], "doc": doc[keep], "ctx": ctx[keep], "pos": pos[keep]}
-        return Rows(data, last_context=batch[-1][0], contexts=len(batch), fed=ids.numel(), dropped=int((~keep).sum()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,7 +326,7 @@ def _model_shape(cfg: HarvestSettings) -> tuple[int, int]:
             c = AutoConfig.from_pretrained(spec)
     c = getattr(c, "text_config", c)
     n = next(getattr(c, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(c, k))
-    return n, _width(c)
+    return n, model_width(c)
 
 
 def estimate(cfg: HarvestSettings, n_layers: int, d_model: int) -> dict:
@@ -551,7 +440,7 @@ def _run(cfg: HarvestSettings, out: Path, rank: int, size: int, prog: dict):
     device = resolve_device(str(cfg.device), dist_env()[2])
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    capture = Capture(cfg, device)
+    capture = Capture(CaptureSpec.of(cfg), device)
     _record_meta(out, rank, prog, capture.meta)
     shards = ShardBuffer(cfg, out, rank, size, prog, n_layers=len(capture.sites))
     with capture.hooked(), _progress_bar(cfg, rank, size, prog) as bar, torch.inference_mode():

@@ -47,9 +47,10 @@ class MemoryEstimate:
 def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: int, d_model: int,
                          local_features: int, dp_size: int, zero_stage: int, precision: str,
                          batch_tokens: int, window_tokens: int, n_workers: int, on_gpu: bool,
-                         bucket_elements: int = 0) -> MemoryEstimate:
+                         bucket_elements: int = 0, generator_bytes: int = 0) -> MemoryEstimate:
     """Bytes one rank needs. local_params: elements of this rank's slice (sharded + replicated);
-    replicated_params: the part every rank holds whole (b_dec)."""
+    replicated_params: the part every rank holds whole (b_dec); generator_bytes: live activations' base
+    model copies (train/live.py: one per generation process, or one in the training process)."""
     bf16 = precision == "bf16"
     weight_bytes = 2 if bf16 else 4
     p = local_params
@@ -73,6 +74,10 @@ def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: in
     loader = window_tokens * N * D * 2 * 2 * (2 if n_workers > 0 else 1)
     if on_gpu:
         loader = 0  # host memory, not the device's
+        # live generation in the training process puts the base model on the device
+        activations += generator_bytes if n_workers == 0 else 0
+    else:
+        loader += generator_bytes
     return MemoryEstimate(int(params), int(grads), int(master), int(moments), int(activations), int(loader),
                           0 if on_gpu else RUNTIME_BYTES)
 

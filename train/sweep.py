@@ -89,13 +89,19 @@ def check_sweep(args: list[str]):
 # Resubmission: a run whose OUT/model is this run's finished model is skipped.
 
 
-def expected_fingerprint(s: TrainSettings) -> dict:
-    """This run's fingerprint (checkpoint.fingerprint) computed without building anything."""
+def expected_fingerprint(s: TrainSettings, checkpoint: Path) -> dict:
+    """This run's fingerprint (checkpoint.fingerprint) computed without building anything (a live run's
+    stream described from `checkpoint`, its latest checkpoint)."""
     import torch
 
     from .data import DatasetInfo
 
-    info = DatasetInfo.load(str(s.data.path))
+    if s.data.source == "live":
+        from .live import live_info_of_checkpoint
+
+        info = live_info_of_checkpoint(s.data.live, s.seed, checkpoint)
+    else:
+        info = DatasetInfo.load(str(s.data.path))
     _, world, _ = dist_env()
     dp = max(world // s.parallel.feature_parallel, 1)
     dev_type = "cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -121,7 +127,7 @@ def finished_model(s: TrainSettings) -> Path | None:
         meta = json.loads((model / META).read_text())
     except (ckpt.CheckpointError, OSError, json.JSONDecodeError):
         return None
-    want = expected_fingerprint(s)
+    want = expected_fingerprint(s, latest)
     have = saved.get("fingerprint", {})
     if ckpt.fingerprint_diff(have, want):
         return None

@@ -39,6 +39,7 @@ from .config import CONFIG_DIR, TrainSettings, resolve_precision
 from .data import DatasetError, DatasetInfo, loader_from_config, verify_shards
 from .dictionary import Dictionary, OutOfMemory, Shared
 from .engine import import_deepspeed
+from .live import LiveLoader, scales_of_checkpoint
 from .lifecycle import PeerLeft, Preempted, RankLost, StopSignals, Teardown, run_command
 from .memory import PhasePeaks
 from .parallel import Layout, dist_timeout, init_distributed, resolve_device
@@ -66,9 +67,11 @@ class Trainer:
     def _build(self, s: TrainSettings, todo: list[TrainSettings] | None):
         self.s = s
         todo = todo if todo is not None else s.dictionary_settings()
-        if s.data.path is None:
-            raise ConfigError("config key 'data.path' = None: expected the dataset folder or URL written by clt-harvest")
-        info = DatasetInfo.load(str(s.data.path))  # DatasetError names dataset.json when missing/bad
+        live = s.data.source == "live"
+        if s.data.path is None and not live:
+            raise ConfigError("config key 'data.path' = None: expected the dataset folder or URL written by clt-harvest "
+                              "(or data=live: activations from the base model as the run goes)")
+        info = None if live else DatasetInfo.load(str(s.data.path))  # DatasetError names dataset.json when missing/bad
         _, world, local_rank = dist_env()
         s.check_runtime(world, torch.cuda.is_available())
         device = resolve_device(s.device, local_rank)
@@ -78,11 +81,17 @@ class Trainer:
             layout = Layout.build(s.parallel.feature_parallel)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if live:  # the base model's shape and the scales first: the dictionaries are sized by them
+            self.loader = LiveLoader.open(s.data.live, s.batch_tokens, s.data.shuffle_buffer, s.seed, layout=layout,
+                                          num_workers=s.data.num_workers, timeout=s.data.timeout, device=device,
+                                          scales=_resumed_live_scales(todo))
+            info = self.loader.info
         steps = s.resolve_steps(layout.dp_size)
         # stop_at_step: end this invocation early (checkpointed) while the schedules still span `steps` --
         # for jobs with a wall-clock limit, resubmitted with resume=true.
         stop = steps if s.stop_at_step is None else min(steps, s.stop_at_step)
-        self.shared = sh = Shared(info, device, precision, layout, rank, world, steps, stop, import_deepspeed(device))
+        self.shared = sh = Shared(info, device, precision, layout, rank, world, steps, stop, import_deepspeed(device),
+                                  loader=self.loader, generator_bytes=self.loader.generator_bytes if live else 0)
         self.device, self.layout, self.rank, self.world, self.stop = device, layout, rank, world, stop
 
         for ds in todo:
@@ -95,9 +104,10 @@ class Trainer:
             from cltrain.kernels import retain_freed_cpu_memory
             retain_freed_cpu_memory()
         # Batches stay in the shards' dtype (pinned on CUDA); they are normalized on the device, once.
-        self.loader = sh.loader = loader_from_config(
-            s.data, s.batch_tokens, dp_rank=layout.dp_rank, dp_size=layout.dp_size, seed=s.seed, device=device,
-            normalize=False, verified=self._verify_shards())
+        if not live:
+            self.loader = sh.loader = loader_from_config(
+                s.data, s.batch_tokens, dp_rank=layout.dp_rank, dp_size=layout.dp_size, seed=s.seed, device=device,
+                normalize=False, verified=self._verify_shards())
         for i, d in enumerate(self.dictionaries):
             d.start(progress=s.progress and i == 0)  # one progress bar per job
         at = {str(d.out_dir): d.step for d in self.dictionaries}
@@ -212,6 +222,8 @@ class Trainer:
                     dicts[0].logger.print(f"clt-train: {self.preemption.name} received: checkpointed at step "
                                           f"{self.step} ({where}); resubmit with resume=true to continue")
                     raise Preempted(last[0])
+        if isinstance(self.loader, LiveLoader):
+            self.loader.finish()  # write_to: dataset.json over every window written
         models = [d.finish(ck) for d, ck in zip(dicts, last)]
         if self.world > 1:
             dist.barrier()
@@ -269,6 +281,14 @@ def _named_failure(e: BaseException, trainer) -> Exception | None:
                            f"{estimate}. Use more feature-parallel ranks, a smaller batch_tokens or "
                            f"data.shuffle_buffer")
     return None
+
+
+def _resumed_live_scales(todo: list[TrainSettings]):
+    """A resumed live run's normalization scales (from the checkpoint it resumes), so that the run keeps
+    normalizing as it began; None for a fresh run."""
+    s = todo[0]
+    resume_from = ckpt.resolve_resume(s.resume, Path(str(s.out_dir)) / "checkpoints")
+    return scales_of_checkpoint(resume_from) if resume_from is not None else None
 
 
 def train(cfg) -> Path:

@@ -142,6 +142,13 @@ class DatasetInfo:
         return join_url(self.path, DATASET_JSON) if self.path else DATASET_JSON
 
     @property
+    def source(self) -> str:
+        """Where the activations come from, for messages: dataset.json's path, or the live base model."""
+        if "live" in self.harvest and not self.shards:
+            return f"live activations of {self.model}"
+        return self.json_path
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return STORAGE_DTYPES[self.dtype]
 
@@ -251,6 +258,8 @@ class DatasetInfo:
         normalization scales. Another harvest, even of the same shape, has another digest."""
         ident = {"shards": [[s["name"], s["n_tokens"], s["sha256"]] for s in self.shards],
                  "scale_x": self.scale_x, "scale_y": self.scale_y}
+        if "live" in self.harvest and not self.shards:  # live activations: the stream's description
+            ident["live"] = self.harvest["live"]
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def shard_records(self, split: str = "train", heldout_shards: int = 0) -> list[dict]:
