@@ -531,7 +531,7 @@ class LoggerSettings(Settings):
 @dataclass(frozen=True)
 class TrainSettings(CommandSettings):
     """clt-train (configs/train.yaml and its groups)."""
-    EXTENSIONS: ClassVar[tuple[str, ...]] = ("+sweep=NAME", "hydra.*")
+    EXTENSIONS: ClassVar[tuple[str, ...]] = EXTENSION_POINTS
     seed: int = setting(Int(0, 2**63 - 1, text="an integer in [0, 2^63)"), 0)
     steps: int | None = setting(Int(1, none=True), 1000)
     train_tokens: int | None = setting(Int(1, none=True), None)

@@ -46,7 +46,7 @@ from .capture import Capture, CaptureSpec, contexts
 from .config import LiveSettings
 from .data import (DATASET_JSON, Batch, DatasetError, DatasetInfo, ShardWriter, normalization_scales, seed_mix,
                    to_training)
-from .data.workers import WorkerPool
+from .data.workers import InProcess, WorkerPool
 from .text import describe, documents
 
 log = logging.getLogger(__name__)
@@ -154,21 +154,6 @@ def _gen_stream(spec, live, dp_rank, dp_size, fp_rank, fp_size, window, worker, 
                             threads=threads)
 
 
-class _InProcess:
-    """Windows made in the training process (data.num_workers=0), with the WorkerPool's interface."""
-
-    def __init__(self, gens: list[Iterator]):
-        self.gens = gens
-        self.procs = []
-
-    def next(self, w: int):
-        return next(self.gens[w])
-
-    def close(self):
-        for g in self.gens:
-            g.close()
-
-
 def all_gather_rows(rows: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
     """Every FP rank's rows of a window, concatenated (rank order): sizes first, then padded tensors."""
     n = torch.tensor([rows["ids"].shape[0]], dtype=torch.long)
@@ -208,7 +193,6 @@ class LiveLoader:
         self._pos = (0, 0)  # (window, offset) of the next row to serve
         self._sources = None
         self.skipped = 0
-        self.written: list[str] = []
         self._scales = {}
 
     # --- building ---
@@ -269,7 +253,7 @@ class LiveLoader:
             gen = generate_windows(self.spec, self.live, self._capture.device, dp_rank=self.dp_rank,
                                    dp_size=self.dp_size, fp_rank=self.fp_rank, fp_size=self.fp_size,
                                    window=self.window, worker=0, n_workers=1, start=start, capture=self._capture)
-            return _InProcess([gen])
+            return InProcess([gen])
         threads = generation_threads(self.live.threads, self.num_workers)
         streams = [functools.partial(_gen_stream, *args, w, self.num_workers, start, threads)
                    for w in range(self.num_workers)]
@@ -288,7 +272,8 @@ class LiveLoader:
         order = torch.argsort(rows["key"])
         n = order.numel()
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_mix(self.seed, self.dp_rank, k, 7)))
-        rows = {key: v[order][perm] for key, v in rows.items()}
+        served = order[perm]  # sorted by place in the text, then shuffled: one gather of the window's rows
+        rows = {key: v[served] for key, v in rows.items()}
         if self.live.write_to is not None and self.fp_rank == 0 and n:
             self._write_window(k, rows)
         return rows
@@ -333,7 +318,6 @@ class LiveLoader:
             writer.abort()
             raise
         atomic_write_bytes(folder / (name + RECORD_SUFFIX), json.dumps(record).encode())
-        self.written.append(name)
 
     def finish(self):
         """End of the run: with write_to, rank 0 writes dataset.json over every window shard written
@@ -405,10 +389,16 @@ def live_info(live: LiveSettings, seed: int, layers: list[int], d_model: int, ho
 def live_info_of_checkpoint(live: LiveSettings, seed: int, path: Path) -> DatasetInfo:
     """The live stream a checkpoint was trained on, as these settings would describe it (its shape and
     scales from the checkpoint's model.json): what a resubmitted run compares without loading the model."""
+    ds = _dataset_block(path)
+    return live_info(live, seed, ds["layers"], ds["d_model"], ds["hooks"], (ds["scale_x"], ds["scale_y"]))
+
+
+def _dataset_block(path: Path) -> dict:
+    """The dataset block of a live run's checkpoint (its model/model.json): shape, hooks and scales."""
     try:
         ds = json.loads((Path(path) / "model" / "model.json").read_text())["dataset"]
-        return live_info(live, seed, ds["layers"], ds["d_model"], ds["hooks"], (ds["scale_x"], ds["scale_y"]))
-    except (OSError, KeyError, ValueError) as e:
+        return {k: ds[k] for k in ("layers", "d_model", "hooks", "scale_x", "scale_y")}
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise DatasetError(f"{path}: cannot read the live run's dataset block ({e})") from None
 
 
@@ -438,11 +428,7 @@ def _broadcast(scales: tuple[list[float], list[float]]) -> tuple[list[float], li
     return tuple(list(s) for s in box[0])
 
 
-def scales_of_checkpoint(path: Path) -> tuple[list[float], list[float]] | None:
+def scales_of_checkpoint(path: Path) -> tuple[list[float], list[float]]:
     """The live run's scales recorded in a checkpoint (its model/model.json dataset block)."""
-    try:
-        meta = json.loads((Path(path) / "model" / "model.json").read_text())
-        ds = meta["dataset"]
-        return list(ds["scale_x"]), list(ds["scale_y"])
-    except (OSError, KeyError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read the live run's normalization scales ({e})") from None
+    ds = _dataset_block(path)
+    return list(ds["scale_x"]), list(ds["scale_y"])

@@ -25,7 +25,7 @@ import torch
 from cltrain.errors import ConfigError
 from .format import DatasetError, DatasetInfo, is_url, seed_mix
 from .shards import EmptySlot, read_shard
-from .workers import WorkerPool
+from .workers import InProcess, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -192,21 +192,6 @@ def _worker_stream(info_doc: dict, base, sched: Schedule, w: int, start_epoch: i
     return _worker_items(info, sched, w, start_epoch, start_slot, on_error, verify, epochs, shared=True)
 
 
-class _InProcess:
-    """0 workers on local files: the slot stream read in this process (in the same order as 1 worker).
-    The same interface as WorkerPool."""
-    procs: tuple = ()  # no worker processes
-
-    def __init__(self, gens: list[Iterator]):
-        self.gens = gens
-
-    def next(self, w: int):
-        return next(self.gens[w])
-
-    def close(self):
-        pass
-
-
 # ----------------------------------------------------------------------------------------------------
 # Batches and normalization
 
@@ -325,7 +310,7 @@ class ActivationLoader:
         self._pos = (0, 0, 0)  # (epoch, window, tokens taken from the window)
         self._skipped_at_window = 0
         self._holes: list[int] = []  # window positions of the current window's empty slots
-        self._sources: WorkerPool | _InProcess | None = None
+        self._sources: WorkerPool | InProcess | None = None
 
     # --- schedule ---
 
@@ -407,14 +392,14 @@ class ActivationLoader:
             self._sources.close()
             self._sources = None
 
-    def _open_sources(self, epoch: int, starts: list[int]) -> WorkerPool | _InProcess:
+    def _open_sources(self, epoch: int, starts: list[int]) -> WorkerPool | InProcess:
         """The workers' slot streams from `epoch`, worker w's from slot starts[w] of its list."""
         args = (self.on_error, self.verify, self.epochs)
         # 0 workers reads local files in-process. URLs (pipe:, http, ...) always go through a worker
         # process, whose queue has a timeout: a stalled stream is an error, not a hang. (0 and 1 worker
         # read in the same order.)
         if self.num_workers == 0 and not any(is_url(r["url"]) for r in self.records):
-            return _InProcess([_worker_items(self.info, self.schedule, 0, epoch, starts[0], *args)])
+            return InProcess([_worker_items(self.info, self.schedule, 0, epoch, starts[0], *args)])
         streams = [functools.partial(_worker_stream, self.info.to_json(), self.info.path, self.schedule, w, epoch,
                                      starts[w], *args) for w in range(self.schedule.n_workers)]
         return WorkerPool(streams, rank=self.dp_rank, prefetch=self.prefetch, timeout=self.timeout,

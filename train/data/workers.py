@@ -166,3 +166,21 @@ class WorkerPool:
         for p in self.procs:
             p.join(timeout=5)
         self.procs, self.queues, self.maps = [], [], {}
+
+
+class InProcess:
+    """The pool's twin without processes: stream w's items made in this process, on demand (0 workers).
+    The same interface as WorkerPool."""
+    procs: tuple = ()  # no worker processes
+
+    def __init__(self, gens: list[Iterable]):
+        self.gens = gens
+
+    def next(self, w: int):
+        return next(self.gens[w])
+
+    def close(self):
+        for g in self.gens:
+            close = getattr(g, "close", None)
+            if close is not None:
+                close()
