@@ -25,6 +25,8 @@ $(STAMP): setup.py Makefile
 	@touch $(STAMP)
 
 test: lint
+	@# headless Chromium for the feature-browser tests, where it can be installed (they skip, saying why, where not)
+	@bash tests/install_browser.sh
 	$(PY) -m pytest -q tests
 
 # The house's rules (docs/design.md section 8): ruff, and import-linter's contracts (.importlinter). The

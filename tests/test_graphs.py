@@ -24,7 +24,7 @@ from cltrain.train.config import compose
 from cltrain.errors import ConfigError
 from cltrain.train.export import export
 from cltrain.train.lm import byte_tokenizer, tiny_config
-from cltrain.train.model_io import clt_state, save_clt
+from tiny_models import harvest_tiny_llama, random_clt, save_model
 
 pytestmark = pytest.mark.timeout(600)  # ~15 s each on a quiet 2-core machine; generous under load
 
@@ -40,21 +40,6 @@ def cache(tmp_path_factory):
         yield
 
 
-def save_model(folder, clt, model, x_hook="post_attention_layernorm:input", scales=(1.0, 1.0), **ds):
-    n = clt.cfg.n_layers
-    meta = {"model": model, "layers": list(range(n)), "n_layers": n, "d_model": clt.cfg.d_model,
-            "scale_x": [scales[0]] * n, "scale_y": [scales[1]] * n,
-            "hooks": {"x": f"model.layers.{{l}}.{x_hook}", "y": "model.layers.{l}.mlp:output"}, **ds}
-    save_clt(folder, clt_state(clt), clt.cfg, {"dataset": meta, "train": {}})
-    return folder
-
-
-def random_clt(n_layers=N, d_model=D, per_layer=False, seed=0):
-    clt = CLT(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=16, per_layer=per_layer),
-              generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        clt.b_enc.fill_(0.2)
-    return clt.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,12 +130,7 @@ def test_exact_transcoder_scores_one(tmp_path, affine_llama, per_layer):
 
 @pytest.fixture(scope="module")
 def llama_dataset(tmp_path_factory):
-    from cltrain.train.harvest import harvest
-
-    out = tmp_path_factory.mktemp("acts")
-    return harvest(compose("harvest", [
-        "base_model=tiny-llama", "max_tokens=768", "context=64", "tokens_per_sample=64", "shard_tokens=256",
-        f"out_dir={out}", "shuffle_buffer=256", "device=cpu", "scale_tokens=256", "threads=1"]))
+    return harvest_tiny_llama(tmp_path_factory.mktemp("acts"))
 
 
 @pytest.mark.parametrize("per_layer", [False, True], ids=["clt", "plt"])

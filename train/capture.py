@@ -127,13 +127,19 @@ class Capture:
         finally:
             hooks.remove()
 
-    def __call__(self, batch: list[tuple]) -> Rows:
-        cfg, C = self.cfg, self.cfg.context
-        ids = torch.tensor([b[1] for b in batch], dtype=torch.long, device=self.device)
+    def forward(self, ids: torch.Tensor) -> tuple[list, list]:
+        """Run the model on token ids [B, C] up to the last captured layer (inside `hooked()`): x_l and y_l
+        per site, [B, C, D] each, as the model computed them."""
         try:
             self.model(input_ids=ids, use_cache=False)
         except _StopForward:
             pass
+        return self.x, self.y
+
+    def __call__(self, batch: list[tuple]) -> Rows:
+        cfg, C = self.cfg, self.cfg.context
+        ids = torch.tensor([b[1] for b in batch], dtype=torch.long, device=self.device)
+        self.forward(ids)
         x = torch.stack(self.x, dim=2).to(self.store).flatten(0, 1).cpu()  # [B*C, N, D]
         y = torch.stack(self.y, dim=2).to(self.store).flatten(0, 1).cpu()
         if not (all_finite(x) and all_finite(y)):

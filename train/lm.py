@@ -193,6 +193,33 @@ def hook_mlp_sites(sites: list, on_x: Callable[[int, torch.Tensor], None] | None
     return MLPHooks(handles)
 
 
+# The final norm before the unembedding, per family: Llama, Mistral, Qwen, Gemma, OLMo-2 (model.norm), GPT-2
+# and GPT-J (transformer.ln_f), GPT-NeoX (gpt_neox.final_layer_norm), Phi (model.final_layernorm).
+FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm")
+
+
+@torch.no_grad()
+def unembedding(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    """(W_U [V, D], the final norm's elementwise scale [D] or None, the norm's module name or None): what a
+    residual-stream direction v does to the logits directly is W_U (scale * v), up to the norm's per-token
+    1/rms. The scale is read by running the norm itself on s = +-1 (rms 1, mean 0) and -s: RMSNorm and
+    LayerNorm alike give (N(s) - N(-s)) / 2s = their effective scale (Gemma's 1 + weight included), bias
+    cancelled."""
+    out = model.get_output_embeddings()
+    if out is None or not hasattr(out, "weight"):
+        raise UnsupportedArchitecture(f"{type(model).__name__} has no output embedding (unembedding) to read")
+    modules = dict(model.named_modules())
+    name = next((n for n in FINAL_NORMS if n in modules), None)
+    if name is None:
+        return out.weight.detach().float(), None, None
+    norm = modules[name]
+    w = out.weight
+    s = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
+    s[1::2] = -1
+    scale = (output_tensor(norm(s[None])) - output_tensor(norm(-s[None])))[0].float() / (2 * s.float())
+    return w.detach().float(), scale, name
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading
 

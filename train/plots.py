@@ -64,7 +64,35 @@ def write_plots(metrics: dict, density: torch.Tensor, out_dir: Path, title: str 
     paths.append(out_dir / "feature_density.png")
     _save_figure(fig, paths[-1])
     plt.close(fig)
+    pages = metrics.get("feature_pages") or {}
+    if "frequency_histogram" in pages:
+        paths.append(out_dir / "feature_frequency.png")
+        plot_feature_frequency(pages, paths[-1], title)
     return paths
+
+
+def plot_feature_frequency(pages: dict, path: Path, title: str = ""):
+    """The feature pages' firing frequencies: per layer (rows), how many features fire at each log10
+    frequency (columns), dead features in a column of their own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = pages["frequency_histogram"]
+    edges = hist["log10_edges"]
+    dead = [r["dead"] for r in pages["layer_table"]]
+    grid = torch.tensor([[d] + row for d, row in zip(dead, hist["counts_per_layer"])], dtype=torch.float32)
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.18 * len(dead) + 1.5))
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    labels = ["dead"] + [f"{a:g}" for a in edges[:-1]]
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("log10 firing frequency (bin start)")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title} features per frequency, {pages['tokens']} held-out tokens".strip(), fontsize=9)
+    fig.colorbar(im, ax=ax, label="features")
+    _save_figure(fig, path)
+    plt.close(fig)
 
 
 def read_metrics(src) -> tuple[Path, dict]:
