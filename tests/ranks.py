@@ -94,7 +94,9 @@ def wait_for_step(out: Path, step: int, running, timeout: float = 120):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         f = out / "metrics.jsonl"
-        if f.is_file() and any(json.loads(x)["step"] >= step for x in f.read_text().splitlines() if x.strip()):
+        # only whole lines: the trainer may be half-way through appending the last one
+        lines = f.read_text().split("\n")[:-1] if f.is_file() else []
+        if any(json.loads(x)["step"] >= step for x in lines if x.strip()):
             return
         assert running(), f"the job ended before step {step}"
         time.sleep(0.1)
