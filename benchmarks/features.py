@@ -52,12 +52,14 @@ def _dir_bytes(folder: Path) -> int:
 
 
 @torch.no_grad()
-def measure(F: int, n_contexts: int, tmp: Path) -> dict:
+def setup(F: int, n_contexts: int):
+    """(capture, CLT, s_x, s_y, batches): SmolLM2 with its 30 sites, a random CLT of F features per layer whose
+    thresholds fire each feature on L0 / F of a calibration batch, and n_contexts held-out-like contexts (the
+    builtin text after the demo's harvest, 24,576 tokens)."""
     torch.manual_seed(0)
     cap = Capture(CaptureSpec(base_model="smollm2", model_dtype="fp32", seed=0, layers=None, x_source="resid",
                               dtype="bfloat16", context=CONTEXT, bos="keep"), "cpu")
     N, D = len(cap.sites), cap.meta["d_model"]
-    # held-out-like text: the builtin source after the demo's harvest (24,576 tokens)
     batches = eval_token_batches(cap.tok, None, n_contexts + BATCH, CONTEXT, BATCH, "cpu", 0, 24576)
     calib, batches = batches[0], batches[1:]
     clt = CLT(CLTConfig(n_layers=N, d_model=D, n_features=F)).eval()
@@ -67,7 +69,13 @@ def measure(F: int, n_contexts: int, tmp: Path) -> dict:
         for layer, x in enumerate(xs):  # each feature fires on L0 / F of the calibration tokens
             pre = x.reshape(-1, D).float() * s_x[layer] @ clt.W_enc[layer].T + clt.b_enc[layer]
             clt.log_threshold[layer] = pre.quantile(1 - L0 / F, dim=0).clamp_min(1e-3).log()
-    s_y = torch.ones(N, 1)
+    return cap, clt, s_x, torch.ones(N, 1), batches
+
+
+@torch.no_grad()
+def measure(F: int, n_contexts: int, tmp: Path) -> dict:
+    cap, clt, s_x, s_y, batches = setup(F, n_contexts)
+    N, D = clt.cfg.n_layers, clt.cfg.d_model
     tokens = sum(int((b != cap.sep).sum()) for b in batches)
 
     t = time.perf_counter()

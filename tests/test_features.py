@@ -181,7 +181,9 @@ def tiny_eval(tmp_path_factory):
             "graphs.batch_size=32", "graphs.max_n_logits=3", "graphs.node_threshold=1.0", "graphs.edge_threshold=1.0",
             "features.enabled=true", "features.n_contexts=12",
             "features.context=32", "features.batch_size=5", "features.top_examples=4",
-            "features.sampled_examples=6", "features.quantiles=3", "features.before=5", "features.after=3"]))
+            "features.sampled_examples=6", "features.quantiles=3", "features.before=5", "features.after=3",
+            "circuits.enabled=true", "circuits.candidates=6", "circuits.show=4", "circuits.check_nodes=3",
+            "circuits.ablate=4"]))
         yield m, out, model_dir, info
 
 
@@ -203,6 +205,7 @@ def test_eval_pages_match_brute_force(tiny_eval):
     _, xs, _ = run_lm(lm, ids, mlp_sites(lm), capture=True)
     counted = ids != tok.bos_token_id
     assert pages["tokens"] == int(counted.sum()) and pages["contexts"] == 12
+    every = []
     for layer in range(4):
         x = xs[layer].reshape(-1, 32).float() * info.scale_x[layer]
         with torch.no_grad():
@@ -216,6 +219,27 @@ def test_eval_pages_match_brute_force(tiny_eval):
             want = per_ctx[per_ctx > 0].sort(descending=True).values[:4].tolist()
             got = [max(e["tokens_acts_list"]) for e in (rec["examples_quantiles"] or [{"examples": []}])[0]["examples"]]
             assert got == pytest.approx(want, abs=1e-3), (layer, f)
+        every.append(acts.reshape(12 * 32, -1))
+    # global weights: each listed input's ERA / TWERA from dense same-token statistics and the virtual weight
+    from cltrain.train.circuits import virtual_weight_block
+
+    flat = torch.stack(every, 1)  # [T, N, F]
+    s_x, s_y = torch.tensor(info.scale_x)[:, None], torch.tensor(info.scale_y)[:, None]
+    n_checked = 0
+    for layer in range(1, 4):
+        for rec in fp.read_layer(out / "features", layer):
+            a_t = flat[:, layer, rec["feature"]]
+            for e in rec["circuits"]["inputs_by_twera"]:
+                v = float(virtual_weight_block(clt, s_x, s_y, e["layer"], layer)[e["feature"], rec["feature"]])
+                a_s = flat[:, e["layer"], e["feature"]]
+                assert e["virtual_weight"] == pytest.approx(v, rel=1e-4, abs=1e-6)
+                assert e["era"] == pytest.approx(float(((a_t > 0) * a_s).sum()) / pages["tokens"] * v, rel=1e-3, abs=1e-6)
+                want = float((a_t * a_s).sum() / a_t.sum()) * v if a_t.sum() > 0 else 0.0
+                assert e["twera"] == pytest.approx(want, rel=1e-3, abs=1e-6)
+                n_checked += 1
+    assert n_checked > 0
+    table = (out / "features" / "circuits" / "layer_2.tsv").read_text().splitlines()
+    assert table[0].startswith("layer\tfeature\tdirection") and len(table) > 1
     dead = sum(r["dead"] for r in pages["layer_table"])
     assert 0 < dead < 4 * 24 and pages["dense"] > 0  # the thresholds spread them
 
@@ -262,6 +286,22 @@ def test_every_graph_node_resolves_through_circuit_tracers_server(tiny_eval):
             assert json.loads((json_dir / f"{rec['index']}.json").read_text()) == rec
 
 
+def test_eval_checks_every_graph_by_perturbation(tiny_eval):
+    """With circuits.enabled and graphs, each graph's sampled edges are verified by constrained interventions
+    (all of them, for the export clt-eval made itself), and its influence is compared with ablation effects."""
+    m, _, _, _ = tiny_eval
+    g = m["graphs"]
+    for row in g["per_prompt"]:
+        assert row["edges"]["checked"] == 3 and row["edges"]["verified"] == 3, row["edges"]
+        f = row["faithfulness"]
+        assert f["n_features"] == 4 and (f["spearman_output"] is None or -1 <= f["spearman_output"] <= 1)
+    assert g["edges_checked"] == g["edges_verified"] == 3 * len(g["per_prompt"])
+    from cltrain.train.eval_metrics import flat_metrics
+
+    flat = flat_metrics(m)
+    assert flat["eval/graphs/edges_verified"] == g["edges_verified"]
+
+
 def test_pages_land_in_the_export_metrics_and_browser(tiny_eval):
     """The binary layout is copied into the model's own export (features/index.json.gz + layer_<L>.bin, as
     a Hugging Face repository of circuit-tracer serves them); metrics.json, the PNG and the browser exist."""
@@ -297,6 +337,9 @@ def test_browser_draws_a_real_models_feature(tiny_eval, tmp_path):
     assert len(shown) == len(want) > 0
     assert _texts(shown[0].all("span", "tok")) == [_shown(t) for t in want[0]["tokens"]]
     assert shot.stat().st_size > 5000
+    listed = rec["circuits"]["inputs_by_twera"]
+    shown_links = [a.attrs["href"] for a in dom.id("inputs-by-twera").all("a")] if listed else []
+    assert shown_links == [f"#feature={e['layer']}/{e['feature']}" for e in listed]
     slug = m["graphs"]["per_prompt"][0]["slug"]
     dom = _render(path, browser, f"graph={slug}", tmp_path)
     links = [a.attrs["href"] for a in dom.id("graph-table").all("a") if a.attrs["href"].startswith("#feature=")]

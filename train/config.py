@@ -747,6 +747,18 @@ class FeatureSettings(Settings):
 
 
 @dataclass(frozen=True)
+class CircuitSettings(Settings):
+    """Global weights and perturbation checks (configs/eval.yaml's `circuits` block; train/circuits.py,
+    train/faithfulness.py)."""
+    PREFIX: ClassVar[str] = "circuits."
+    enabled: bool = setting(Bool, False)
+    candidates: int = setting(Int(1), 32)
+    show: int = setting(Int(1), 10)
+    check_nodes: int = setting(Int(0), 8)
+    ablate: int = setting(Int(0), 10)
+
+
+@dataclass(frozen=True)
 class EvalSettings(CommandSettings):
     """clt-eval (configs/eval.yaml)."""
     sweep_dir: str | None = setting(PathLike(none=True), None)
@@ -764,11 +776,15 @@ class EvalSettings(CommandSettings):
     replacement: ReplacementSettings = group(ReplacementSettings)
     graphs: GraphSettings = group(GraphSettings)
     features: FeatureSettings = group(FeatureSettings)
+    circuits: CircuitSettings = group(CircuitSettings)
     logger: LoggerSettings = group(LoggerSettings, lambda: LoggerSettings(run_name="eval"))
 
     def check(self):
         if not self.model_dir and not self.frontier and not self.sweep_dir:
             raise missing_model_dir("clt-eval", " (or sweep_dir=runs/SWEEP for every run of a sweep)")
+        if self.circuits.enabled and not self.features.enabled:
+            raise ConfigError("config key 'circuits.enabled' = true needs features.enabled=true: the global "
+                              "weights' co-activation statistics come from the feature pages' pass")
 
 
 @dataclass(frozen=True)

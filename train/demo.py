@@ -55,7 +55,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from .evaluate import evaluate
-    from .config import FeatureSettings, GraphSettings
+    from .config import CircuitSettings, FeatureSettings, GraphSettings
     from .plots import plot_frontier
     from .export import export
     from .harvest import harvest
@@ -100,6 +100,9 @@ def main(argv=None):
     graphs = GraphSettings(enabled=args.graph_prompts > 0, n_prompts=max(args.graph_prompts, 1),
                            max_feature_nodes=args.graph_nodes)
     pages = FeatureSettings(enabled=args.feature_contexts > 0, n_contexts=max(args.feature_contexts, 1))
+    # global weights with the pages; perturbation checks kept small (each intervention is a forward pass
+    # through circuit-tracer's nnsight model, ~2 s here)
+    checks = CircuitSettings(enabled=pages.enabled, check_nodes=3, ablate=6)
     for name, model_dir in models.items():
         stage(f"3/4 evaluate the {name.upper()}" + (" (with attribution graphs)" if graphs.enabled else "")
               + (" (with feature pages)" if pages.enabled else ""))
@@ -108,10 +111,12 @@ def main(argv=None):
             overrides += ["graphs.enabled=true", f"graphs.n_prompts={graphs.n_prompts}",
                           f"graphs.max_feature_nodes={graphs.max_feature_nodes}"]
         if pages.enabled:
-            overrides += ["features.enabled=true", f"features.n_contexts={pages.n_contexts}"]
+            overrides += ["features.enabled=true", f"features.n_contexts={pages.n_contexts}",
+                          "circuits.enabled=true", f"circuits.check_nodes={checks.check_nodes}",
+                          f"circuits.ablate={checks.ablate}"]
         print(command_line("clt-eval", overrides))
         results[name] = evaluate(model_dir, n_sequences=args.eval_sequences, graphs=graphs, features=pages,
-                                 logger_cfg=compose("train").logger)
+                                 circuits=checks, logger_cfg=compose("train").logger)
     frontier = plot_frontier([models[n] / "eval" for n in models], out / "frontier.png")
 
     stage("4/4 export the CLT for circuit-tracer")
@@ -130,6 +135,13 @@ def main(argv=None):
         print(f"{name.upper():6}{s['nmse']:8.3f}{s['l0']:10.1f}{s['dead']:7.2f}{s['top1_a']:11.3f}"
               f"{s['top1_b']:11.3f}{s['ce_rec_a']:12.3f}{s['ce_rec_b']:12.3f}"
               f"{s['graph_replacement']:>16}{s['graph_completeness']:>16}")
+    for name, m in results.items():
+        g = m.get("graphs") or {}
+        if "edges_checked" in g or "faithfulness_spearman_output" in g:
+            rho = g.get("faithfulness_spearman_output")
+            print(f"{name.upper()} perturbation checks: edges verified {g.get('edges_verified')} of "
+                  f"{g.get('edges_checked')}; influence vs ablation effect, Spearman "
+                  + (f"{rho['mean']:.2f} +- {rho['std']:.2f} over {g['n_prompts']} graphs" if rho else "n/a"))
     print(f"\nactivations    {data_dir}\nCLT            {models['clt']}\nPLT            {models['plt']}\n"
           f"evaluations    {models['clt'] / 'eval'}, {models['plt'] / 'eval'}\nfrontier plot  {frontier}\n"
           f"circuit-tracer {export_dir}\n"

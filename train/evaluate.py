@@ -36,7 +36,7 @@ from cltrain.errors import ConfigError
 from cltrain.files import atomic_write_bytes
 
 from . import features as feature_pages
-from .config import CONFIG_DIR, EvalSettings, FeatureSettings, GraphSettings, LoggerSettings
+from .config import CONFIG_DIR, CircuitSettings, EvalSettings, FeatureSettings, GraphSettings, LoggerSettings
 from .eval_metrics import DENSE_THRESHOLD, flat_metrics, shard_metrics
 from .export import dataset_scales, export, resolve_model_dir
 from .graphs import feature_pages_name
@@ -114,7 +114,8 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
              text: str | os.PathLike | None = None, skip_documents: int = 0, n_sequences: int = 32,
              seq_len: int = 128, lm_batch: int = 8, skip_bos: bool = True, skip_harvested: bool = True,
              device: str = "auto", graphs: GraphSettings | None = None, features: FeatureSettings | None = None,
-             logger_cfg=None, write: bool = True, progress: bool = True) -> dict:
+             circuits: CircuitSettings | None = None, logger_cfg=None, write: bool = True,
+             progress: bool = True) -> dict:
     """Evaluate the CLT in model_dir; returns the metrics dict (also written to out_dir/metrics.json,
     default <model_dir>/eval, with the PNG plots, unless write=False).
 
@@ -131,6 +132,9 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
     features: feature-page settings (train/features.py); when enabled (and write), one pass over held-out
       text writes <out_dir>/features (our browser and circuit-tracer's binary layout), the per-feature JSON
       the graphs point to, and the binary layout into the model's own export.
+    circuits: global weights (train/circuits.py; with features: each feature's top inputs and outputs by
+      TWERA and virtual weight from the same pass) and, with graphs, the perturbation checks of each graph
+      (train/faithfulness.py).
     """
     from .data import ActivationLoader, DatasetInfo
 
@@ -178,11 +182,12 @@ def evaluate(model_dir: str | os.PathLike, *, dataset: str | os.PathLike | None 
     if features is not None and features.enabled:
         pages, metrics["feature_pages"] = _build_pages(features, clt, meta, s_x, s_y, info,
                                                        lm or ds_meta.get("model"), dense_threshold, out_dir, write,
-                                                       device, progress)
+                                                       device, progress, circuits)
     try:
         if graph_job is not None:
             try:
-                metrics["graphs"] = graph_run(graph_job, out_dir if write else None, progress)
+                metrics["graphs"] = graph_run(graph_job, out_dir if write else None, progress,
+                                              circuits if circuits is not None and circuits.enabled else None)
             finally:
                 if scratch is not None:
                     shutil.rmtree(scratch, ignore_errors=True)
@@ -237,8 +242,9 @@ def _prepare_graphs(settings: GraphSettings, model_dir: Path, meta: dict, info, 
         raise
 
 
-def _build_pages(settings: FeatureSettings, clt, meta: dict, s_x, s_y, info, spec, dense_threshold: float, out_dir: Path,
-                 write: bool, device: str, progress: bool) -> tuple[Path | None, dict]:
+def _build_pages(settings: FeatureSettings, clt, meta: dict, s_x, s_y, info, spec, dense_threshold: float,
+                 out_dir: Path, write: bool, device: str, progress: bool,
+                 circuits: CircuitSettings | None = None) -> tuple[Path | None, dict]:
     """(staging folder or None, the block for metrics.json): the feature-page pass, its binary layout and
     summary written to a staging folder that feature_pages.finish completes and moves into place."""
     spec = spec or info.model
@@ -252,7 +258,7 @@ def _build_pages(settings: FeatureSettings, clt, meta: dict, s_x, s_y, info, spe
     try:
         name = feature_pages_name("transcoder_set" if clt.cfg.per_layer else "cross_layer_transcoder")
         summary = feature_pages.build(clt, s_x, s_y, info, spec, settings, dense_threshold, stage, name,
-                                      feature_pages.weights_fingerprint(meta), device, progress)
+                                      feature_pages.weights_fingerprint(meta), device, progress, circuits)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -278,6 +284,14 @@ def _print_summary(metrics: dict):
         lines.append(f"  attribution graphs ({g['n_prompts']} prompts, circuit-tracer): replacement score "
                      f"{r['mean']:.3f} +- {r['std']:.3f} (min {r['min']:.3f}), completeness score "
                      f"{c['mean']:.3f} +- {c['std']:.3f} (min {c['min']:.3f})")
+        if "edges_checked" in g:
+            lines.append(f"  perturbation checks: edges verified {g['edges_verified']} of {g['edges_checked']}")
+        for key, what in (("output", "influence vs ablation effect on the top logit"),
+                          ("downstream", "predicted vs measured downstream changes")):
+            rho = g.get(f"faithfulness_spearman_{key}")
+            if rho:
+                lines.append(f"  faithfulness, {what}: Spearman {rho['mean']:.3f} +- {rho['std']:.3f} "
+                             f"(min {rho['min']:.3f})")
         if "open_with" in g:
             lines.append(f"  graphs in {g['graph_dir']}: {g['open_with']}")
     pages = metrics.get("feature_pages") or {}
@@ -318,7 +332,7 @@ def _evaluate_model(s: EvalSettings, model_dir, out_dir, logger: LoggerSettings)
                     replacement=r.enabled, lm=r.model, text=r.text, skip_documents=r.skip_documents,
                     n_sequences=r.n_sequences, seq_len=r.seq_len, lm_batch=r.batch_size, skip_bos=r.skip_bos,
                     skip_harvested=r.skip_harvested, device=s.device, graphs=s.graphs, features=s.features,
-                    logger_cfg=logger,
+                    circuits=s.circuits, logger_cfg=logger,
                     progress=s.progress)
 
 

@@ -80,6 +80,8 @@ tr.dead td { color: #999; }
 #histogram .axis { stroke: #999; }
 #histogram text { font-size: 11px; fill: #555; }
 .note { color: #666; }
+#circuits { display: grid; grid-template-columns: 1fr 1fr; gap: 0 24px; }
+#circuits > p { grid-column: 1 / -1; }
 .error { color: #b00000; font-weight: bold; }
 """
 
@@ -263,9 +265,34 @@ BROWSER_JS = r"""/* The feature browser's views, routed by the page's hash: #lay
         el("h2", {}, "Top logits"), el("div", {id: "top-logits"}, (r.top_logits || []).map(chip)),
         el("h2", {}, "Bottom logits"), el("div", {id: "bottom-logits"}, (r.bottom_logits || []).map(chip)),
         meta.logits_note && el("p", {className: "note"}, "Logits: " + meta.logits_note + "."),
+        r.circuits && connections(r.circuits),
         el("div", {id: "examples"}, examples(r))]);
       ready("feature");
     }));
+  }
+
+  // Global weights (train/circuits.py): the feature's inputs and outputs by TWERA and by virtual weight,
+  // each linked to its page, so a reader can walk the circuit from feature to feature.
+  function connections(c) {
+    var heads = ["layer", "feature", "TWERA", "ERA", "virtual weight"];
+    function rows(list) {
+      return (list || []).map(function (e) {
+        return el("tr", {}, el("td", {}, layerName(e.layer)),
+                  el("td", {}, el("a", {href: "#feature=" + e.layer + "/" + e.feature}, String(e.feature))),
+                  el("td", {className: "num"}, num(e.twera)), el("td", {className: "num"}, num(e.era)),
+                  el("td", {className: "num"}, num(e.virtual_weight)));
+      });
+    }
+    return el("div", {id: "circuits"}, [
+      ["inputs_by_twera", "Inputs by TWERA"], ["outputs_by_twera", "Outputs by TWERA"],
+      ["inputs_by_weight", "Inputs by virtual weight"], ["outputs_by_weight", "Outputs by virtual weight"]
+    ].map(function (p) {
+      return el("section", {className: "connections"}, el("h2", {}, p[1]),
+                (c[p[0]] || []).length ? table(p[0].replace(/_/g, "-"), heads, rows(c[p[0]]))
+                                       : el("p", {className: "note"}, "none"));
+    }), el("p", {className: "note"}, "TWERA: E[a_t a_s] / E[a_t] times the virtual weight (the sum of the source's " +
+         "decoders into the residual stream up to the target's layer, dotted with the target's encoder); ERA: " +
+         "E[1(a_t > 0) a_s] times it; same-token statistics over the held-out tokens."));
   }
 
   // Bars over equal bins from act_min to act_max; a bar's tooltip gives its bin and count.

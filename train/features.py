@@ -51,11 +51,13 @@ from tqdm.auto import tqdm
 
 from cltrain.files import atomic_write_bytes
 
+from . import circuits
 from .clt import CLT, inference_encode_layer
 
 HIST_BINS = 256  # fine histogram bins per feature (power-of-two width)
 INDEX_FILE = "index.json.gz"
 SUMMARY_FILE = "summary.json"
+CIRCUITS_DIR = "circuits"  # per-layer tables of each feature's top connections (train/circuits.py)
 _EMPTY_EXP = -1 << 30  # a feature that never fired has no bin width yet
 _P = 2_147_483_647  # 2^31 - 1: sample_key's modulus (products stay below 2^62 in int64)
 
@@ -199,10 +201,11 @@ class FeatureStats:
 
 @torch.no_grad()
 def collect(clt: CLT, s_x: torch.Tensor, capture, batches: list[torch.Tensor], stats: FeatureStats,
-            sep: int | None, progress: bool = True) -> dict:
+            sep: int | None, progress: bool = True, coactivation=None) -> dict:
     """Run the pass over token-id batches [B, C] (each context starting with the separator): the base model
     through `capture` (train/capture.Capture, hooked), each layer's x normalized by s_x and encoded, separator
-    positions left out. Returns {"tokens", "contexts", "seconds"}."""
+    positions left out; with `coactivation` (circuits.Coactivation) its same-token sums too. Returns
+    {"tokens", "contexts", "seconds"}."""
     t0 = time.monotonic()
     dev = clt.b_dec.device
     s_x = s_x.float().to(dev)
@@ -216,11 +219,16 @@ def collect(clt: CLT, s_x: torch.Tensor, capture, batches: list[torch.Tensor], s
             B, C = ids.shape
             counted = ids != sep if sep is not None else torch.ones_like(ids, dtype=torch.bool)
             cpu_ids = ids.cpu()
+            every = []
             for layer, x in enumerate(xs):
                 x = x.reshape(B * C, -1).float().to(dev) * s_x[layer]
                 acts = inference_encode_layer(clt, x, layer).view(B, C, -1)
-                acts = acts * counted.to(dev)[..., None]
-                stats.add(layer, acts.cpu(), cpu_ids, first)
+                acts = (acts * counted.to(dev)[..., None]).cpu()
+                stats.add(layer, acts, cpu_ids, first)
+                if coactivation is not None:
+                    every.append(acts.reshape(B * C, -1))
+            if coactivation is not None:
+                coactivation.add(torch.stack(every, 1), int(counted.sum()))
             stats.tokens += int(counted.sum())
             stats.contexts += B
             first += B
@@ -307,8 +315,9 @@ class TokenText:
 
 
 def layer_records(stats: FeatureStats, layer: int, top_ids: torch.Tensor, bottom_ids: torch.Tensor,
-                  text: TokenText, s: PageSettings) -> list[dict]:
-    """The records of one layer's features, in feature order."""
+                  text: TokenText, s: PageSettings, connections: list[dict] | None = None) -> list[dict]:
+    """The records of one layer's features, in feature order; with `connections` (circuits.layer_connections)
+    each record's `circuits` (an extra key circuit-tracer's frontend ignores)."""
     F = stats.n_features
     count = stats.count[layer].tolist()
     amax, amin = stats.act_max[layer].tolist(), stats.act_min[layer].tolist()
@@ -324,6 +333,8 @@ def layer_records(stats: FeatureStats, layer: int, top_ids: torch.Tensor, bottom
         rec = {"transcoder_id": s.transcoder_id, "index": cantor_index(layer, f), "layer": layer, "feature": f,
                "dead": dead, "dense": freq > s.dense_threshold, "activation_frequency": freq,
                "top_logits": [text(i) for i in top_l[f]], "bottom_logits": [text(i) for i in bottom_l[f]]}
+        if connections is not None:
+            rec["circuits"] = connections[f]
         if dead:
             rec.update(act_min=0.0, act_max=0.0, quantile_values=[0.0] * 100, histogram=[0.0] * s.histogram_bins,
                        examples_quantiles=[])
@@ -464,7 +475,8 @@ def _frequency_table(stats: FeatureStats, dense_threshold: float) -> tuple[list[
 
 
 def build(clt: CLT, s_x: torch.Tensor, s_y: torch.Tensor, info, spec: str, settings, dense_threshold: float,
-          folder: Path, transcoder_id: str, weights: str, device: str = "cpu", progress: bool = True) -> dict:
+          folder: Path, transcoder_id: str, weights: str, device: str = "cpu", progress: bool = True,
+          circuit_settings=None) -> dict:
     """The pass and the binary layout + summary.json in `folder`, for a CLT trained on dataset `info` (its
     layers, hooks and harvest text), base model `spec` (a load_lm spec); settings: config.FeatureSettings;
     weights: weights_fingerprint of its model.json. Returns the summary (also the block clt-eval records in
@@ -484,7 +496,20 @@ def build(clt: CLT, s_x: torch.Tensor, s_y: torch.Tensor, info, spec: str, setti
     batches = eval_token_batches(cap.tok, text, fs.n_contexts, fs.context, fs.batch_size, "cpu",
                                  fs.skip_documents, skip)
     stats = FeatureStats(cfg.n_layers, cfg.n_features, fs.top_examples, fs.sampled_examples, fs.before, fs.after)
-    run = collect(clt, s_x, cap, batches, stats, cap.sep, progress)
+    cand = coact = None
+    circuit_block: dict = {}
+    if circuit_settings is not None and circuit_settings.enabled:
+        if x_source != "resid":
+            circuit_block = {"skipped": "virtual weights are defined here for encoders reading the residual stream "
+                                        "(x_source=resid); this CLT reads the normalized MLP input"}
+        else:
+            t = time.monotonic()
+            cand = circuits.candidates(clt.cpu() if device == "cpu" else clt, s_x.cpu(), s_y.cpu(),
+                                       circuit_settings.candidates, progress)
+            coact = circuits.Coactivation(cand)
+            circuit_block = {"virtual_weight_seconds": round(time.monotonic() - t, 2),
+                             "candidates": circuit_settings.candidates, "state_bytes": cand.nbytes() + coact.nbytes()}
+    run = collect(clt, s_x, cap, batches, stats, cap.sep, progress, coact)
     W_U, norm_scale, norm_name = unembedding(cap.model)
     top, bottom = direct_logits(clt, s_y, W_U.to(clt.b_dec.device), norm_scale, fs.n_logits)
     tok = cap.tok
@@ -493,7 +518,22 @@ def build(clt: CLT, s_x: torch.Tensor, s_y: torch.Tensor, info, spec: str, setti
                         transcoder_id=transcoder_id)
     text_of = TokenText(tok)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = ((layer, layer_records(stats, layer, top, bottom, text_of, page)) for layer in range(cfg.n_layers))
+    if coact is not None:
+        era, twera = coact.era_twera()
+        inverse = circuits.inverse_candidates(cand, era, twera)
+        (folder / CIRCUITS_DIR).mkdir()
+        circuit_block["table_dir"] = CIRCUITS_DIR
+
+    def connections(layer: int) -> list[dict] | None:
+        """The layer's connections for its records, its table written beside them (None without circuits)."""
+        if coact is None:
+            return None
+        rows = circuits.layer_connections(cand, era, twera, layer, circuit_settings.show, inverse)
+        table = [circuits.TABLE_HEADER] + circuits.table_rows(rows, layer)
+        atomic_write_bytes(folder / CIRCUITS_DIR / f"layer_{layer}.tsv", ("\n".join(table) + "\n").encode())
+        return rows
+    layers = ((layer, layer_records(stats, layer, top, bottom, text_of, page, connections(layer)))
+              for layer in range(cfg.n_layers))
     layers = tqdm(layers, total=cfg.n_layers, desc="feature records", unit="layer", disable=not progress)
     binary = write_binary(folder, layers)
     per_layer, freq_hist = _frequency_table(stats, dense_threshold)
@@ -516,6 +556,8 @@ def build(clt: CLT, s_x: torch.Tensor, s_y: torch.Tensor, info, spec: str, setti
         "settings": {k: getattr(fs, k) for k in ("n_contexts", "context", "top_examples", "sampled_examples",
                                                  "quantiles", "before", "after", "n_logits", "histogram_bins")},
     }
+    if circuit_block:
+        summary["circuits"] = circuit_block
     atomic_write_bytes(folder / SUMMARY_FILE, json.dumps(summary, indent=1).encode())
     return summary
 

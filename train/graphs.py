@@ -312,9 +312,10 @@ def _spread(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
 
 
-def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool = True, checks=None) -> dict:
     """Build and score one graph per prompt; with out_dir and settings.save, write them to
-    <out_dir>/graphs (whole, replacing an older one). Returns the block clt-eval records."""
+    <out_dir>/graphs (whole, replacing an older one); with `checks` (config.CircuitSettings), each graph's
+    perturbation checks (train/faithfulness.py). Returns the block clt-eval records."""
     from circuit_tracer import ReplacementModel, attribute
     from circuit_tracer.graph import compute_graph_scores
     from circuit_tracer.utils.create_graph_files import create_graph_files
@@ -340,7 +341,8 @@ def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool 
         for p in tqdm(job.prompts, desc=f"attribution graphs ({job.shapes['kind']})", unit="graph",
                       disable=not progress):
             t = time.monotonic()
-            graph = attribute(torch.tensor(p.ids) if p.ids is not None else p.text, rm,
+            inputs = torch.tensor(p.ids) if p.ids is not None else p.text
+            graph = attribute(inputs, rm,
                               max_n_logits=s.max_n_logits, desired_logit_prob=s.desired_logit_prob,
                               batch_size=s.batch_size, max_feature_nodes=s.max_feature_nodes)
             replacement, completeness = compute_graph_scores(graph)
@@ -352,6 +354,8 @@ def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool 
                          "top_logit": None if top is None else {"token": str(top[0]),
                                                                "prob": float(graph.logit_probabilities[0])},
                          "seconds": round(time.monotonic() - t, 2)})
+            if checks is not None:
+                rows[-1].update(_perturbation_checks(rm, graph, inputs, checks))
             if save:
                 graph.to_pt(str(stage / f"{p.slug}.pt"))
                 create_graph_files(graph, p.slug, str(stage), scan=page_scan, node_threshold=s.node_threshold,
@@ -362,6 +366,7 @@ def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool 
         if save:
             shutil.rmtree(stage, ignore_errors=True)
     out = {
+        **(_check_summary(rows) if checks is not None else {}),
         "n_prompts": len(rows),
         "replacement_score": _spread([r["replacement_score"] for r in rows]),
         "completeness_score": _spread([r["completeness_score"] for r in rows]),
@@ -377,6 +382,37 @@ def run(job: GraphJob, out_dir: str | os.PathLike | None = None, progress: bool 
         out["graph_dir"] = str(graph_dir)
         out["feature_scan"] = page_scan
         out["open_with"] = SERVER_COMMAND.format(dir=graph_dir)
+    return out
+
+
+def _perturbation_checks(rm, graph, inputs, checks) -> dict:
+    """One graph's checks: its edges against constrained interventions, its influence against ablations."""
+    from .faithfulness import ablation_faithfulness, check_edges
+
+    t = time.monotonic()
+    out = {}
+    if checks.check_nodes:
+        edges = check_edges(rm, graph, inputs, n_nodes=checks.check_nodes)
+        out["edges"] = {k: edges.get(k) for k in ("checked", "verified", "max_abs_error", "skipped") if k in edges}
+    if checks.ablate:
+        faith = ablation_faithfulness(rm, graph, inputs, n_features=checks.ablate)
+        out["faithfulness"] = {k: faith.get(k) for k in ("n_features", "spearman_output", "spearman_downstream",
+                                                         "measure", "skipped") if k in faith}
+    out["check_seconds"] = round(time.monotonic() - t, 2)
+    return out
+
+
+def _check_summary(rows: list[dict]) -> dict:
+    """Over the graphs: edges verified k of n, and the mean and spread of the faithfulness correlations."""
+    out = {}
+    edges = [r["edges"] for r in rows if "edges" in r]
+    if edges:
+        out["edges_checked"] = sum(e.get("checked") or 0 for e in edges)
+        out["edges_verified"] = sum(e.get("verified") or 0 for e in edges)
+    for key in ("spearman_output", "spearman_downstream"):
+        vals = [r["faithfulness"][key] for r in rows if r.get("faithfulness", {}).get(key) is not None]
+        if vals:
+            out[f"faithfulness_{key}"] = _spread(vals)
     return out
 
 

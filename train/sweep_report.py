@@ -25,6 +25,8 @@ COLUMNS = [
     ("dead_fraction", "dead"), ("top1_a", "top-1 (a)"), ("top1_b", "top-1 (b)"), ("kl_a", "KL (a)"),
     ("kl_b", "KL (b)"), ("ce_recovered_a", "CE rec. (a)"), ("ce_recovered_b", "CE rec. (b)"),
     ("graph_replacement_mean", "graph replacement"), ("graph_completeness_mean", "graph completeness"),
+    ("edges_verified", "edges verified"), ("faithfulness_output", "influence~ablation (Spearman)"),
+    ("faithfulness_downstream", "downstream (Spearman)"),
 ]
 
 
@@ -59,6 +61,10 @@ def row_from_metrics(name: str, metrics: dict, train_cfg: dict) -> dict:
     g = metrics.get("graphs") or {}
     for score in ("replacement_score", "completeness_score"):
         row[f"graph_{score.split('_')[0]}_mean"] = (g.get(score) or {}).get("mean")
+    # the perturbation checks (train/faithfulness.py), where clt-eval ran them (circuits.enabled)
+    row["edges_verified"] = f"{g['edges_verified']}/{g['edges_checked']}" if "edges_checked" in g else None
+    for key in ("output", "downstream"):
+        row[f"faithfulness_{key}"] = (g.get(f"faithfulness_spearman_{key}") or {}).get("mean")
     return row
 
 
