@@ -4,7 +4,8 @@
 #   1. the kernel tests on the device (Triton natively, bf16 and fp32, against their PyTorch twins)
 #   2. the timing benchmark (benchmarks/kernels.py on CUDA: bf16, the GPU shape B=4096) with the
 #      targets: decode >= 10x dense at 1% active, fused encode >= 70% of a plain bf16 matmul's
-#      TFLOP/s, a training step within 2x of its floor
+#      TFLOP/s, a training step within 2x of its floor; and the many-layer shape (N=30, D=576, F=1024,
+#      B=1024, SmolLM2-135M) with its phase split and floor (shape_report)
 #   3. a short real training run (clt-train on a synthetic dataset, device=cuda precision=bf16), and the
 #      live-activation test on the device (tests/test_live.py -k gpu)
 # and writes benchmarks/gpu/ (logs) and benchmarks/kernels_gpu.md, each naming the device.

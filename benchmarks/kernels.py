@@ -541,6 +541,123 @@ def sparse_products(lines, log, reps):
               "(`CLTRAIN_CPU_KERNELS=0`), the fallback." + why, ""]
 
 
+SMOLLM2_SHAPE = (30, 576, 1024, 1024)  # N, D, F, B: SmolLM2-135M's layers and width, the reference CLT's size
+
+
+def phase_split(step, reps: int) -> dict:
+    """Seconds per phase of one training step, from torch.profiler: the kernels' own phases (kernels/torch_ops.py
+    PHASES: encode, decode forward, the decode backward's decoder gradient and activation gradient, the window
+    sums, the encode backward), the optimizer step and grad clipping by their ops; the rest of the step (loss
+    terms with the decoder norms, autograd glue) is what remains of its wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cltrain.kernels.torch_ops import PHASES
+
+    step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        wall = time.perf_counter() - t0
+    events = {e.key: e for e in prof.key_averages()}
+
+    def seconds(name):  # on a GPU the device time of the range's kernels, on CPU the range's time
+        e = events.get(name)
+        if e is None:
+            return 0.0
+        return (getattr(e, "device_time_total", 0.0) if CUDA else e.cpu_time_total) / 1e6
+
+    out = {key: seconds(name) for key, name in PHASES.items()}
+    out["adam"] = seconds("aten::_fused_adam_")
+    out["norms (loss terms and clipping)"] = seconds("aten::linalg_vector_norm")
+    out["rest"] = max(wall - sum(out.values()), 0.0)
+    out["step (profiled)"] = wall
+    return out
+
+
+def shape_report(N: int, D: int, F: int, B: int, reps: int = 3) -> list[str]:
+    """One shape's whole training step (torch_sparse against the dense reference, both windows, ~1% firing), its
+    floor (the encoder's forward and backward plus fused Adam over all parameters, timed in the same run) and
+    where the step's time goes."""
+    if not CUDA:
+        kernels.retain_freed_cpu_memory()
+    g = torch.Generator().manual_seed(0)
+    clt = CLT(CLTConfig(n_layers=N, d_model=D, n_features=F), generator=g)
+    x, y = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
+    with torch.no_grad():
+        clt.calibrate_thresholds(x, TARGET_ACTIVE)
+        pre, theta = clt.preactivations(x), clt.threshold
+        eps_trained = window_eps(pre, theta, TRAINED_MASK)
+        mask2 = ((pre > theta) | ((pre - theta).abs() < 1.0)).float().mean().item()
+        P2 = ((pre > theta) | ((pre - theta) <= -1.0)).float().mean().item()
+        del pre
+    clt = clt.to(DEVICE, DTYPE)
+    x, y = x.to(DEVICE, DTYPE), y.to(DEVICE, DTYPE)
+    fast = "triton" if CUDA else "torch_sparse"
+    opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True)
+    weights = LossWeights(sparsity=1e-3, preact=3e-6)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        e, y_hat = clt(x)
+        sum(loss_terms(clt, e, y_hat, y, weights).values()).backward()
+        torch.nn.utils.clip_grad_norm_(clt.parameters(), 1.0)
+        opt.step()
+
+    W = clt.W_enc.detach().clone().requires_grad_()
+
+    def encoder():  # the floor's encoder: h = x W^T per layer, forward and the weight gradient
+        W.grad = None
+        torch.baddbmm(clt.b_enc.detach().unsqueeze(1), x.transpose(0, 1), W.transpose(1, 2)).sum().backward()
+
+    opt.zero_grad(set_to_none=False)
+    for p_ in clt.parameters():
+        p_.grad = torch.zeros_like(p_)
+    t_enc, t_adam = timed(encoder, reps), timed(opt.step, reps)
+    floor = t_enc + t_adam
+    lines = [f"### Many layers: N={N}, D={D}, F={F}, B={B} (`--shape {N},{D},{F},{B}`)", "",
+             f"Measured by `python benchmarks/kernels.py --shape {N},{D},{F},{B}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}) on {device_name()}, torch {torch.__version__}, "
+             f"load average {load_avg()}. Thresholds calibrated to {TARGET_ACTIVE:.0%} firing. With eps = 2 the "
+             f"window |h - theta| < 1 holds {mask2:.0%} of positions here and P = active | below the window "
+             f"{P2:.0%}; the trained-like eps = {eps_trained:.3g} leaves a grad_mask of ~{TRAINED_MASK:.0%}. "
+             f"Floor: the encoder's forward and weight gradient {t_enc:.3g} s + fused Adam over all parameters "
+             f"{t_adam:.3g} s = {floor:.3g} s. Best of {reps} steps after a warm-up.", "",
+             f"| window | dense reference step | {fast} step | ours / dense | step / floor |", "|---|---|---|---|---|"]
+    splits = {}
+    for regime, eps in (("eps = 2", 2.0), ("trained-like", eps_trained)):
+        clt.cfg.bandwidth = eps
+        times = {}
+        for name in ("dense", fast):
+            kernels.install(clt, name)
+            times[name] = timed(step, reps)
+        splits[regime] = phase_split(step, reps)
+        lines.append(f"| {regime} | {times['dense']:.3g} s | {times[fast]:.3g} s | "
+                     f"{times['dense'] / times[fast]:.2f}x faster | {times[fast] / floor:.2f}x |")
+    lines += ["", f"Where a {fast} step goes (seconds, one profiled step; the profiler adds a little):", "",
+              "| phase | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for key in next(iter(splits.values())):
+        lines.append(f"| {key} | " + " | ".join(f"{sp[key]:.3g}" for sp in splits.values()) + " |")
+    return lines + [""]
+
+
+def shape_only(out: Path, shape: tuple, reps: int):
+    """--shape: one shape's report, put in `out` as its own section (replacing an earlier one of that shape)."""
+    section = shape_report(*shape, reps=reps)
+    print("\n".join(section))
+    text = out.read_text() if out.exists() else "# Kernel benchmark\n"
+    heading = section[0]
+    if heading in text:
+        head, rest = text.split(heading, 1)
+        nxt = rest.find("\n### ")
+        text = head + "\n".join(section) + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section)
+    out.write_text(text)
+
+
 STEPS_HEADING = "### Whole training steps, both windows (CPU default shape, ~1% firing; --steps)"
 
 
@@ -613,11 +730,20 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shape only, fewer repetitions")
     ap.add_argument("--steps", action="store_true",
                     help="only the whole CPU training steps (both windows), as a section of --out")
+    ap.add_argument("--shape", help="N,D,F,B: only the whole-step report (both windows, phase split, floor) at "
+                                    f"this shape, as a section of --out; e.g. {','.join(map(str, SMOLLM2_SHAPE))}")
     ap.add_argument("--out", default=str(Path(__file__).with_name("kernels.md")))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.steps:
         return steps_only(Path(args.out), 3)
+    if args.shape:
+        try:
+            shape = tuple(int(v) for v in args.shape.split(","))
+            assert len(shape) == 4 and min(shape) > 0
+        except (ValueError, AssertionError):
+            ap.error(f"--shape {args.shape!r}: expected four positive integers N,D,F,B")
+        return shape_only(Path(args.out), shape, 3)
     t_start = time.time()
 
     def log(msg):
@@ -652,6 +778,9 @@ def main(argv=None):
         Path(args.out).write_text("\n".join(lines + ["(run in progress or cut short)", ""]))
     if not CUDA and not args.quick:
         sparse_products(lines, log, 2)
+    if not args.quick:  # the many-layer shape of the reference CLT
+        lines += shape_report(*SMOLLM2_SHAPE)
+        log("\n".join(lines[-20:]))
     lines += [f"Load average at the end: {load_avg()}; total run {time.time() - t_start:.0f} s.", ""]
     Path(args.out).write_text("\n".join(lines))
     log(f"\nwrote {args.out}")

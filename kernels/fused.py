@@ -27,7 +27,7 @@ import torch
 
 from cltrain.encoding import Encoded, nonzero_positions
 
-from .torch_ops import TorchEncode, TorchSparseDecode, default_dense_above
+from .torch_ops import PHASES, TorchEncode, TorchSparseDecode, default_dense_above, record_function
 
 
 # The window-complement path runs wherever it applies and P = active | outside the window is sparse
@@ -67,8 +67,10 @@ class _EncodeDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl: _Impl, x, W_enc, b_enc, log_threshold, *W_dec):
         ectx, dctx = _SubCtx(), _SubCtx()
-        pre, acts, mask, gap = impl.encode.forward(ectx, x, W_enc, b_enc, log_threshold, *impl.enc_args)
-        y = impl.decode.forward(dctx, acts, mask, *impl.dec_args, *W_dec)
+        with record_function(PHASES["encode"]):
+            pre, acts, mask, gap = impl.encode.forward(ectx, x, W_enc, b_enc, log_threshold, *impl.enc_args)
+        with record_function(PHASES["decode"]):
+            y = impl.decode.forward(dctx, acts, mask, *impl.dec_args, *W_dec)
         ctx.save_for_backward(*ectx.saved_tensors, *dctx.saved_tensors)
         ctx.n_enc_saved = len(ectx.saved_tensors)
         ectx.saved_tensors = dctx.saved_tensors = ()
@@ -107,11 +109,13 @@ class _EncodeDecode(torch.autograd.Function):
             g_dec, grad_W_dec = grads_dec[0], grads_dec[2 + n_dec_args:]
         if complement:
             # the window's part of sum_b g[b, f] that P leaves out: T_f - sum_{b in P} g[b, f]
-            W_dec = dctx.saved_tensors[1:]
-            totals = _window_totals(grad_y, W_dec)
-            ectx.window_extra = totals - g_dec.sum(0).to(totals.dtype)
+            with record_function(PHASES["window"]):
+                W_dec = dctx.saved_tensors[1:]
+                totals = _window_totals(grad_y, W_dec)
+                ectx.window_extra = totals - g_dec.sum(0).to(totals.dtype)
         g = g_dec if grad_acts is None else (grad_acts if g_dec is None else g_dec + grad_acts)
-        grads_enc = impl.encode.backward(ectx, grad_pre, g, None, grad_gap)
+        with record_function(PHASES["encode_backward"]):
+            grads_enc = impl.encode.backward(ectx, grad_pre, g, None, grad_gap)
         ectx.window_extra = None
         return (None, *grads_enc[:4], *grad_W_dec)
 

@@ -35,6 +35,7 @@ import contextlib
 import warnings
 
 import torch
+from torch.profiler import record_function
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from cltrain.encoding import Encoded, jumprelu_grad_mask, nonzero_positions, preact_gap
@@ -55,6 +56,13 @@ DENSE_ACTS_ABOVE = 0.05
 COMPILED_DENSE_ABOVE = 0.25
 # Column block of the sampled product (see acts_grad).
 SAMPLED_BLOCK = 256
+
+
+# Names of a step's phases as torch.profiler sees them (benchmarks/kernels.py's phase split reads them; a
+# record_function costs microseconds, nothing while no profiler runs).
+PHASES = {"encode": "cltrain.encode", "decode": "cltrain.decode", "decoder_grad": "cltrain.decode.backward.weights",
+          "acts_grad": "cltrain.decode.backward.acts", "window": "cltrain.window_sums",
+          "encode_backward": "cltrain.encode.backward"}
 
 
 @contextlib.contextmanager
@@ -385,20 +393,22 @@ class TorchSparseDecode(torch.autograd.Function):
             for s, w in enumerate(W_dec):
                 n_slots = w.shape[1]
                 dY_s = dY[:, s:s + n_slots].reshape(B, n_slots * D)
-                if ctx.needs_input_grad[3 + s] and ctx.dense[s]:
-                    grad_W.append(torch.mm(_upcast(acts[:, s]).t(), dY_s).view(F, n_slots, D).to(w.dtype))
-                elif ctx.needs_input_grad[3 + s]:
-                    ccol, b_idx, values, _ = acts_fm[s]
-                    if values.numel() == 0:
-                        grad_W.append(torch.zeros_like(w))
-                    else:  # dW_s = a_s^T dY_s, feature-major: each decoder row written once
-                        dw = dY.new_empty(F, n_slots * D)
-                        csr_addmm(dw, ccol, b_idx, values.to(dY.dtype), dY_s, accumulate=False)
-                        grad_W.append(dw.view(F, n_slots, D).to(w.dtype))
-                else:
-                    grad_W.append(None)
+                with record_function(PHASES["decoder_grad"]):
+                    if ctx.needs_input_grad[3 + s] and ctx.dense[s]:
+                        grad_W.append(torch.mm(_upcast(acts[:, s]).t(), dY_s).view(F, n_slots, D).to(w.dtype))
+                    elif ctx.needs_input_grad[3 + s]:
+                        ccol, b_idx, values, _ = acts_fm[s]
+                        if values.numel() == 0:
+                            grad_W.append(torch.zeros_like(w))
+                        else:  # dW_s = a_s^T dY_s, feature-major: each decoder row written once
+                            dw = dY.new_empty(F, n_slots * D)
+                            csr_addmm(dw, ccol, b_idx, values.to(dY.dtype), dY_s, accumulate=False)
+                            grad_W.append(dw.view(F, n_slots, D).to(w.dtype))
+                    else:
+                        grad_W.append(None)
                 if need_acts:
-                    acts_grad(grad_acts[s], dY_s, _upcast(w).reshape(F, n_slots * D), pairs[s])
+                    with record_function(PHASES["acts_grad"]):
+                        acts_grad(grad_acts[s], dY_s, _upcast(w).reshape(F, n_slots * D), pairs[s])
         if grad_acts is not None:
             grad_acts = grad_acts.to(grad_y.dtype).transpose(0, 1)
         return (grad_acts, None, None, *grad_W)
