@@ -1,6 +1,6 @@
 """clt-eval: how well a trained CLT reconstructs, how sparse it is, and how well it replaces the MLPs.
 
-Two parts, both written to <out_dir>/metrics.json, PNG plots, and W&B (docs/design.md section 6):
+Its parts, all written to <out_dir>/metrics.json, PNG plots, and W&B (docs/design.md section 6):
 
 1. On held-out activation shards (normalized, as trained; every metric here is scale-free):
    - NMSE_l = E||y_hat_l - y_l||^2 / E||y_l - mean(y_l)||^2 and explained variance 1 - NMSE_l, per layer;
@@ -14,6 +14,12 @@ Two parts, both written to <out_dir>/metrics.json, PNG plots, and W&B (docs/desi
 
 3. With graphs.enabled: attribution graphs through circuit-tracer from the model's own export, one per
    prompt, with the mean and spread of the graph replacement and completeness scores (train/graphs.py).
+
+4. With features.enabled: the feature pages, from one pass over held-out text (train/features.py): in
+   circuit-tracer's formats beside the graphs and in the export, and in our offline browser.
+
+5. With circuits.enabled: global weights in the feature pages (train/circuits.py) and each graph's
+   perturbation checks (train/faithfulness.py).
 
 The PNG plots are train/plots.py's. Every activation rule is the CLT module's inference rule
 (clt.inference_forward: a BatchTopK CLT is evaluated with its running threshold, as it is exported).
