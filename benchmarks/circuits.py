@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from features import setup  # noqa: E402  (the same CLTs and contexts as the feature-page benchmark)
+from features import cpu_name, run_sizes, setup  # noqa: E402  (the same CLTs, contexts and runner)
 
 from cltrain.train import circuits, features as fp  # noqa: E402
 from cltrain.train.memory import peak_rss  # noqa: E402
@@ -72,20 +70,8 @@ def main():
     if a.one:
         print("RESULT " + json.dumps(measure(a.one, a.contexts, a.k)), flush=True)
         return 0
-    rows = []
-    for f in a.features:
-        out = subprocess.run([sys.executable, __file__, "--one", str(f), "--contexts", str(a.contexts), "--k", str(a.k)],
-                             capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            raise SystemExit(f"F={f} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[0][7:]))
-        print(rows[-1], flush=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    rows = run_sizes(__file__, a.features, ["--contexts", str(a.contexts), "--k", str(a.k)])
+    cpu = cpu_name()
     mb, gib = 1e6, 2 ** 30
     lines = ["# Global weights: SmolLM2-135M (30 layers, D=576), CPU", "",
              f"Machine: {cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}. "

@@ -123,6 +123,26 @@ def measure(F: int, n_contexts: int, tmp: Path) -> dict:
             "state_bytes": stats.state_bytes(), "peak_rss": peak_rss()}
 
 
+def run_sizes(script: str, sizes: list[int], args: list[str]) -> list[dict]:
+    """`script --one F *args` for each size F in a fresh process (its memory peak its own): the RESULT each prints."""
+    rows = []
+    for f in sizes:
+        out = subprocess.run([sys.executable, script, "--one", str(f), *args], capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            raise SystemExit(f"F={f} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        rows.append(json.loads(line[0][7:]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def cpu_name() -> str:
+    try:
+        return next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--features", type=int, nargs="+", default=[128, 1024])
@@ -134,20 +154,8 @@ def main():
         with tempfile.TemporaryDirectory(prefix="cltrain-features-") as tmp:
             print("RESULT " + json.dumps(measure(a.one, a.contexts, Path(tmp))), flush=True)
         return 0
-    rows = []
-    for f in a.features:
-        out = subprocess.run([sys.executable, __file__, "--one", str(f), "--contexts", str(a.contexts)],
-                             capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            raise SystemExit(f"F={f} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[0][7:]))
-        print(rows[-1], flush=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    rows = run_sizes(__file__, a.features, ["--contexts", str(a.contexts)])
+    cpu = cpu_name()
     mb, gib = 1e6, 2 ** 30
     lines = ["# Feature pages: SmolLM2-135M (30 layers, D=576), CPU", "",
              f"Machine: {cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}. "

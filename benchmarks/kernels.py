@@ -367,6 +367,21 @@ def step_breakdown(clt, opt, x, y, weights, eps, reps) -> dict:
             "grad clipping": t_clip, "Adam(fused=True)": t_adam}
 
 
+def training_step(clt, x, y):
+    """(step, optimizer): one training step as clt-train takes it (forward, the loss terms, backward, grad-norm
+    clipping, Adam(fused=True)) on fixed x and y."""
+    opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True)
+    weights = LossWeights(sparsity=1e-3, preact=3e-6)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        e, y_hat = clt(x)
+        sum(loss_terms(clt, e, y_hat, y, weights).values()).backward()
+        torch.nn.utils.clip_grad_norm_(clt.parameters(), 1.0)
+        opt.step()
+    return step, opt
+
+
 def whole_steps(calibrated: bool, reps: int, eps2: bool = False, variants: dict | None = None,
                 every: bool = False, rate: float = TARGET_ACTIVE):
     """Best-of-`reps` training-step times (dense, torch_sparse) at the CPU default shape, interleaved
@@ -383,15 +398,7 @@ def whole_steps(calibrated: bool, reps: int, eps2: bool = False, variants: dict 
             clt.calibrate_thresholds(x, rate)
             if not eps2:
                 clt.cfg.bandwidth = window_eps(clt.preactivations(x), clt.threshold, TRAINED_MASK)
-    opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True)
-    weights = LossWeights(sparsity=1e-3, preact=3e-6)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        e, y_hat = clt(x)
-        sum(loss_terms(clt, e, y_hat, y, weights).values()).backward()
-        torch.nn.utils.clip_grad_norm_(clt.parameters(), 1.0)
-        opt.step()
+    step, opt = training_step(clt, x, y)
 
     if variants is None:
         variants = {name: lambda clt, name=name: kernels.install(clt, name) for name in ("dense", "torch_sparse")}
@@ -596,15 +603,7 @@ def shape_report(N: int, D: int, F: int, B: int, reps: int = 3) -> list[str]:
     clt = clt.to(DEVICE, DTYPE)
     x, y = x.to(DEVICE, DTYPE), y.to(DEVICE, DTYPE)
     fast = "triton" if CUDA else "torch_sparse"
-    opt = torch.optim.Adam(clt.parameters(), lr=1e-6, fused=True)
-    weights = LossWeights(sparsity=1e-3, preact=3e-6)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        e, y_hat = clt(x)
-        sum(loss_terms(clt, e, y_hat, y, weights).values()).backward()
-        torch.nn.utils.clip_grad_norm_(clt.parameters(), 1.0)
-        opt.step()
+    step, opt = training_step(clt, x, y)
 
     W = clt.W_enc.detach().clone().requires_grad_()
 
