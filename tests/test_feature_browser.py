@@ -5,10 +5,14 @@ The browser tests skip without chromium / chromium-browser / google-chrome on PA
 `apt-get install chromium` or tests/install_browser.sh (which `make test` runs)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -201,15 +205,51 @@ def chromium() -> str:
                 "`apt-get install chromium` (or run tests/install_browser.sh)")
 
 
+def headless(chromium: str, tmp_path: Path, url: str, *extra: str, budget_ms: int = 5000, timeout: float = 60):
+    """Chromium's DOM of `url` after `budget_ms` of virtual time (subprocess.run's result), run in tmp_path
+    with a fresh profile there. Chromium always starts crashpad handlers, which detach (a session of their
+    own, parent init) and end just after the browser; with XDG_CONFIG_HOME in tmp_path their crash database
+    is there, which names them, and the test waits for them (ends them by PID after 10 s) so nothing it
+    started outlives it."""
+    config = tmp_path / "chromium-config"
+    args = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+            f"--virtual-time-budget={budget_ms}", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom",
+            *extra, url]
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+                              env={**os.environ, "XDG_CONFIG_HOME": str(config)})
+    finally:
+        _end_processes_naming(str(config), grace=10.0)
+
+
+def _end_processes_naming(marker: str, grace: float):
+    """Wait up to `grace` seconds for the processes whose command line contains `marker` to end, then end
+    those left (SIGKILL, by PID)."""
+    def left() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if marker.encode() in (proc / "cmdline").read_bytes():
+                        pids.append(int(proc.name))
+                except OSError:  # ended meanwhile, or not ours to read
+                    pass
+        return pids
+
+    deadline = time.monotonic() + grace
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _render(chromium: str, index: Path, hash_: str, tmp_path: Path, screenshot: Path | None = None) -> Element:
     """The page at index.html#hash_ after load, as Chromium's DOM; checks that a view finished with no JS error."""
-    args = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-            "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom"]
-    if screenshot:
-        args += [f"--screenshot={screenshot}", "--window-size=1200,900"]
+    extra = [f"--screenshot={screenshot}", "--window-size=1200,900"] if screenshot else []
     url = index.resolve().as_uri() + (f"#{hash_}" if hash_ else "")
     # stderr carries harmless noise (dbus and the like): only the exit status and the DOM count.
-    run = subprocess.run(args + [url], capture_output=True, text=True, timeout=60)
+    run = headless(chromium, tmp_path, url, *extra)
     assert run.returncode == 0, f"chromium exited {run.returncode}: {run.stderr[-2000:]}"
     tree = _Tree()
     tree.feed(run.stdout)

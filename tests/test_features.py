@@ -361,10 +361,9 @@ def test_circuit_tracers_own_page_shows_a_feature(tiny_eval, tmp_path):
             urllib.request.urlopen(urllib.request.Request(host, method="HEAD"), timeout=5).close()
         except OSError as e:
             pytest.skip(f"circuit-tracer's page loads its scripts from {host}, unreachable here ({e})")
-    import subprocess
-
     from circuit_tracer.frontend import local_server
     from ranks import free_port
+    from test_feature_browser import headless
 
     m, out, _, _ = tiny_eval
     graph_dir = out / "graphs"
@@ -376,9 +375,7 @@ def test_circuit_tracers_own_page_shows_a_feature(tiny_eval, tmp_path):
     server = local_server.serve(data_dir=str(graph_dir), port=port)
     try:
         url = f"http://localhost:{port}/index.html?slug={slug}&clickedId={node['node_id']}"
-        run = subprocess.run([path, "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                              f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
-                             capture_output=True, text=True, timeout=120)
+        run = headless(path, tmp_path, url, budget_ms=15000, timeout=120)
     finally:
         server.stop()
     assert run.returncode == 0

@@ -54,7 +54,8 @@ def _merge_top(ids: torch.Tensor, vals: torch.Tensor, new_ids: torch.Tensor, new
 
 @torch.no_grad()
 def virtual_weight_block(clt, s_x: torch.Tensor, s_y: torch.Tensor, ls: int, lt: int) -> torch.Tensor:
-    """V [F, F] from every feature of source layer ls onto every feature of target layer lt > ls."""
+    """V [F, F] from every feature of source layer ls onto every feature of target layer lt > ls: the definition,
+    one block at a time (`candidates` computes the same blocks with a running decoder sum)."""
     dec = clt.W_dec[ls].float()  # [F, S, D], slot j writes layer ls + j (a PLT: S = 1, its own layer only)
     writes = sum(dec[:, l - ls] / s_y[l].float() for l in range(ls, min(lt, ls + dec.shape[1])))
     reads = clt.W_enc[lt].float() * s_x[lt].float()  # [F, D]
@@ -68,15 +69,17 @@ def candidates(clt, s_x: torch.Tensor, s_y: torch.Tensor, k: int, progress: bool
 
     N, F = clt.cfg.n_layers, clt.cfg.n_features
     c = Candidates(N, F, k)
+    dev = clt.W_enc.device  # blocks computed where the model is; the kept pairs on CPU
+    s_x, s_y = s_x.float().to(dev), s_y.float().to(dev)
     bar = tqdm(total=N * (N - 1) // 2, desc="virtual weights", unit="block", disable=not progress)
     for ls in range(N - 1):
         dec = clt.W_dec[ls].float()
-        writes = torch.zeros(F, clt.cfg.d_model)
+        writes = torch.zeros(F, clt.cfg.d_model, device=dev)
         for lt in range(ls + 1, N):
             # what source ls has written by the time layer lt reads: its decoders into layers ls..lt-1
             if lt - 1 - ls < dec.shape[1]:
-                writes += dec[:, lt - 1 - ls] / s_y[lt - 1].float()
-            v = writes @ (clt.W_enc[lt].float() * s_x[lt].float()).T  # [F_s, F_t], = virtual_weight_block
+                writes += dec[:, lt - 1 - ls] / s_y[lt - 1]
+            v = (writes @ (clt.W_enc[lt].float() * s_x[lt]).T).cpu()  # [F_s, F_t], = virtual_weight_block
             kk = min(k, F)
             # targets of layer lt: their best sources among layer ls's features
             top = v.abs().topk(kk, dim=0).indices  # [kk, F_t]

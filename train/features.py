@@ -504,8 +504,7 @@ def build(clt: CLT, s_x: torch.Tensor, s_y: torch.Tensor, info, spec: str, setti
                                         "(x_source=resid); this CLT reads the normalized MLP input"}
         else:
             t = time.monotonic()
-            cand = circuits.candidates(clt.cpu() if device == "cpu" else clt, s_x.cpu(), s_y.cpu(),
-                                       circuit_settings.candidates, progress)
+            cand = circuits.candidates(clt, s_x, s_y, circuit_settings.candidates, progress)
             coact = circuits.Coactivation(cand)
             circuit_block = {"virtual_weight_seconds": round(time.monotonic() - t, 2),
                              "candidates": circuit_settings.candidates, "state_bytes": cand.nbytes() + coact.nbytes()}
