@@ -84,6 +84,7 @@ fi
     echo
     echo "- kernel tests: $(tail -n 1 "$OUT/tests.txt")"
     echo "- kernel timings: benchmarks/kernels_gpu.md (log: $OUT/kernels.txt)"
+    echo "- the floor to compare them with, per phase (arithmetic): benchmarks/cost_model.md (python benchmarks/cost_model.py)"
     echo "- training run: $(grep -E 'skipped|step|error|Error' "$OUT/train.txt" | tail -n 1)"
     echo "- exit status: $status"
 } >"$OUT/README.md"

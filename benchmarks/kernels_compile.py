@@ -4,7 +4,8 @@ projected H100 times.
 
     python benchmarks/kernels_compile.py [--out benchmarks/kernels_compile.md]
 
-Compiles at the benchmark shape (N=12, D=768, F=4096, B=4096) and a paper shape (N=26, D=2304,
+Compiles at the benchmark shape (N=12, D=768, F=4096, B=4096), the many-layer shape (N=30, D=576,
+F=1024, B=1024: SmolLM2-135M, 465 (source, target) pairs) and a paper shape (N=26, D=2304,
 F=65,536, B=8192), bf16 (the GPU default) and fp32 (`precision: fp32`, TF32 tensor cores), with the
 launch parameters kernels/triton_ops.py uses (kernels/compile_check.py). Exit status 1 when a target
 is missed: spills, shared memory above the A100's 163 KB, the encode's matmul off the tensor cores.
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {"benchmark": (4096, 12, 768, 4096), "paper": (8192, 26, 2304, 65536)}
+SHAPES = {"benchmark": (4096, 12, 768, 4096), "many-layer": (1024, 30, 576, 1024), "paper": (8192, 26, 2304, 65536)}
 # Projection inputs (H100 SXM, public specifications): HBM3 bandwidth and dense bf16 tensor-core
 # throughput as the issue states them; the sparse kernels' FMAs run on CUDA cores in fp32.
 HBM_BPS = 3.35e12
@@ -80,11 +81,13 @@ def cost_model(lines):
               "Kernels (one step, all layers): `fwd` = decode forward (all source layers per launch, token-"
               "major, L2-resident decoder slices, y written once); `fwd, token-major per source` = the "
               "previous design (one launch per source layer, BLOCK_S slots, y read-modify-written per "
-              "source); `dW` = decoder-weight gradient (feature-major, each row written once); `act grad` = "
-              "the sampled activation gradient on 2p of positions (trained-like window) or on P = active | "
-              "outside the window (~p + 5%, eps = 2, fused encode+decode); `window sums` = the fused "
-              "path's per-layer matrix-vector products; `dense` = one dense product of the reference "
-              "(the reference decode makes three per step).", "",
+              "source); `dW` = decoder-weight gradient (feature-major, each row written once, all layers in "
+              "one launch); `act grad` = the sampled activation gradient (all layers in one launch) on 2p of "
+              "positions (trained-like window) or on P = active | outside the window (~p + 5%, eps = 2, "
+              "fused encode+decode); `window sums` = the fused path's T[s, f] (one launch over all layers "
+              "on the Triton path); `dense` = one dense product of the reference (the reference decode "
+              "makes three per step). The whole step, phase by phase, at the many-layer shape: "
+              "benchmarks/cost_model.md.", "",
               "| shape | p | kernel | FLOPs | HBM bytes | L2 bytes | proj. HBM/compute | proj. with L2 | "
               "x dense |", "|---|---|---|---|---|---|---|---|---|"]
     for shape_name, (B, N, D, F) in SHAPES.items():

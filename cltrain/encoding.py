@@ -23,6 +23,10 @@ class Encoded(NamedTuple):
     # only). Its gradient w.r.t. h is -1[h < theta] per feature: a dense [B, N, F] gradient that a
     # fused encode never materializes (it is a per-feature constant minus a part on grad_mask).
     preact_gap: torch.Tensor | None = None
+    # [N, F]: each feature's decoder norm (CLT.decoder_norms), where a fused encode + decode computed it
+    # (kernels/fused.py: its backward then folds the norms' gradient into the decoder gradient's one
+    # pass over the decoder rows); None: the loss terms take CLT.decoder_norms()
+    decoder_norms: torch.Tensor | None = None
 
 
 def preact_gap(pre, theta):

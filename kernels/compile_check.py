@@ -107,7 +107,7 @@ def launch_variants(B: int, N: int, D: int, F: int, dtype_name: str = "bf16", ho
     from . import triton_ops as T
 
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    f32, i8, i64 = torch.float32, torch.int8, torch.int64
+    f32, i8, i32, i64 = torch.float32, torch.int8, torch.int32, torch.int64
     eb = T.ENCODE_BLOCKS
     out = []
     # encode forward: x [B, N, D] (a contiguous batch), W_enc [N, F, D]
@@ -130,18 +130,23 @@ def launch_variants(B: int, N: int, D: int, F: int, dtype_name: str = "bf16", ho
                     [Ptr(dt), Ptr(dt), Ptr(dt), Ptr(dt), Ptr(dt), Ptr(f32), Ptr(dt), Ptr(f32),
                      B, F, 0.5, 1.0, B * F],
                     dict(**flags, BLOCK_B=T.ENCODE_BWD_BLOCK_B, BLOCK_F=eb["block_f"], **T.ENCODE_BWD_LAUNCH)))
-    # decode (source layer 1 of N: S = N - 1 slots; W_dec[s] [F, S, D], y and dY [B, N, D] fp32)
-    S = N - 1
+    # decode: W_dec[s] [F, N - s, D] (pointer tables), y [B, N, D] fp32 (the forward's output), dY
+    # [B, N, D] in the model's dtype (y is returned in it); each product one launch over all layers
     bd = T.decode_block_d(N, F, D, 2 if dtype_name == "bf16" else 4)
     out.append(("decode_fwd", f"{dtype_name}, BLOCK_D={bd}", T._decode_fwd_kernel,
                 [Ptr(f32), Ptr(dt), Ptr(i64), Ptr(i64), Ptr(i64), Ptr(i64), Ptr(dt), B, D, N * D, D],
                 dict(PER_LAYER=False, BLOCK_D=bd, **T._decode_launch(bd))))
     out.append(("decode_dw", f"{dtype_name}, BLOCK_D={bd}", T._decode_dw_kernel,
-                [Ptr(dt), Ptr(f32), Ptr(i64), Ptr(i64), Ptr(dt), 1, D, N * D, D, S * D, D],
+                [Ptr(dt), Ptr(i64), Ptr(i64), Ptr(i32), Ptr(dt), Ptr(i64), Ptr(i64), Ptr(dt), F, D, N * D, D],
                 dict(BLOCK_D=bd, **T._decode_launch(bd))))
     out.append(("decode_sampled_grad", f"{dtype_name}, BLOCK_D={bd}", T._decode_sampled_grad_kernel,
-                [Ptr(f32), Ptr(f32), Ptr(dt), Ptr(i64), Ptr(i64), 1, D, S, F, N * D, D, S * D, D],
+                [Ptr(f32), Ptr(dt), Ptr(dt), Ptr(i64), Ptr(i64), Ptr(i64), Ptr(i64), Ptr(i64), Ptr(i64), B, F,
+                 N * D, D],
                 dict(BLOCK_D=bd, **T._decode_launch(bd))))
+    wb = T.WINDOW_BLOCKS
+    out.append(("window_totals", f"{dtype_name}, {wb['block_f']}x{wb['block_k']}", T._window_totals_kernel,
+                [Ptr(f32), Ptr(f32), Ptr(dt), Ptr(i64), Ptr(i64), Ptr(i64), F, D],
+                dict(BLOCK_F=wb["block_f"], BLOCK_K=wb["block_k"], **T.WINDOW_LAUNCH)))
     return out
 
 

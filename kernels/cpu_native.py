@@ -3,6 +3,9 @@
     sampled_product(W, Y, ccol, rows, out) -> bool    out[p] = <W[f], Y[rows[p]]>, pairs by feature
     csr_dense(ptr, idx, vals, D, out, accumulate) -> bool
                                                       out[r] (+)= sum_p vals[p] D[idx[p]], by row
+    decode_grads(W, Y, ccol, rows, act, coef, out, dW) -> bool
+                                                      both: out[p] = <W[f], Y[rows[p]]> and
+                                                      dW[f] = coef[f] W[f] + sum_p act[p] Y[rows[p]]
 
 Why compiled: the sparse products of a CPU training step (the decode's forward, weight gradient and
 activation gradient on a mask; the encoder's weight gradient) load one dense element per multiply-add,
@@ -114,7 +117,10 @@ def _load():
                 i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
                 lib.cltrain_sampled_f32.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i32]
                 lib.cltrain_csr_dense_f32.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64, i32, i32]
+                lib.cltrain_decode_grads_f32.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr,
+                                                         ptr, ptr, i32]
                 lib.cltrain_sampled_f32.restype = lib.cltrain_csr_dense_f32.restype = i32
+                lib.cltrain_decode_grads_f32.restype = i32
                 _lib = lib
             except (RuntimeError, OSError, AttributeError) as exc:
                 _lib, _failure = False, str(exc)
@@ -212,4 +218,30 @@ def csr_dense(ptr, idx, vals, D, out, accumulate: bool) -> bool:
     _vector(fn, "vals", vals, _check_sparse(fn, ptr, idx, R, D.shape[0], "column"))
     _lib.cltrain_csr_dense_f32(ptr.data_ptr(), idx.data_ptr(), vals.data_ptr(), R, D.data_ptr(), D.stride(0),
                                K, out.data_ptr(), out.stride(0), int(accumulate), torch.get_num_threads())
+    return True
+
+
+def decode_grads(W, Y, ccol, rows, act, coef, out, dW) -> bool:
+    """A source layer's decode backward in one pass over its decoder rows: for every feature f and its
+    mask pairs p in [ccol[f], ccol[f + 1]) (token rows[p], activation act[p], 0 where inactive)
+        out[p] = <W[f], Y[rows[p]]>        dW[f] = coef[f] W[f] + sum_p act[p] Y[rows[p]]
+    (coef None: 0). True when done, False when the compiled kernels are unavailable (nothing written).
+    W, dW [F, K] and Y [B, K] float32 with unit column stride (any row stride); ccol [F + 1], rows
+    int64 and act, coef [F], out float32, contiguous."""
+    if not available():
+        return False
+    fn = "decode_grads"
+    _matrices(fn, W=W, Y=Y)
+    _matrices(fn, W=W, dW=dW)
+    F, K = W.shape
+    if dW.shape[0] != F:
+        raise ValueError(f"{fn}: dW has {dW.shape[0]} rows, W {F}")
+    n = _check_sparse(fn, ccol, rows, F, Y.shape[0], "token")
+    _vector(fn, "act", act, n)
+    _vector(fn, "out", out, n)
+    if coef is not None:
+        _vector(fn, "coef", coef, F)
+    _lib.cltrain_decode_grads_f32(W.data_ptr(), W.stride(0), Y.data_ptr(), Y.stride(0), dW.data_ptr(), dW.stride(0),
+                                  F, K, ccol.data_ptr(), rows.data_ptr(), act.data_ptr(),
+                                  None if coef is None else coef.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return True

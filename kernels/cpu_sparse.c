@@ -6,6 +6,10 @@
  *   cltrain_csr_dense_f32  out[r, :] (+)= sum_p vals[p] * D[idx[p], :] over row r's entries
  *                          (ptr[r] .. ptr[r + 1]): the decode's forward and weight gradient and the
  *                          encoder's weight gradient (CSR x dense)
+ *   cltrain_decode_grads_f32  both products of a source layer's decode backward in one pass over its
+ *                          decoder rows: out[p] = <W[f, :], Y[rows[p], :]> at the mask pairs, and
+ *                          dW[f, :] = coef[f] W[f, :] + sum_p act[p] Y[rows[p], :] (the decoder
+ *                          gradient with the decoder norms' term)
  *
  * Why not torch's own: on CPU torch.sparse.sampled_addmm computes one dot product per pair from
  * memory and the CSR x dense addmm (MKL) reaches ~10 GFLOP/s; both products load one dense operand
@@ -38,6 +42,9 @@ typedef union { v8a v; v4a h[2]; } u8;
 #define ACC_VECS 4
 #endif
 #define MAX_THREADS 256
+#ifndef CSR_PREFETCH_AHEAD
+#define CSR_PREFETCH_AHEAD 4
+#endif
 
 static inline float hsum(v16a v) {  /* a tree of halves: a few vector adds, not 15 extractions */
     u16 a = {.v = v};
@@ -108,6 +115,9 @@ static void *sampled_job(void *arg) {
 /* one full block of ACC_VECS x 16 columns starting at k0, accumulated in registers */
 static inline void csr_block_full(const job_t *j, int64_t r, int64_t k0) {
     float *o = j->out + r * j->ldo + k0;
+    /* the output block of the row CSR_PREFETCH_AHEAD on: rows lie a page or more apart (see grads_block) */
+    if (r + CSR_PREFETCH_AHEAD < j->r1)
+        for (int i = 0; i < ACC_VECS; i++) __builtin_prefetch(o + CSR_PREFETCH_AHEAD * j->ldo + 16 * i, 1, 3);
     v16a acc[ACC_VECS];
     for (int i = 0; i < ACC_VECS; i++) acc[i] = j->accumulate ? *(const v16 *)(o + 16 * i) : (v16a){0};
     for (int64_t p = j->ptr[r]; p < j->ptr[r + 1]; p++) {
@@ -140,6 +150,130 @@ static void *csr_job(void *arg) {
         for (int64_t r = j->r0; r < j->r1; r++) csr_block_full(j, r, k0);
     if (full < j->K)
         for (int64_t r = j->r0; r < j->r1; r++) csr_block_rest(j, r, full, j->K);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* the decode backward's two products, fused */
+
+/* Columns per block: the Y block (its tokens x GRAD_VECS x 16 floats, 512 KB at B = 1024 with
+ * AVX-512) stays in L2 while every feature's tokens re-read it, and a feature's W and dW blocks sit in
+ * registers (2 x GRAD_VECS vectors) while its tokens stream past: each W element is loaded once and
+ * each dW element stored once per step, and each Y element loaded feeds two FMAs where the token is
+ * active (the dot product and the weight gradient), one where it is only in the mask. */
+#ifndef GRAD_VECS
+#ifdef __AVX512F__
+#define GRAD_VECS 8
+#else
+#define GRAD_VECS 2
+#endif
+#endif
+
+typedef struct {
+    const float *W; int64_t ldw;
+    const float *Y; int64_t ldy;
+    float *dW; int64_t lddw;
+    const int64_t *ptr, *rows;
+    const float *act, *coef;          /* act: per pair, 0 where inactive; coef: per feature or NULL */
+    float *out;
+    int64_t K;
+    int64_t r0, r1;
+} grads_t;
+
+/* columns k0 .. k0 + n*16 of feature f, n <= GRAD_VECS vectors. GRAD_TOKENS pairs at a time: their dot
+ * products are independent chains of FMAs (one chain per pair would wait on FMA latency). An inactive
+ * pair's act is 0, so adding act * Y leaves dW as it is: no branch per pair. */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 4
+#endif
+#ifndef GRAD_TOKENS
+#define GRAD_TOKENS 4
+#endif
+static inline __attribute__((always_inline)) void grads_block(const grads_t *j, int64_t f, int64_t k0, int n, int first) {
+    const float *w = j->W + f * j->ldw + k0;
+    float *dw = j->dW + f * j->lddw + k0;
+    const float c = j->coef ? j->coef[f] : 0.0f;
+    /* Features PREFETCH_AHEAD on, their decoder block and its gradient's: consecutive features' rows
+     * lie tens of KB apart (a new page each), where the hardware prefetchers do not follow */
+    if (f + PREFETCH_AHEAD < j->r1)
+        for (int i = 0; i < n; i++) {
+            __builtin_prefetch(w + PREFETCH_AHEAD * j->ldw + 16 * i, 0, 3);
+            __builtin_prefetch(dw + PREFETCH_AHEAD * j->lddw + 16 * i, 1, 3);
+        }
+    v16a wv[GRAD_VECS], acc[GRAD_VECS];
+    for (int i = 0; i < GRAD_VECS; i++) {
+        wv[i] = i < n ? *(const v16 *)(w + 16 * i) : (v16a){0};
+        acc[i] = c * wv[i];
+    }
+    int64_t p = j->ptr[f];
+    const int64_t end = j->ptr[f + 1];
+    for (; p + GRAD_TOKENS <= end; p += GRAD_TOKENS) {
+        const float *y[GRAD_TOKENS];
+        float a[GRAD_TOKENS];
+        v16a dot[GRAD_TOKENS];
+        for (int t = 0; t < GRAD_TOKENS; t++) {
+            y[t] = j->Y + j->rows[p + t] * j->ldy + k0;
+            a[t] = j->act[p + t];
+            dot[t] = (v16a){0};
+        }
+        for (int i = 0; i < GRAD_VECS; i++) if (i < n) {
+            for (int t = 0; t < GRAD_TOKENS; t++) {
+                const v16a yv = *(const v16 *)(y[t] + 16 * i);
+                dot[t] += wv[i] * yv;
+                acc[i] += a[t] * yv;
+            }
+        }
+        for (int t = 0; t < GRAD_TOKENS; t++) {
+            const float s = hsum(dot[t]);
+            j->out[p + t] = first ? s : j->out[p + t] + s;
+        }
+    }
+    for (; p < end; p++) {
+        const float *y = j->Y + j->rows[p] * j->ldy + k0;
+        const float a = j->act[p];
+        v16a dot = {0};
+        for (int i = 0; i < GRAD_VECS; i++) if (i < n) {
+            const v16a yv = *(const v16 *)(y + 16 * i);
+            dot += wv[i] * yv;
+            acc[i] += a * yv;
+        }
+        const float s = hsum(dot);
+        j->out[p] = first ? s : j->out[p] + s;
+    }
+    for (int i = 0; i < GRAD_VECS; i++) if (i < n) *(v16 *)(dw + 16 * i) = acc[i];
+}
+
+/* the last K % 16 columns, one at a time */
+static void grads_tail(const grads_t *j, int64_t f, int64_t k0, int first) {
+    const float *w = j->W + f * j->ldw;
+    float *dw = j->dW + f * j->lddw;
+    const float c = j->coef ? j->coef[f] : 0.0f;
+    for (int64_t k = k0; k < j->K; k++) dw[k] = c * w[k];
+    for (int64_t p = j->ptr[f]; p < j->ptr[f + 1]; p++) {
+        const float *y = j->Y + j->rows[p] * j->ldy;
+        const float a = j->act[p];
+        float s = 0.0f;
+        for (int64_t k = k0; k < j->K; k++) {
+            s += w[k] * y[k];
+            dw[k] += a * y[k];
+        }
+        j->out[p] = first ? s : j->out[p] + s;
+    }
+}
+
+static void *grads_job(void *arg) {
+    const grads_t *j = (const grads_t *)arg;
+    const int64_t width = GRAD_VECS * 16, vec_end = (j->K / 16) * 16;
+    /* column blocks outermost: the Y block stays in cache for all of this thread's features */
+    for (int64_t k0 = 0; k0 < vec_end; k0 += width) {
+        const int n = (int)((vec_end - k0 < width ? vec_end - k0 : width) / 16);
+        if (n == GRAD_VECS)  /* a constant n: the inlined block keeps W and dW in registers */
+            for (int64_t f = j->r0; f < j->r1; f++) grads_block(j, f, k0, GRAD_VECS, k0 == 0);
+        else
+            for (int64_t f = j->r0; f < j->r1; f++) grads_block(j, f, k0, n, k0 == 0);
+    }
+    if (vec_end < j->K)
+        for (int64_t f = j->r0; f < j->r1; f++) grads_tail(j, f, vec_end, vec_end == 0);
     return NULL;
 }
 
@@ -192,4 +326,43 @@ int cltrain_csr_dense_f32(const int64_t *ptr, const int64_t *idx, const float *v
                           int n_threads) {
     job_t proto = {D, ldd, 0, 0, out, ldo, ptr, idx, vals, K, 0, accumulate, 0, 0};
     return run_split(csr_job, proto, R, n_threads);
+}
+
+/* Per feature f of W [F, >= K] (row stride ldw), its mask pairs ccol[f] .. ccol[f + 1] (token rows[p]
+ * of Y [*, >= K], row stride ldy; activation act[p], 0 where inactive):
+ *   out[p] = <W[f, :K], Y[rows[p], :K]>,   dW[f, :K] = coef[f] W[f, :K] + sum_p act[p] Y[rows[p], :K]
+ * (coef NULL: 0); dW [F, >= K] (row stride lddw) is overwritten. */
+int cltrain_decode_grads_f32(const float *W, int64_t ldw, const float *Y, int64_t ldy, float *dW, int64_t lddw,
+                             int64_t F, int64_t K, const int64_t *ccol, const int64_t *rows, const float *act,
+                             const float *coef, float *out, int n_threads) {
+    if (F <= 0) return 0;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    /* split features by pairs plus a share for the dW row every feature writes */
+    grads_t jobs[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    const grads_t proto = {W, ldw, Y, ldy, dW, lddw, ccol, rows, act, coef, out, K, 0, 0};
+    const int64_t per_row = 4, total = ccol[F] + per_row * F;
+    int64_t f = 0;
+    int used = 0;
+    for (int t = 0; t < n_threads && f < F; t++) {
+        const int64_t target = (total * (t + 1)) / n_threads;
+        int64_t f1 = f + 1;
+        while (f1 < F && ccol[f1 + 1] + per_row * (f1 + 1) <= target) f1++;
+        if (t == n_threads - 1) f1 = F;
+        jobs[t] = proto;
+        jobs[t].r0 = f;
+        jobs[t].r1 = f1;
+        f = f1;
+        used = t + 1;
+    }
+    int started = 0, failed = 0;
+    for (int t = 1; t < used; t++) {
+        if (pthread_create(&tids[t], NULL, grads_job, &jobs[t]) != 0) { failed = 1; break; }
+        started = t;
+    }
+    grads_job(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+    for (int t = started + 1; failed && t < used; t++) grads_job(&jobs[t]);
+    return failed ? -1 : 0;
 }

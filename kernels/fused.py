@@ -61,6 +61,7 @@ class _Impl:
         self.encode, self.decode = encode, decode
         self.enc_args, self.dec_args = enc_args, dec_args
         self.pre_theta = pre_theta  # saved encode tensors -> (pre [N, B, F], theta [N, 1, F])
+        self.window_kernel = None  # the window sums in one launch (the Triton path's; see _window_totals)
 
 
 class _EncodeDecode(torch.autograd.Function):
@@ -71,19 +72,22 @@ class _EncodeDecode(torch.autograd.Function):
             pre, acts, mask, gap = impl.encode.forward(ectx, x, W_enc, b_enc, log_threshold, *impl.enc_args)
         with record_function(PHASES["decode"]):
             y = impl.decode.forward(dctx, acts, mask, *impl.dec_args, *W_dec)
-        ctx.save_for_backward(*ectx.saved_tensors, *dctx.saved_tensors)
+        with record_function(PHASES["norms"]):
+            norms = torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in W_dec])
+        ctx.save_for_backward(*ectx.saved_tensors, norms, *dctx.saved_tensors)
         ctx.n_enc_saved = len(ectx.saved_tensors)
         ectx.saved_tensors = dctx.saved_tensors = ()
         ctx.ectx, ctx.dctx, ctx.impl = ectx, dctx, impl
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mask)
-        return pre, acts, mask, gap, y
+        return pre, acts, mask, gap, y, norms
 
     @staticmethod
-    def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap, grad_y):
+    def backward(ctx, grad_pre, grad_acts, _grad_mask, grad_gap, grad_y, grad_norms):
         impl, ectx, dctx = ctx.impl, ctx.ectx, ctx.dctx
         saved = ctx.saved_tensors
-        ectx.saved_tensors, dctx.saved_tensors = saved[:ctx.n_enc_saved], saved[ctx.n_enc_saved:]
+        k = ctx.n_enc_saved
+        ectx.saved_tensors, norms, dctx.saved_tensors = saved[:k], saved[k], saved[k + 1:]
         need_enc, need_dec = ctx.needs_input_grad[1:5], ctx.needs_input_grad[5:]
         n_dec_args = len(impl.dec_args)
         ectx.needs_input_grad = tuple(need_enc) + (False,) * len(impl.enc_args)
@@ -103,15 +107,25 @@ class _EncodeDecode(torch.autograd.Function):
             complement = nonzero_positions(P, dga) is not None
         if complement:
             dctx.grad_mask = P  # exact d loss / d a on P only
+        # d ||W_s[f]|| / d W_s[f] = W_s[f] / ||W_s[f]||: the norms' gradient is coef[s, f] W_s[f], which a
+        # decode backward may add in its own pass over the decoder rows (then it sets norm_coef_used)
+        dctx.norm_coef = None if grad_norms is None else grad_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        dctx.norm_coef_used = False
         g_dec, grad_W_dec = None, (None,) * len(need_dec)
         if grad_y is not None:
             grads_dec = impl.decode.backward(dctx, grad_y)  # (acts, mask, *dec_args, *W_dec)
             g_dec, grad_W_dec = grads_dec[0], grads_dec[2 + n_dec_args:]
+        if dctx.norm_coef is not None and not dctx.norm_coef_used:
+            with record_function(PHASES["norms"]):
+                W_dec = dctx.saved_tensors[-len(need_dec):]
+                grad_W_dec = tuple(_add_norm_grad(g, w, c) if need else g for g, w, c, need
+                                   in zip(grad_W_dec, W_dec, dctx.norm_coef, need_dec))
+        dctx.norm_coef = None
         if complement:
             # the window's part of sum_b g[b, f] that P leaves out: T_f - sum_{b in P} g[b, f]
             with record_function(PHASES["window"]):
                 W_dec = dctx.saved_tensors[1:]
-                totals = _window_totals(grad_y, W_dec)
+                totals = _window_totals(grad_y, W_dec, impl.window_kernel)
                 ectx.window_extra = totals - g_dec.sum(0).to(totals.dtype)
         g = g_dec if grad_acts is None else (grad_acts if g_dec is None else g_dec + grad_acts)
         with record_function(PHASES["encode_backward"]):
@@ -120,8 +134,20 @@ class _EncodeDecode(torch.autograd.Function):
         return (None, *grads_enc[:4], *grad_W_dec)
 
 
-def _window_totals(grad_y, W_dec):
-    """[N, F]: T[s, f] = sum_b <dY[b, s:s+S_s], W_s[f]>, one matrix-vector product per source layer."""
+def _add_norm_grad(grad_w, w, coef):
+    """grad_w + coef[f] w[f] (grad_w None: just the latter), in grad_w's memory where there is one."""
+    term = w * coef.to(w.dtype)[:, None, None]
+    return term if grad_w is None else grad_w.add_(term)
+
+
+def _window_totals(grad_y, W_dec, kernel=None):
+    """[N, F]: T[s, f] = sum_b <dY[b, s:s+S_s], W_s[f]>. Memory-bound: the decoder is read once either
+    way. `kernel` (the Triton path's triton_ops.window_totals) does all layers in one launch, reading
+    W_s in its own dtype; without it, one matrix-vector product per source layer (the twin; on a CPU
+    N calls cost microseconds, and torch has no batched product over the ragged W_s short of copying
+    them all into one tensor, which would triple the bytes)."""
+    if kernel is not None:
+        return kernel(grad_y, W_dec)
     col = grad_y.float().sum(0) if grad_y.dtype != torch.float64 else grad_y.sum(0)  # [N, D]
     out = []
     for s, w in enumerate(W_dec):
@@ -141,8 +167,8 @@ def _triton_pre_theta(saved):
 
 
 def _apply(impl: _Impl, x, W_enc, b_enc, log_threshold, W_dec):
-    pre, acts, mask, gap, y = _EncodeDecode.apply(impl, x, W_enc, b_enc, log_threshold, *W_dec)
-    return Encoded(pre, acts, mask, gap), y
+    pre, acts, mask, gap, y, norms = _EncodeDecode.apply(impl, x, W_enc, b_enc, log_threshold, *W_dec)
+    return Encoded(pre, acts, mask, gap, norms), y
 
 
 def torch_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float, st_to_preact: bool, *,
@@ -170,4 +196,5 @@ def triton_encode_decode(x, W_enc, b_enc, log_threshold, W_dec, bandwidth: float
         block_d = T.decode_block_d(x.shape[1], W_enc.shape[1], x.shape[2], W_dec[0].element_size())
     impl = _Impl(T._TritonEncode, T._TritonDecode, (bandwidth, st_to_preact, {**T.ENCODE_BLOCKS, **(blocks or {})}),
                  (dense_grad_above, block_d), _triton_pre_theta)
+    impl.window_kernel = T.window_totals
     return _apply(impl, x, W_enc, b_enc, log_threshold, W_dec)

@@ -22,7 +22,11 @@ kernels/cpu_native.py, elsewhere (or where no C compiler works) torch.sparse.sam
 (early in training with eps = 2 the window holds almost every position) the plain dense product is
 cheaper. `dense_grad_above` is the mask density where we switch (measured crossover on 2-core CPUs:
 about 8% to 11% with torch's sampled_addmm, 20% to 30% with the compiled kernels; see
-benchmarks/kernels.md and `default_dense_above`).
+benchmarks/kernels.md and `default_dense_above`). In float32 on CPU, where the mask is sparse and holds
+every active position (training's masks do), a source layer's weight gradient and activation gradient
+are one compiled pass over its decoder rows instead (`_decode_grads`, kernels/cpu_native.py
+decode_grads), which also adds the decoder norms' gradient handed over by the fused encode + decode
+(kernels/fused.py): each decoder element read once and each gradient element written once.
 
 Why the encode's backward is sparse too: in training nothing needs d loss / d x or d loss / d pre
 (the pre-activation penalty reads Encoded.preact_gap), and d loss / d pre is then a part on grad_mask
@@ -62,7 +66,8 @@ SAMPLED_BLOCK = 256
 # record_function costs microseconds, nothing while no profiler runs).
 PHASES = {"encode": "cltrain.encode", "decode": "cltrain.decode", "decoder_grad": "cltrain.decode.backward.weights",
           "acts_grad": "cltrain.decode.backward.acts", "window": "cltrain.window_sums",
-          "encode_backward": "cltrain.encode.backward"}
+          "encode_backward": "cltrain.encode.backward", "norms": "cltrain.decoder_norms",
+          "decode_grads": "cltrain.decode.backward.fused"}
 
 
 @contextlib.contextmanager
@@ -370,7 +375,9 @@ class TorchSparseDecode(torch.autograd.Function):
         ctx.nz, ctx.dense = nz, dense
         ctx.dense_grad_above = dense_grad_above
         ctx.grad_mask = grad_mask  # the object itself: it keys mask_positions (a bool tensor, no grad)
-        ctx.save_for_backward(acts if any(dense) else None, *W_dec)
+        # acts: the dense products read it, and the fused backward reads the activations at the mask's
+        # pairs from it (it is the encode's output: saving it keeps nothing alive that the loss does not)
+        ctx.save_for_backward(acts, *W_dec)
         return y.to(out_dtype)
 
     @staticmethod
@@ -381,18 +388,30 @@ class TorchSparseDecode(torch.autograd.Function):
         F = W_dec[0].shape[0]
         dY = _upcast(grad_y)
         need_acts = ctx.needs_input_grad[0]
-        need_W = any(ctx.needs_input_grad[3:])
-        acts_fm = ctx.nz.feature_major() if need_W and ctx.nz is not None else None
         grad_acts = pairs = None
         if need_acts:
             # [N, B, F] in memory like the encode's output; zeros where the gradient is not needed.
             grad_acts = dY.new_empty(N, B, F)  # every layer's slice is written by acts_grad
             pairs = sampled_pairs(grad_mask, N, ctx.dense_grad_above)
+        # the decoder norms' gradient coef[s, f] W_s[f], from the fused encode + decode (kernels/fused.py)
+        coef = getattr(ctx, "norm_coef", None)
+        fused = [need_acts and ctx.needs_input_grad[3 + s] and not ctx.dense[s] and pairs[s] is not None
+                 and _fused_grads_apply(dY, W_dec[s]) for s in range(N)]
+        acts_fm = None
         grad_W = []
         with _quiet_sparse():
             for s, w in enumerate(W_dec):
                 n_slots = w.shape[1]
                 dY_s = dY[:, s:s + n_slots].reshape(B, n_slots * D)
+                if fused[s]:
+                    with record_function(PHASES["decode_grads"]):
+                        dw = _decode_grads(grad_acts[s], dY_s, w, acts[:, s], pairs[s], ctx.nz.counts[s],
+                                           None if coef is None else coef[s])
+                    if dw is not None:
+                        grad_W.append(dw)
+                        continue
+                if acts_fm is None and ctx.nz is not None and ctx.needs_input_grad[3 + s]:
+                    acts_fm = ctx.nz.feature_major()
                 with record_function(PHASES["decoder_grad"]):
                     if ctx.needs_input_grad[3 + s] and ctx.dense[s]:
                         grad_W.append(torch.mm(_upcast(acts[:, s]).t(), dY_s).view(F, n_slots, D).to(w.dtype))
@@ -409,9 +428,40 @@ class TorchSparseDecode(torch.autograd.Function):
                 if need_acts:
                     with record_function(PHASES["acts_grad"]):
                         acts_grad(grad_acts[s], dY_s, _upcast(w).reshape(F, n_slots * D), pairs[s])
+                if coef is not None and grad_W[s] is not None:
+                    with record_function(PHASES["norms"]):
+                        grad_W[s] = grad_W[s].add_(w * coef[s].to(w.dtype)[:, None, None])
+        if coef is not None:
+            ctx.norm_coef_used = True
         if grad_acts is not None:
             grad_acts = grad_acts.to(grad_y.dtype).transpose(0, 1)
         return (grad_acts, None, None, *grad_W)
+
+
+def _fused_grads_apply(dY, w) -> bool:
+    """Whether a source layer's decoder and activation gradients can be one compiled pass (float32 on CPU)."""
+    return dY.dtype == w.dtype == torch.float32 and w.device.type == "cpu" and cpu_native.available()
+
+
+def _decode_grads(out, dY_s, w, acts_s, pairs, n_active: int, coef):
+    """One source layer's decode backward in one pass over its decoder rows (kernels/cpu_native.py,
+    decode_grads): out [B, F] <- dY_s W_s^T at the mask's pairs (0 elsewhere); returns dW_s = a_s^T dY_s
+    (+ coef[f] W_s[f], the decoder norms' gradient). The activations a_s [B, F] are read at the mask's
+    pairs: exact when those include all `n_active` non-zero activations of the layer, as training's
+    masks do (grad_mask is active | window, or active | below it); None (nothing written) otherwise."""
+    ccol, b_idx, _, f_idx = pairs
+    act = acts_s[b_idx, f_idx].to(torch.float32)
+    if int(torch.count_nonzero(act)) != n_active:
+        return None
+    F, n_slots, D = w.shape
+    W2 = w.detach().reshape(F, n_slots * D)
+    vals = dY_s.new_empty(b_idx.numel())
+    dw = torch.empty_like(W2)
+    cpu_native.decode_grads(W2, dY_s, ccol, b_idx, act, None if coef is None else coef.float().contiguous(),
+                            vals, dw)
+    out.zero_()
+    out[b_idx, f_idx] = vals
+    return dw.view(F, n_slots, D)
 
 
 def sampled_pairs(grad_mask, n_layers: int, dense_grad_above: float):

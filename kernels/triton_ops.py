@@ -15,15 +15,16 @@ same layout the reference einsum returns), so one layer's [B, F] slice is contig
 Decode access pattern (docs/design.md section 4): at realistic batch sizes almost every feature fires somewhere
 in the batch, so the decoder-weight gradient writes nearly every row of W_dec and the decode is bound
 by reading W_dec and writing its gradient, not by FLOPs. The weight-gradient kernel is therefore
-feature-major: one program per (feature, D-block, slot) walks that feature's active tokens and writes
-its decoder row exactly once (no atomics, no zero-fill pass). The forward is token-major with the
-token as the fastest grid axis: programs in flight share one (slot, D-block), whose F x BLOCK_D
-decoder slice stays in L2, so each decoder row is fetched from memory about once per step while its
-~B*density logical re-reads hit L2 (a feature-major forward would read rows once but scatter into y
-with atomics: as many fp32 read-modify-writes as the token-major's bf16 reads; benchmarks/
-kernels_compile.md counts both). Above DENSE_ACTS_ABOVE non-zero activations in a source layer, its
-forward and weight gradient are dense cuBLAS products, as on the torch path (the GPU switches below
-are far lower than the CPU's: see their comment).
+feature-major: one program per (feature, D-block, (source, slot) pair) walks that feature's active
+tokens and writes its decoder row exactly once (no atomics, no zero-fill pass). Each of the decode's
+products is one launch over all source layers (pointer tables to the per-layer W_dec[s] and dW[s]).
+The forward is token-major with the token as the fastest grid axis: programs in flight share one
+(slot, D-block), whose F x BLOCK_D decoder slice stays in L2, so each decoder row is fetched from
+memory about once per step while its ~B*density logical re-reads hit L2 (a feature-major forward
+would read rows once but scatter into y with atomics: as many fp32 read-modify-writes as the
+token-major's bf16 reads; benchmarks/kernels_compile.md counts both). Above DENSE_ACTS_ABOVE
+non-zero activations in a source layer, its forward and weight gradient are dense cuBLAS products,
+as on the torch path (the GPU switches below are far lower than the CPU's: see their comment).
 The activation gradient is exact wherever grad_mask says JumpReLU reads it: a sampled dense-dense
 kernel (one program per masked (token, feature) pair) when the mask is sparse, a dense cuBLAS product
 when it is dense (the straight-through window, eps = 2, is wide early in training; the fused
@@ -78,6 +79,12 @@ def decode_block_d(N: int, F: int, D: int, itemsize: int) -> int:
     while bd > 32 and N * F * bd * itemsize > DECODE_L2_BUDGET:
         bd //= 2
     return min(bd, max(32, triton.next_power_of_2(D)))
+
+
+# The window sums (window_totals): [BLOCK_F, BLOCK_K] tiles of decoder rows, 16 fp32 accumulators a
+# thread at 4 warps; each row chunk is 128 contiguous values (256 B in bf16), so loads coalesce.
+WINDOW_BLOCKS = dict(block_f=16, block_k=128)
+WINDOW_LAUNCH = {} if INTERPRET else dict(num_warps=4)
 
 
 def _decode_launch(block_d: int) -> dict:
@@ -288,8 +295,10 @@ def triton_encode(x, W_enc, b_enc, log_threshold, bandwidth: float, st_to_preact
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sparse decode, one launch per source layer (sequential launches accumulate into y without atomics).
-# Every kernel handles one target slot j per program (grid axis 2): no slot padding to a power of two.
+# Sparse decode: each product is one launch over all source layers, which the kernels reach through
+# tables of W_dec[s] / dW[s] addresses and row strides (each is its own tensor of [F, N - s or 1, D]).
+# At N = 30 that is 465 (source, target) pairs: per-layer launches (and per-layer index preparation)
+# would cost more host time than the GPU spends on a layer. No slot padding to a power of two.
 
 
 @triton.jit
@@ -326,47 +335,82 @@ def _decode_fwd_kernel(y_ptr, w0_ptr, wptrs_ptr, wrows_ptr, rowptr_ptr, col_ptr,
 
 
 @triton.jit
-def _decode_dw_kernel(dw_ptr, dy_ptr, colptr_ptr, row_ptr, val_ptr,
-                      s, D, sdb, sdn, sdwf, sdws,
+def _decode_dw_kernel(dw0_ptr, dwptrs_ptr, dwrows_ptr, pairs_ptr, dy_ptr, colptr_ptr, row_ptr, val_ptr,
+                      F, D, sdb, sdn,
                       BLOCK_D: tl.constexpr):
-    # dW_s[f, j, d-block] = sum over feature f's active tokens b of a[b, s, f] * dY[b, s + j, d-block];
-    # written once per row (zeros for features that did not fire): no atomics, no zero-fill pass.
-    f = tl.program_id(0)
+    # dW_s[f, j, d-block] = sum over feature f's active tokens b in source layer s of
+    # a[b, s, f] * dY[b, s + j, d-block], for every listed (s, j) pair (grid axis 2; a table of int32
+    # [2, P]: sources whose product is dense are not listed) in one launch. Written once per row
+    # (zeros for features that did not fire): no atomics, no zero-fill pass. Feature is the fastest
+    # grid axis: the programs in flight share (s, j, d-block) and so one [B, BLOCK_D] slice of dY.
+    f = tl.program_id(0).to(tl.int64)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    j = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(2)
+    s = tl.load(pairs_ptr + p).to(tl.int64)
+    j = tl.load(pairs_ptr + tl.num_programs(2) + p).to(tl.int64)
     ok = rd < D
-    start = tl.load(colptr_ptr + f)
-    end = tl.load(colptr_ptr + f + 1)
+    # the all-layer feature-major CSR: layer s's feature f is column s * F + f
+    start = tl.load(colptr_ptr + s * F + f)
+    end = tl.load(colptr_ptr + s * F + f + 1)
     g_slot = dy_ptr + (s + j) * sdn + rd
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for k in range(start, end):
         b = tl.load(row_ptr + k).to(tl.int64)
         a = tl.load(val_ptr + k).to(tl.float32)
         acc += a * tl.load(g_slot + b * sdb, mask=ok, other=0.0).to(tl.float32)
-    out = dw_ptr + f.to(tl.int64) * sdwf + j * sdws + rd
-    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+    dw = tl.load(dwptrs_ptr + s).to(tl.pointer_type(dw0_ptr.dtype.element_ty))
+    out = dw + f * tl.load(dwrows_ptr + s) + j * D + rd
+    tl.store(out, acc.to(dw0_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _decode_sampled_grad_kernel(ga_ptr, dy_ptr, w_ptr, pb_ptr, pf_ptr,
-                                s, D, S, sgb, sdb, sdn, swf, sws,
+def _decode_sampled_grad_kernel(ga_ptr, dy_ptr, w0_ptr, wptrs_ptr, wrows_ptr, wlen_ptr, ps_ptr, pb_ptr, pf_ptr,
+                                B, F, sdb, sdn,
                                 BLOCK_D: tl.constexpr):
-    # d loss / d a[b, s, f] = <dY[b, s:s+S, :], W_s[f, :, :]> for one masked (token, feature) pair;
-    # ga_ptr points at layer s's [B, F] slice (the host forms the layer offset, in 64 bits).
+    # d loss / d a[b, s, f] = <dY[b, s:s+S_s, :], W_s[f, :, :]> for one masked (layer, token, feature)
+    # triple, all layers in one launch (ga [N, B, F], contiguous). Both operands are contiguous runs of
+    # S_s * D values (W_s's row f; dY's row b from slot s on, slots contiguous in dY), so the dot is
+    # one flat loop with no ragged D-block per slot. Pairs are feature-major within a layer:
+    # neighbouring programs share a decoder row, which is read from memory about once.
     p = tl.program_id(0)
+    s = tl.load(ps_ptr + p).to(tl.int64)
     b = tl.load(pb_ptr + p).to(tl.int64)
     f = tl.load(pf_ptr + p).to(tl.int64)
+    row_len = tl.load(wlen_ptr + s)  # S_s * D
+    w_row = tl.load(wptrs_ptr + s).to(tl.pointer_type(w0_ptr.dtype.element_ty)) + f * tl.load(wrows_ptr + s)
     g_row = dy_ptr + b * sdb + s * sdn
-    w_row = w_ptr + f * swf
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for j in range(0, S):
-        for d0 in range(0, D, BLOCK_D):
-            rd = d0 + tl.arange(0, BLOCK_D)
-            ok = rd < D
-            g = tl.load(g_row + j * sdn + rd, mask=ok, other=0.0)
-            w = tl.load(w_row + j * sws + rd, mask=ok, other=0.0)
-            acc += g.to(tl.float32) * w.to(tl.float32)
-    tl.store(ga_ptr + b * sgb + f, tl.sum(acc, axis=0))
+    for k0 in range(0, row_len, BLOCK_D):
+        rk = k0 + tl.arange(0, BLOCK_D)
+        ok = rk < row_len
+        g = tl.load(g_row + rk, mask=ok, other=0.0)
+        w = tl.load(w_row + rk, mask=ok, other=0.0)
+        acc += g.to(tl.float32) * w.to(tl.float32)
+    tl.store(ga_ptr + (s * B + b) * F + f, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _window_totals_kernel(t_ptr, col_ptr, w0_ptr, wptrs_ptr, wrows_ptr, wlen_ptr, F, D,
+                          BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+    # T[s, f] = <W_s[f, :, :], colsum(dY)[s:s+S_s, :]> (kernels/fused.py's window sums) for a block of
+    # features of one source layer s (grid axis 1): all layers in one launch, reading each decoder
+    # element once in its own dtype (no fp32 copy of W_s), fp32 accumulation. col [N, D] is
+    # contiguous, so slots s.. of it are one run of S_s * D values, as W_s's row is.
+    rf = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    s = tl.program_id(1).to(tl.int64)
+    f_ok = rf < F
+    row_len = tl.load(wlen_ptr + s)  # S_s * D
+    w_rows = tl.load(wptrs_ptr + s).to(tl.pointer_type(w0_ptr.dtype.element_ty)) + \
+        rf.to(tl.int64)[:, None] * tl.load(wrows_ptr + s)
+    c_run = col_ptr + s * D
+    acc = tl.zeros((BLOCK_F, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, row_len, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < row_len
+        c = tl.load(c_run + rk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + rk[None, :], mask=f_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * c[None, :]
+    tl.store(t_ptr + s * F + rf, tl.sum(acc, axis=1), mask=f_ok)
 
 
 def check_decode_inputs(acts, W_dec, grad_mask, where: str = "triton_decode"):
@@ -427,8 +471,7 @@ class _TritonDecode(torch.autograd.Function):
                 if dense[s]:
                     rowptr[s] = rowptr[s, :1]
             _check_index(nz.f, F, "triton_decode: feature index")
-            tables = torch.tensor([[w.data_ptr() for w in W_dec], [w.stride(0) for w in W_dec]],
-                                  dtype=torch.int64, device=acts.device)
+            tables = _weight_table(W_dec, acts.device)
             grid = (B, triton.cdiv(D, block_d), N)
             _check_grid(grid, "triton_decode forward")
             _decode_fwd_kernel[grid](y, W_dec[0], tables[0], tables[1], rowptr, nz.f, nz.values, B, D,
@@ -451,48 +494,110 @@ class _TritonDecode(torch.autograd.Function):
         acts, *W_dec = ctx.saved_tensors
         B, N, D = grad_y.shape
         F, block_d = W_dec[0].shape[0], ctx.block_d
-        dY = grad_y.contiguous()
-        need_acts = ctx.needs_input_grad[0]
-        need_W = any(ctx.needs_input_grad[4:])
-        acts_fm = ctx.nz.feature_major() if need_W and ctx.nz is not None else None
-        grad_acts = pairs = None
-        if need_acts:
-            grad_acts = torch.zeros(N, B, F, dtype=torch.float32, device=dY.device)
-            pairs = sampled_pairs(ctx.grad_mask, N, ctx.dense_grad_above)
-        grad_W = []
-        for s, w in enumerate(W_dec):
-            n_slots = w.shape[1]
-            if ctx.needs_input_grad[4 + s] and ctx.dense[s]:
+        dY = grad_y.contiguous()  # the sampled kernel reads dY[b, s:] as one run of values
+        dev = dY.device
+        need_Ws = ctx.needs_input_grad[4:]
+        launch = _decode_launch(block_d)
+        grad_W = [None] * N
+        # Weight gradients: dense sources as matmuls, all the others in one launch.
+        kernel_sources = [s for s in range(N) if need_Ws[s] and not ctx.dense[s]]
+        for s in range(N):
+            if need_Ws[s] and ctx.dense[s]:
+                n_slots = W_dec[s].shape[1]
                 dY_s = dY[:, s:s + n_slots].reshape(B, n_slots * D)
-                grad_W.append(acts[:, s].to(dY.dtype).t().mm(dY_s).view(F, n_slots, D).to(w.dtype))
-            elif ctx.needs_input_grad[4 + s]:
-                ccol, b_idx, values, _ = acts_fm[s]
-                dw = torch.empty(F, n_slots, D, dtype=w.dtype, device=w.device)
-                if values.numel() == 0:
-                    dw.zero_()
-                else:
-                    _check_csr(ccol, b_idx, F, B, f"triton_decode weight gradient, layer {s}")
-                    grid = (F, triton.cdiv(D, block_d), n_slots)
-                    _check_grid(grid, "triton_decode weight gradient")
-                    _decode_dw_kernel[grid](dw, dY, ccol, b_idx, values, s, D, *dY.stride()[:2],
-                                            *dw.stride()[:2], BLOCK_D=block_d, **_decode_launch(block_d))
-                grad_W.append(dw)
-            else:
-                grad_W.append(None)
-            if need_acts:
-                if pairs[s] is not None:
-                    _, pb, _, pf = pairs[s]  # feature-major: neighbouring programs share a decoder row
-                    if pb.numel():
-                        _check_grid((pb.numel(),), "triton_decode activation gradient")
-                        _decode_sampled_grad_kernel[(pb.numel(),)](
-                            grad_acts[s], dY, w, pb, pf, s, D, n_slots, grad_acts.stride(1),
-                            *dY.stride()[:2], *w.stride()[:2], BLOCK_D=block_d, **_decode_launch(block_d))
-                else:
+                grad_W[s] = acts[:, s].to(dY.dtype).t().mm(dY_s).view(F, n_slots, D).to(W_dec[s].dtype)
+        if kernel_sources:
+            for s in kernel_sources:  # every element is written by the kernel (zeros where none fired)
+                grad_W[s] = torch.empty_like(W_dec[s])
+            colptr, b_idx, values = _feature_major_all(ctx.nz, F)
+            _check_csr(colptr, b_idx, N * F, B, "triton_decode weight gradient")
+            pairs = _slot_pairs(tuple((s, W_dec[s].shape[1]) for s in kernel_sources), dev)
+            dw_table = _weight_table([grad_W[s] if s in kernel_sources else None for s in range(N)], dev)
+            grid = (F, triton.cdiv(D, block_d), pairs.shape[1])
+            _check_grid(grid, "triton_decode weight gradient")
+            _decode_dw_kernel[grid](grad_W[kernel_sources[0]], dw_table[0], dw_table[1], pairs, dY, colptr, b_idx,
+                                    values, F, D, *dY.stride()[:2], BLOCK_D=block_d, **launch)
+        grad_acts = None
+        if ctx.needs_input_grad[0]:
+            layer_pairs = sampled_pairs(ctx.grad_mask, N, ctx.dense_grad_above)
+            sampled = [s for s in range(N) if layer_pairs[s] is not None]
+            # [N, B, F] like the encode's output; zeros off the mask of the sampled layers
+            grad_acts = (torch.zeros if sampled else torch.empty)(N, B, F, dtype=torch.float32, device=dev)
+            for s in range(N):
+                if layer_pairs[s] is None:
+                    w = W_dec[s]
+                    n_slots = w.shape[1]
                     dY_s = dY[:, s:s + n_slots].reshape(B, n_slots * D)
                     grad_acts[s] = (dY_s.to(w.dtype) @ w.reshape(F, n_slots * D).t()).float()
-        if grad_acts is not None:
+            counts = [layer_pairs[s][1].numel() for s in sampled]
+            total = sum(counts)
+            if total:
+                # one (layer, token, feature) listing of every sampled layer, feature-major within each
+                pb = torch.cat([layer_pairs[s][1] for s in sampled])
+                pf = torch.cat([layer_pairs[s][3] for s in sampled])
+                ps = torch.repeat_interleave(torch.tensor(sampled, device=dev), torch.tensor(counts, device=dev),
+                                             output_size=total)
+                _check_index(pb, B, "triton_decode activation gradient: token index")
+                _check_index(pf, F, "triton_decode activation gradient: feature index")
+                w_table = _weight_table(W_dec, dev)
+                _check_grid((total,), "triton_decode activation gradient")
+                _decode_sampled_grad_kernel[(total,)](grad_acts, dY, W_dec[0], *w_table, ps, pb, pf,
+                                                      B, F, *dY.stride()[:2], BLOCK_D=block_d, **launch)
             grad_acts = grad_acts.to(grad_y.dtype).transpose(0, 1)
         return (grad_acts, None, None, None, *grad_W)
+
+
+def _weight_table(tensors, device):
+    """int64 [3, N]: each [F, S_s, D] tensor's address, row stride and row length S_s * D (equal for
+    a contiguous one), for the kernels' pointer tables; zeros for a None (a layer no kernel reads)."""
+    rows = [(t.data_ptr(), t.stride(0), t.shape[1] * t.shape[2]) if t is not None else (0, 0, 0)
+            for t in tensors]
+    return torch.tensor(list(zip(*rows)), dtype=torch.int64, device=device)
+
+
+_SLOT_PAIRS: dict = {}
+
+
+def _slot_pairs(sources: tuple, device) -> torch.Tensor:
+    """int32 [2, P]: (source s, slot j) for every slot of the given (s, S_s) sources (the weight
+    gradient's grid axis 2); kept per layout and device, so a step copies no table to the GPU."""
+    key = (sources, str(device))
+    table = _SLOT_PAIRS.get(key)
+    if table is None:
+        if len(_SLOT_PAIRS) >= 64:  # which layers are dense changes over training: keep the cache small
+            _SLOT_PAIRS.clear()
+        pairs = [(s, j) for s, n_slots in sources for j in range(n_slots)]
+        table = _SLOT_PAIRS[key] = torch.tensor(pairs, dtype=torch.int32).t().contiguous().to(device)
+    return table
+
+
+def _feature_major_all(nz, F: int):
+    """The activations' non-zeros of all layers as one feature-major CSR: (column pointers [N * F + 1]
+    into the concatenated listing, where layer s's feature f is column s * F + f; token index;
+    value). One stable sort for all layers (tokens stay ascending within a column)."""
+    key = nz.s * F + nz.f
+    order = torch.argsort(key, stable=True)
+    colptr = torch.zeros(nz.N * F + 1, dtype=torch.int64, device=key.device)
+    colptr[1:] = torch.bincount(key, minlength=nz.N * F).cumsum(0)
+    return colptr, nz.b[order], nz.values[order]
+
+
+def window_totals(grad_y, W_dec, *, block_f: int = WINDOW_BLOCKS["block_f"],
+                  block_k: int = WINDOW_BLOCKS["block_k"]):
+    """[N, F] float32: T[s, f] = sum_b <dY[b, s:s+S_s], W_s[f]> (kernels/fused.py's window sums; its
+    `_window_totals` is the twin) in one launch over all source layers."""
+    B, N, D = grad_y.shape
+    F = W_dec[0].shape[0]
+    _require(len(W_dec) == N and all(w.is_contiguous() and w.shape[0] == F and w.shape[2] == D for w in W_dec),
+             f"window_totals: W_dec must be {N} contiguous [F={F}, S, D={D}] tensors")
+    col = grad_y.float().sum(0)  # [N, D], contiguous
+    out = torch.empty(N, F, dtype=torch.float32, device=grad_y.device)
+    table = _weight_table(W_dec, grad_y.device)
+    grid = (triton.cdiv(F, block_f), N)
+    _check_grid(grid, "window_totals")
+    _window_totals_kernel[grid](out, col, W_dec[0], *table, F, D, BLOCK_F=block_f, BLOCK_K=block_k,
+                                **WINDOW_LAUNCH)
+    return out
 
 
 def triton_decode(acts, W_dec, grad_mask=None, *, dense_grad_above: float = DENSE_GRAD_ABOVE,

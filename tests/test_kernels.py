@@ -230,6 +230,51 @@ def test_decode_mixed_mask_density(impl, monkeypatch):
                   dense_grad_above=0.5, **kw)
 
 
+class _CountLaunches:
+    """Stands in for a Triton kernel: records each launch's grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@needs_triton
+@pytest.mark.parametrize("per_layer", [False, True], ids=["cross-layer", "per-layer"])
+def test_triton_decode_many_layers_one_launch(per_layer, monkeypatch):
+    """N = 7 source layers (28 (source, target) pairs), ragged sizes: each backward product is one
+    launch over all source layers, beside the per-source dense fallbacks. Layer 0 has no active
+    feature and nothing in the mask (a sampled layer with no pairs), layer 2's activations are dense
+    (dense products for all three), layer 4's mask is full (dense activation gradient). Every
+    gradient is compared per source layer, so a layer skipped, double-counted or given another
+    layer's decoder fails; the launch grids must list exactly the kernel layers' (source, slot) pairs
+    and masked positions."""
+    B, N, D, F = 19, 7, 45, 21
+    acts, W, dY, mask = _decode_inputs(B, N, D, F, per_layer, 0.12, 0.05, "many", torch.float32, seed=7)
+    g = _gen(8)
+    acts[:, 0] = 0
+    acts[:, 2] = (torch.rand(B, F, generator=g) + 0.1) * (torch.rand(B, F, generator=g) < 0.6)
+    mask = (acts != 0) | (torch.rand(B, N, F, generator=g) < 0.05)
+    mask[:, 0] = False
+    mask[:, 4] = True
+    density = (acts != 0).double().mean((0, 2))
+    assert density[0] == 0 and density[2] > 0.3 and all(0 < density[s] < 0.3 for s in (1, 3, 4, 5, 6))
+    monkeypatch.setattr(triton_ops, "DENSE_ACTS_ABOVE", 0.3)  # layer 2 dense, the others listed
+    dw_kernel = _CountLaunches(triton_ops._decode_dw_kernel)
+    ga_kernel = _CountLaunches(triton_ops._decode_sampled_grad_kernel)
+    monkeypatch.setattr(triton_ops, "_decode_dw_kernel", dw_kernel)
+    monkeypatch.setattr(triton_ops, "_decode_sampled_grad_kernel", ga_kernel)
+    _check_decode(triton_ops.triton_decode, acts.to(DEV), [w.to(DEV) for w in W], dY.to(DEV), mask.to(DEV),
+                  1e-5, dense_grad_above=0.5, block_d=16)
+    slots = [w.shape[1] for w in W]
+    assert dw_kernel.grids == [(F, math.ceil(D / 16), sum(slots) - slots[2])]
+    sampled = [s for s in range(N) if mask[:, s].sum() <= 0.5 * B * F]  # layers 2 and 4: dense products
+    assert sampled == [0, 1, 3, 5, 6]
+    assert ga_kernel.grids == [(int(mask[:, sampled].sum()),)]
+
+
 @needs_cuda
 @pytest.mark.parametrize("acts_grad", ["sampled", "dense"])
 def test_triton_decode_bf16(acts_grad, monkeypatch):

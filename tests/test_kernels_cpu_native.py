@@ -130,8 +130,8 @@ def test_decode_same_with_and_without_compiled_kernel(monkeypatch):
     float64 reference agree (where no compiler works both runs take the fallback, and still agree)."""
     acts, W, dY, mask = _decode_float32()
     calls = []
-    real = cpu_native.sampled_product
-    monkeypatch.setattr(cpu_native, "sampled_product", lambda *a: calls.append(1) or real(*a))
+    real = cpu_native.decode_grads
+    monkeypatch.setattr(cpu_native, "decode_grads", lambda *a: calls.append(1) or real(*a))
     native = _decode_grads(acts, W, dY, mask)
     assert calls, "the decode did not ask for the compiled kernel"
     monkeypatch.setenv("CLTRAIN_CPU_KERNELS", "0")
@@ -142,8 +142,50 @@ def test_decode_same_with_and_without_compiled_kernel(monkeypatch):
     for name, got in (("compiled", native), ("fallback", fallback)):
         torch.testing.assert_close(got[0][mask].double(), ref[0][mask], rtol=1e-5, atol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+        for s, (g, r) in enumerate(zip(got[1:], ref[1:])):
+            torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name, s=s: f"{name}, W_dec[{s}]: {m}")
     if NATIVE:
         assert not torch.equal(native[0], torch.zeros_like(native[0]))
+
+
+def test_decode_with_a_mask_missing_active_positions():
+    """A mask that leaves out active positions (allowed: the activation gradient is asked for on the
+    mask only) still gives the exact decoder gradient: the one-pass kernel reads activations at the
+    mask's pairs, so such a layer takes the separate products."""
+    acts, W, dY, mask = _decode_float32(seed=1)
+    mask = mask & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(2)) < 0.5)
+    got = _decode_grads(acts, W, dY, mask)
+    W_r = [w.double().requires_grad_() for w in W]
+    ref = torch.autograd.grad(reference_decode(acts.double(), W_r), W_r, dY.double())
+    for s, (g, r) in enumerate(zip(got[1:], ref)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5, msg=lambda m, s=s: f"W_dec[{s}]: {m}")
+
+
+@needs_native
+@pytest.mark.parametrize("F,K,B,density", [(37, 100, 29, 0.2), (64, 16 * 9, 100, 0.05), (5, 7, 3, 0.5),
+                                           (9, 16 * 9 + 5, 11, 0.3), (50, 576 * 2 + 64, 64, 0.1), (8, 33, 5, 0.0)])
+@pytest.mark.parametrize("with_coef", [True, False], ids=["coef", "no-coef"])
+def test_decode_grads_one_pass(F, K, B, density, with_coef):
+    """cpu_native.decode_grads against its definition on ragged shapes (K not a multiple of the
+    vector width or block, features without pairs, inactive pairs, strided Y): the dot products at
+    the pairs and dW = coef W + sum act Y, with dW overwritten wherever it was garbage."""
+    g = torch.Generator().manual_seed(F * K + B)
+    W = torch.randn(F, K + 3, generator=g)[:, :K]
+    Y = torch.randn(B, K + 5, generator=g)[:, :K]
+    pairs = (torch.rand(F, B, generator=g) < density).nonzero()
+    f, b = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+    ccol = torch.zeros(F + 1, dtype=torch.int64)
+    ccol[1:] = torch.bincount(f, minlength=F).cumsum(0)
+    act = torch.randn(len(f), generator=g) * (torch.rand(len(f), generator=g) < 0.5)
+    coef = torch.randn(F, generator=g) if with_coef else None
+    out = torch.full((len(f),), float("nan"))
+    dW = torch.full((F, K + 2), float("nan"))[:, :K]
+    assert cpu_native.decode_grads(W, Y, ccol, b, act, coef, out, dW)
+    ref_dW = (coef[:, None] * W.double()) if with_coef else torch.zeros(F, K, dtype=torch.float64)
+    ref_dW.index_add_(0, f, act.double()[:, None] * Y.double()[b])
+    torch.testing.assert_close(out.double(), (W.double()[f] * Y.double()[b]).sum(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dW.double(), ref_dW, rtol=1e-5, atol=1e-4)
 
 
 def test_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch):
@@ -200,7 +242,7 @@ def test_training_step_same_with_and_without_compiled_kernels(bandwidth, monkeyp
     x = torch.randn(160, 3, 24, generator=g, dtype=torch.float64)
     y = torch.randn(160, 3, 24, generator=g, dtype=torch.float64)
     y_ref, g_ref = _step_grads("dense", torch.float64, bandwidth, x, y)
-    used = {"sampled_product": 0, "csr_dense": 0}
+    used = {"sampled_product": 0, "csr_dense": 0, "decode_grads": 0}
 
     def counting(name, real):
         def call(*args):
@@ -217,8 +259,8 @@ def test_training_step_same_with_and_without_compiled_kernels(bandwidth, monkeyp
     runs["fallback"] = _step_grads("torch_sparse", torch.float32, bandwidth, x, y)
     assert used == compiled_calls, "compiled kernels ran with CLTRAIN_CPU_KERNELS=0"
     if NATIVE:
-        # per source layer: the forward and the weight gradient; the activation gradient on the mask
-        assert compiled_calls["csr_dense"] == 6 and compiled_calls["sampled_product"] == 3, compiled_calls
+        # per source layer: the forward; the weight gradient and the activation gradient on the mask in one pass
+        assert compiled_calls == {"csr_dense": 3, "decode_grads": 3, "sampled_product": 0}, compiled_calls
     for run, (y_k, g_k) in runs.items():
         torch.testing.assert_close(y_k.double(), y_ref, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, r=run: f"{r} y_hat: {m}")
@@ -245,8 +287,8 @@ def test_density_switch_follows_the_products(monkeypatch):
     mask = (acts != 0) | (torch.rand(B, N, F, generator=g) < 0.04)
     assert 0.1 < mask.float().mean() < torch_ops.COMPILED_DENSE_ABOVE
     used = []
-    real = cpu_native.sampled_product
-    monkeypatch.setattr(cpu_native, "sampled_product", lambda *a: used.append(1) or real(*a))
+    real = cpu_native.decode_grads
+    monkeypatch.setattr(cpu_native, "decode_grads", lambda *a: used.append(1) or real(*a))
     a = acts.clone().requires_grad_()
     ws = [w.clone().requires_grad_() for w in W]
     got = torch.autograd.grad(torch_sparse_decode(a, ws, mask), [a, *ws], dY)
@@ -263,7 +305,7 @@ def test_density_switch_follows_the_products(monkeypatch):
 
 @pytest.mark.skipif(not NATIVE or os.uname().machine != "x86_64", reason="an x86-64 build of the kernels")
 def test_kernels_built_for_avx2_match_float64(tmp_path, monkeypatch):
-    """The narrower-vector code path (no AVX-512: ACC_VECS 4, as on AVX2 or NEON machines), built here
+    """The narrower-vector code path (no AVX-512: ACC_VECS 4 and GRAD_VECS 2, as on AVX2 or NEON machines), built here
     for x86-64-v3 and checked against float64 like the native build."""
     monkeypatch.setenv("CLTRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_native, "FLAGS", [f if f != "-march=native" else "-march=x86-64-v3"
@@ -273,3 +315,5 @@ def test_kernels_built_for_avx2_match_float64(tmp_path, monkeypatch):
     for K in (15, 64, 300):
         test_csr_dense_matches_float64(K, True, 2, monkeypatch)
         test_sampled_product_matches_float64(K, 32, 2, monkeypatch)
+    for F, K, B, density in ((37, 100, 29, 0.2), (9, 16 * 9 + 5, 11, 0.3)):  # GRAD_VECS 2 there
+        test_decode_grads_one_pass(F, K, B, density, True)

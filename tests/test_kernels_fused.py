@@ -22,6 +22,7 @@ if TRITON_IN_PROCESS and not CUDA:
 
 from cltrain import kernels  # noqa: E402
 from cltrain.kernels import fused  # noqa: E402
+from cltrain.kernels import cpu_native  # noqa: E402
 from cltrain.train.clt import (CLT, CLTConfig, LossWeights, loss_terms, reference_decode,  # noqa: E402
                                reference_encode)
 
@@ -51,12 +52,14 @@ def _inputs(B, N, D, F, per_layer, seed=0):
     return x, W, b, theta.log(), W_dec
 
 
-def _loss(enc, y, gy, ga, gg, use):
+def _loss(enc, y, gy, ga, gg, use, norms=None, gn=None):
     loss = (y * gy).sum()
     if "acts" in use:
         loss = loss + (enc.acts * ga).sum()
     if "gap" in use:
         loss = loss + (enc.preact_gap * gg).sum()
+    if "norms" in use:  # the decoder norms: the fused Function's output, the reference's from W_dec
+        loss = loss + ((enc.decoder_norms if norms is None else norms) * gn).sum()
     return loss
 
 
@@ -75,7 +78,7 @@ CASES = [  # B, N, D, F, per_layer
 SMALL = {37: (13, 3, 12, 24), 23: (11, 1, 12, 20), 29: (12, 3, 12, 18)}
 
 
-def _run(impl, B, N, D, F, per_layer, eps, st, use, dtype, rtol, monkeypatch):
+def _run(impl, B, N, D, F, per_layer, eps, st, use, dtype, rtol, monkeypatch, dga=None):
     x, W, b, lt, W_dec = _inputs(B, N, D, F, per_layer)
     with torch.no_grad():
         e = reference_encode(x, W, b, lt, eps, st)
@@ -83,16 +86,18 @@ def _run(impl, B, N, D, F, per_layer, eps, st, use, dtype, rtol, monkeypatch):
         p_density = ((diff > 0) | (diff <= -eps / 2)).double().mean().item()
         mask_density = e.grad_mask.double().mean().item()
     # between the two densities: the fused backward takes the window-complement path when it may
-    dga = (p_density + mask_density) / 2
+    dga = (p_density + mask_density) / 2 if dga is None else dga
     g = _gen(3)
     gy = torch.randn(B, N, D, generator=g, dtype=torch.float64)
     ga = torch.randn(B, N, F, generator=g, dtype=torch.float64)
     gg = torch.randn(N, F, generator=g, dtype=torch.float64)
+    gn = torch.randn(N, F, generator=g, dtype=torch.float64)
 
     params = [t.clone().requires_grad_() for t in (W, b, lt, *W_dec)]
     enc = reference_encode(x, *params[:3], eps, st)
     y = reference_decode(enc.acts, params[3:])
-    ref = torch.autograd.grad(_loss(enc, y, gy, ga, gg, use), params)
+    norms = torch.stack([w.pow(2).sum(dim=(1, 2)).sqrt() for w in params[3:]])
+    ref = torch.autograd.grad(_loss(enc, y, gy, ga, gg, use, norms, gn), params)
 
     calls = []
     original = fused._window_totals
@@ -102,10 +107,11 @@ def _run(impl, B, N, D, F, per_layer, eps, st, use, dtype, rtol, monkeypatch):
     kw = {} if impl == "torch" else dict(blocks=dict(block_b=32, block_f=32, block_d=32, block_b_bwd=32),
                                          block_d=32)
     enc_k, y_k = fn(x.to(DEV, dtype), *params_k[:3], params_k[3:], eps, st, dense_grad_above=dga, **kw)
-    loss_k = _loss(enc_k, y_k, gy.to(DEV, dtype), ga.to(DEV, dtype), gg.to(DEV, dtype), use)
+    loss_k = _loss(enc_k, y_k, gy.to(DEV, dtype), ga.to(DEV, dtype), gg.to(DEV, dtype), use, gn=gn.to(DEV, dtype))
     got = torch.autograd.grad(loss_k, params_k)
     _close(y_k.detach(), y.detach(), rtol, "y_hat")
     _close(enc_k.acts.detach(), enc.acts.detach(), rtol, "acts")
+    _close(enc_k.decoder_norms.detach(), norms.detach(), rtol, "decoder norms")
     names = ["W_enc", "b_enc", "log_threshold"] + [f"W_dec[{s}]" for s in range(N)]
     for name, a, r in zip(names, got, ref):
         _close(a, r, rtol, f"grad {name}")
@@ -113,13 +119,31 @@ def _run(impl, B, N, D, F, per_layer, eps, st, use, dtype, rtol, monkeypatch):
 
 
 @pytest.mark.parametrize("B,N,D,F,per_layer", CASES, ids=["ragged", "N=1", "per-layer"])
-@pytest.mark.parametrize("use", ["mse", "mse+acts", "mse+acts+gap"])
+@pytest.mark.parametrize("use", ["mse", "mse+acts", "mse+acts+gap", "mse+acts+gap+norms"])
 @pytest.mark.parametrize("st", [False, True], ids=["st-off", "st-to-preact"])
 def test_torch_encode_decode(B, N, D, F, per_layer, use, st, monkeypatch):
     calls, p, m = _run("torch", B, N, D, F, per_layer, 0.9, st, use, torch.float64, 1e-10, monkeypatch)
     # the window-complement path ran exactly where it applies (and only there)
     assert p < m, f"inputs do not exercise the window-complement path: P {p:.2f} >= mask {m:.2f}"
     assert len(calls) == (0 if st else 1)
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason=f"no compiled CPU kernels: {cpu_native.failure()}")
+@pytest.mark.parametrize("B,N,D,F,per_layer", CASES + [(41, 5, 37, 45, False)],
+                         ids=["ragged", "N=1", "per-layer", "N=5,D=37"])
+@pytest.mark.parametrize("st", [False, True], ids=["st-off", "st-to-preact"])
+def test_torch_encode_decode_float32_one_pass(B, N, D, F, per_layer, st, monkeypatch):
+    # float32 on CPU: each source layer's decoder gradient (with the norms' term folded in) and
+    # activation gradient come from the compiled one-pass kernel (cpu_native.decode_grads), on the
+    # window-complement's P or on grad_mask; equal to the float64 reference to float32 rounding
+    used = []
+    original = cpu_native.decode_grads
+    monkeypatch.setattr(cpu_native, "decode_grads", lambda *a: used.append(a[0].shape) or original(*a))
+    # straight-through to h on: no window complement, so list grad_mask itself (dense_grad_above 1)
+    _run("torch", B, N, D, F, per_layer, 0.9, st, "mse+acts+gap+norms", torch.float32, 2e-5, monkeypatch,
+         dga=1.0 if st else None)
+    # (a layer whose own mask or activations are dense takes the dense products instead)
+    assert used, f"the one-pass kernel ran for none of the {N} source layers"
 
 
 @pytest.mark.skipif(not TRITON_IN_PROCESS, reason="triton not importable, or imported before "
@@ -132,6 +156,46 @@ def test_triton_encode_decode(case, st, monkeypatch):
     calls, p, m = _run("triton", B, N, D, F, per_layer, 0.9, st, "mse+acts+gap", torch.float32, 1e-5,
                        monkeypatch)
     assert p < m and len(calls) == (0 if st else 1)
+
+
+NEEDS_TRITON = pytest.mark.skipif(not TRITON_IN_PROCESS, reason="triton not importable, or imported before "
+                                  "TRITON_INTERPRET could be set (see test_kernels.py)")
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("per_layer", [False, True], ids=["cross-layer", "per-layer"])
+def test_triton_window_totals_matches_twin(per_layer):
+    # The one-launch window sums against _window_totals' per-layer matrix-vector products, on ragged
+    # sizes (N = 7, F = 37 over 16-feature blocks, S_s * D over 32-value chunks, B odd) with one
+    # source layer's decoder zero; every layer's row is compared, so a layer skipped, read with
+    # another layer's decoder or slots, or summed twice fails.
+    from cltrain.kernels import triton_ops
+
+    B, N, D, F = 19, 7, 13, 37
+    g = _gen(9)
+    W_dec = [torch.randn(F, 1 if per_layer else N - s, D, generator=g) for s in range(N)]
+    W_dec[3].zero_()
+    grad_y = torch.randn(B, N, D, generator=g)
+    got = triton_ops.window_totals(grad_y.to(DEV), [w.to(DEV) for w in W_dec], block_f=16, block_k=32)
+    want = fused._window_totals(grad_y.double(), [w.double() for w in W_dec])
+    assert got.dtype == torch.float32 and got.shape == (N, F)
+    for s in range(N):
+        _close(got[s], want[s], 1e-5, f"window totals of source layer {s}")
+    _close(got, want, 1e-5, "window totals")
+
+
+@NEEDS_TRITON
+def test_triton_encode_decode_many_layers(monkeypatch):
+    # N = 6 through the fused Function's window-complement path with the Triton window kernel (one
+    # launch, counted) and the one-launch decode backward: every gradient against the composition.
+    from cltrain.kernels import triton_ops
+
+    launches = []
+    original = triton_ops.window_totals
+    monkeypatch.setattr(triton_ops, "window_totals", lambda *a, **k: launches.append(1) or original(*a, **k))
+    calls, p, m = _run("triton", 15, 6, 12, 20, False, 0.9, False, "mse+acts+gap", torch.float32, 1e-5,
+                       monkeypatch)
+    assert p < m and len(calls) == 1 and len(launches) == 1
 
 
 def test_clt_encode_decode_matches_composition():

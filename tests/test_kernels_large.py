@@ -140,18 +140,28 @@ SCRIPT = textwrap.dedent(r'''
     dw = view(torch.float32, (F, S, D), (L, D, 1))
     order = torch.argsort(feat * B + tok, stable=True)
     ccol = torch.tensor([0] + torch.cumsum((a != 0).sum(0), 0).tolist())
-    T._decode_dw_kernel[(F, 1, S)](dw, dY, ccol, tok[order], a[tok, feat][order], s, D,
-                                   *dY.stride()[:2], *dw.stride()[:2], BLOCK_D=8)
+    pairs = torch.tensor([[s] * S, list(range(S))], dtype=torch.int32)  # (source, slot) pairs
+    dw_table = torch.tensor([[dw.data_ptr()], [dw.stride(0)]])
+    T._decode_dw_kernel[(F, 1, S)](dw, dw_table[0], dw_table[1], pairs, dY, ccol, tok[order],
+                                   a[tok, feat][order], F, D, *dY.stride()[:2], BLOCK_D=8)
     dY_s = dY.clone()[:, s:s + S].reshape(B, S * D)
     check("decode weight gradient", dw, (a.t() @ dY_s).view(F, S, D))
 
+    # the kernel addresses ga [N, B, F] as (s * B + b) * F + f: with s = 0 and F passed as ga's row
+    # stride L, that is ga[b, f] of this (B, F) view
     ga = view(torch.float32, (B, F), (L, 1))
     put(ga, torch.zeros(B, F))
     pb, pf = tok[order], feat[order]
-    T._decode_sampled_grad_kernel[(pb.numel(),)](ga, dY, Wd, pb, pf, s, D, S, ga.stride(0),
-                                                 *dY.stride()[:2], *Wd.stride()[:2], BLOCK_D=8)
+    w_table = torch.tensor([[Wd.data_ptr()], [Wd.stride(0)], [S * D]])
+    T._decode_sampled_grad_kernel[(pb.numel(),)](ga, dY, Wd, *w_table, torch.zeros_like(pb), pb, pf, B,
+                                                 ga.stride(0), *dY.stride()[:2], BLOCK_D=8)
     full = dY_s @ Wd.clone().reshape(F, S * D).t()
     check("decode activation gradient", ga[pb, pf], full[pb, pf])
+
+    col = grid_vals(N, D)
+    totals = torch.empty(1, F)
+    T._window_totals_kernel[(1, 1)](totals, col, Wd, *w_table, F, D, BLOCK_F=4, BLOCK_K=8)
+    check("window sums", totals[0], Wd.clone().reshape(F, S * D) @ col[s:s + S].reshape(-1))
 
     print("\n".join(errors) if errors else "OK")
     sys.exit(1 if errors else 0)

@@ -452,7 +452,7 @@ def auxk_loss(model: CLT, enc: Encoded, y_hat, y, dead: torch.Tensor | None, wei
 def loss_terms(model: CLT, enc: Encoded, y_hat, y, w: LossWeights, dead=None) -> dict[str, torch.Tensor]:
     """The separate loss terms; the training loss is their sum. Under feature parallelism the
     sparsity/pre-activation terms cover the local features only (their gradients are local)."""
-    norms = model.decoder_norms()
+    norms = enc.decoder_norms if enc.decoder_norms is not None else model.decoder_norms()
     return {
         "mse": mse_loss(y_hat, y),
         "sparsity": sparsity_loss(enc.acts, norms, w.sparsity, w.sparsity_c),
