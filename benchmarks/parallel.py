@@ -15,6 +15,12 @@ Part 2: step time, bytes all-reduced per step and peak memory per rank for FP = 
 over DP=2 at a shape that fits one process.
 
 Part 3: a projection (on paper, labelled as such) for a Gemma-2-2B-sized CLT on 8, 64 and 512 H100s.
+
+Part 0 (issue 26; `python benchmarks/parallel.py --memory`, which rewrites only that section): per-rank
+memory against the ideal share (the rank's parameters, gradients and Adam state -- the whole CLT's / FP --
+plus the step's activations) for FP = 1, 2, 4 x DP = 1, 2 with default settings (ZeRO-1, one loader
+worker), and the headline case N=30, D=576, F=2048, FP=4, batch_tokens=128 with every other setting
+at its default under a 4 GiB cap per process (`--headline`: run it alone, it needs 4 x 4 GiB).
 """
 from __future__ import annotations
 
@@ -155,6 +161,125 @@ def part2(lines: list[str]):
     lines.append("")
 
 
+def _params(F: int) -> int:
+    return F * D * N + F * D * N * (N + 1) // 2 + 2 * N * F + N * D
+
+
+def _ideal(F: int, fp: int, batch_tokens: int) -> int:
+    sys.path.insert(0, str(REPO))
+    from cltrain.train.memory import ideal_share
+
+    local = (_params(F) - N * D) // fp + N * D
+    return ideal_share(local, N, D, F // fp, batch_tokens, "fp32")
+
+
+def _memory_row(name: str, out: Path, proc, F: int, fp: int, B: int) -> str:
+    if proc.returncode:
+        return f"| {name} | failed (exit {proc.returncode}): `{last_error(proc)}` | | | | | | |"
+    reps = memory_reports(out)
+    ideal = _ideal(F, fp, B)
+    est = max(r["estimate_total"] for r in reps)
+    hwm = max(r["peak_rss_bytes"] for r in reps)
+    state = max(r["state_bytes"] for r in reps)
+    act = max(r["estimate"]["activations"] for r in reps)
+    loader = max(r["estimate"]["loader"] for r in reps)
+    grads = ((_params(F) - N * D) // fp + N * D) * 4  # fp32 gradients of the slice (freed after each step)
+    return (f"| {name} | {gib(est)} | {gib(hwm)} | {gib(ideal)} | {hwm / ideal:.2f} | "
+            f"{(state + grads + act) / ideal:.2f} | {gib(loader)} | {est / ideal:.2f} |")
+
+
+MEMORY_HEADER = ["| layout (ranks) | estimate per rank | measured VmHWM per rank (max) | ideal share | "
+                 "VmHWM / ideal | (measured params + optimizer state, + gradients and activations) / ideal | "
+                 "loader (estimate) | estimate / ideal |", "|---|---|---|---|---|---|---|---|"]
+
+
+def part0(lines: list[str]):
+    F, B = 256, 128
+    data = WORK / "ds-mem"
+    if not (data / "dataset.json").is_file():
+        sys.path.insert(0, str(REPO))
+        from cltrain.train.data import write_synthetic_dataset
+        write_synthetic_dataset(data, n_layers=N, d_model=D, n_tokens=16384, tokens_per_sample=64,
+                                shard_tokens=2048, seed=0)
+    # default settings except the data set, its 4096-token window (the dataset holds 16384 tokens) and a
+    # short run; data.num_workers stays at its default (1)
+    common = [f"data.path={data}", f"model.n_features={F}", "steps=6", f"batch_tokens={B}", "checkpoint_every=100",
+              "data.shuffle_buffer=4096", "data.num_workers=1"]
+    lines += ["## 0. Memory per rank against the ideal share (issue 26)", "",
+              f"Ideal share: the rank's parameters, gradients and Adam's two moments (the whole CLT's divided by "
+              f"FP; fp32) plus the step's activations (memory.py's activation term). Each row trains 6 steps of a "
+              f"CLT of N={N}, D={D}, F={F} ({_params(F) / 1e6:.0f}M parameters), batch_tokens={B}, "
+              f"data.shuffle_buffer=4096 (a 0.26 GiB window), otherwise default settings: `deepspeed=zero1` (run "
+              f"as stage 0 with one replica), `data.num_workers=1`; DP=2 rows with ZeRO-1 and ZeRO-2. VmHWM "
+              f"includes the interpreter, torch and DeepSpeed (~0.6-0.75 GiB per process, not in the ideal) "
+              f"and the rank's part of the shuffle window; the column after the ratio leaves both out.", "",
+              *MEMORY_HEADER]
+    grid = [("FP=1 x DP=1 (1)", 1, 1, []), ("FP=2 x DP=1 (2)", 2, 2, ["parallel.feature_parallel=2"]),
+            ("FP=4 x DP=1 (4)", 4, 4, ["parallel.feature_parallel=4"]),
+            ("FP=1 x DP=2, ZeRO-1 (2)", 2, 1, []), ("FP=1 x DP=2, ZeRO-2 (2)", 2, 1, ["deepspeed=zero2"]),
+            ("FP=2 x DP=2, ZeRO-1 (4)", 4, 2, ["parallel.feature_parallel=2"]),
+            ("FP=2 x DP=2, ZeRO-2 (4)", 4, 2, ["parallel.feature_parallel=2", "deepspeed=zero2"]),
+            ("FP=4 x DP=2, ZeRO-1 (8)", 8, 4, ["parallel.feature_parallel=4"])]
+    for name, nproc, fp, extra in grid:
+        out = WORK / f"mem-{nproc}-{fp}-{len(extra)}"
+        shutil.rmtree(out, ignore_errors=True)
+        p = train(nproc, out, *common, *extra)
+        lines.append(_memory_row(name, out, p, F, fp, B))
+        print(lines[-1], flush=True)
+    lines.append("")
+
+
+def headline(lines: list[str]):
+    F, B, cap = 2048, 128, 4 * GiB
+    data = WORK / "ds-head"
+    if not (data / "dataset.json").is_file():
+        sys.path.insert(0, str(REPO))
+        from cltrain.train.data import write_synthetic_dataset
+        write_synthetic_dataset(data, n_layers=N, d_model=D, n_tokens=2 * 16384, tokens_per_sample=64,
+                                shard_tokens=8192, seed=0)
+    out = WORK / "headline"
+    shutil.rmtree(out, ignore_errors=True)
+    p = train(4, out, f"data.path={data}", f"model.n_features={F}", "steps=4", f"batch_tokens={B}",
+              "parallel.feature_parallel=4", "log_every=1", cap=cap)
+    lines += [f"Headline: N={N}, D={D}, F={F} ({_params(F) / 1e6:.0f}M parameters), FP=4, batch_tokens={B}, "
+              f"every other setting at its default (ZeRO-1 configured, data.shuffle_buffer=16384, "
+              f"data.num_workers=1), `prlimit --data={cap}` (4 GiB) on every process, 4 steps: exit code "
+              f"{p.returncode} in {p.seconds:.0f} s.", "", *MEMORY_HEADER, _memory_row("FP=4 x DP=1 (4)", out, p, F, 4, B),
+              ""]
+
+
+def gpu_estimates(lines: list[str], F: int = 2048, B: int = 128):
+    """The start-up estimate on a GPU (bf16, device memory: no loader, no host runtime) against the ideal
+    share in bf16 (weights and gradients in bf16, fp32 master and two moments), on paper."""
+    sys.path.insert(0, str(REPO))
+    from cltrain.train.memory import estimate_rank_memory, ideal_share
+
+    lines += [f"GPU estimate (train/memory.py with on_gpu=True, precision=bf16; not measured here), N={N}, D={D}, "
+              f"F={F}, batch_tokens={B}: in bf16 the fp32 master copy is part of the ideal optimizer state, and "
+              f"one replica keeps ZeRO-1 (stage 0 bf16 is refused), whose fp32 gradient partition is the excess.", "",
+              "| layout | ZeRO | estimate per GPU (GiB) | ideal share (GiB) | estimate / ideal |", "|---|---|---|---|---|"]
+    for fp in (1, 2, 4):
+        for dp, stage in ((1, 1), (2, 1), (2, 2)):
+            local = (_params(F) - N * D) // fp + N * D
+            est = estimate_rank_memory(local, N * D, N, D, F // fp, dp, stage, "bf16", B, 16384, 1, True,
+                                       window_parts=fp)
+            ideal = ideal_share(local, N, D, F // fp, B, "bf16")
+            lines.append(f"| FP={fp} x DP={dp} | {stage} | {gib(est.total)} | {gib(ideal)} | {est.total / ideal:.2f} |")
+    lines.append("")
+
+
+def splice(section: list[str]):
+    """Replace (or insert before section 1) the "## 0." section of benchmarks/parallel.md."""
+    text = OUT.read_text() if OUT.exists() else "# Feature parallelism: memory and scale\n\n"
+    head, sep, rest = text.partition("## 0. ")
+    if sep:
+        rest = rest[rest.index("\n## 1. ") + 1:] if "\n## 1. " in rest else ""
+    else:
+        head, sep1, rest = text.partition("## 1. ")
+        rest = sep1 + rest
+    OUT.write_text(head + "\n".join(section) + "\n" + rest)
+
+
 def part3(lines: list[str]):
     """On paper: Gemma-2-2B-sized CLT, H100s. Compute from the encoder floor (6 B D F N FLOPs per step,
     sparse decode ~1% of dense) at an assumed MFU; FP all-reduce over NVLink; DP gradient all-reduce and
@@ -215,6 +340,23 @@ def part3(lines: list[str]):
 
 def main():
     WORK.mkdir(parents=True, exist_ok=True)
+    if "--memory" in sys.argv or "--headline" in sys.argv:
+        stamp = (f"Measured by `python benchmarks/parallel.py {' '.join(sys.argv[1:])}` on "
+                 f"{time.strftime('%Y-%m-%d')}, {platform.node()}: {os.cpu_count()} cores, torch "
+                 f"{__import__('torch').__version__} (CPU), gloo; other agents' processes shared the machine.")
+        section = []
+        if "--memory" in sys.argv:
+            part0(section)
+        if "--headline" in sys.argv:
+            headline(section)
+        gpu_estimates(section)
+        section.insert(2, stamp + "\n") if section and section[0].startswith("## 0.") else \
+            section.insert(0, stamp + "\n")
+        if not section[0].startswith("## 0."):
+            section.insert(0, "## 0. Memory per rank against the ideal share (issue 26)\n")
+        splice(section)
+        print(f"wrote {OUT} (section 0)", flush=True)
+        return
     if not (WORK / "ds" / "dataset.json").is_file():
         sys.path.insert(0, str(REPO))
         from cltrain.train.data import write_synthetic_dataset
@@ -225,7 +367,7 @@ def main():
              f"{os.cpu_count()} cores, Python {platform.python_version()}, torch "
              f"{__import__('torch').__version__} (CPU), gloo; synthetic activations of SmolLM2-135M's shape. "
              f"Other processes may have been running: timings are indicative, memory figures are per process.", ""]
-    for part in (part1, part2, part3):
+    for part in (part0, headline, gpu_estimates, part1, part2, part3):
         part(lines)
         OUT.write_text("\n".join(lines) + "\n")
         print(f"wrote {OUT} ({part.__name__})", flush=True)

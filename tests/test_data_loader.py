@@ -233,3 +233,69 @@ def test_a_position_saved_by_the_previous_loader_still_loads(make_dataset):
     again = ActivationLoader(info, **kw)
     again.load_state_dict(state)
     assert sorted(ids_of(got) + ids_of(again)) == list(range(640))
+
+
+# ----------------------------------------------------------------------------------------------------
+# One shuffle window per feature-parallel group (issue 26): each rank holds 1/P, the group sums the batch
+
+
+def _fp_group_worker(rank: int, world: int, port: int, path: str, kw: dict, out: str):
+    """One rank of a feature-parallel group of `world` ranks (real processes, gloo): iterate the shared
+    loader, save its batches, the most samples it held at once, and its position (state_dict)."""
+    import torch.distributed as dist
+
+    from cltrain.train.data import loader as loader_mod
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    held = []
+    real_gather = loader_mod.ActivationLoader._gather
+
+    def counting_gather(self, window, wid, idx, buf, at):  # the window as this rank holds it
+        held.append(sum(s is not None for s in window))
+        return real_gather(self, window, wid, idx, buf, at)
+
+    loader_mod.ActivationLoader._gather = counting_gather
+    try:
+        loader = ActivationLoader(path, fp_group=dist.group.WORLD, fp_rank=rank, fp_size=world, **kw)
+        batches = list(loader)
+        torch.save({"batches": [tuple(b) for b in batches], "held": max(held), "state": loader.state_dict()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype,workers,normalize", [("bfloat16", 0, False), ("bfloat16", 1, False),
+                                                     ("int8", 1, False), ("float16", 0, True)])
+def test_a_feature_parallel_group_holds_one_window_and_reads_the_same_batches(make_dataset, tmp_path, dtype,
+                                                                             workers, normalize):
+    """Each rank of an FP group of 2 (and of 3: a window of 5 samples does not split evenly) keeps its
+    share of the window's samples, and the batches the group assembles are the unshared loader's, bit
+    for bit, in every dtype, with and without worker processes; so is the position it saves."""
+    import multiprocessing
+    import socket
+
+    info = make_dataset(dtype=dtype)
+    kw = dict(batch_tokens=48, epochs=1, shuffle_buffer=80, seed=2, num_workers=workers, normalize=normalize)
+    ref_loader = ActivationLoader(info.path, **kw)
+    ref = list(ref_loader)
+    window_samples = 80 // info.tokens_per_sample
+    for world in (2, 3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_fp_group_worker, args=(r, world, port, info.path, kw,
+                                                             str(tmp_path / f"w{world}-{r}.pt")))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0] * world
+        for r in range(world):
+            got = torch.load(tmp_path / f"w{world}-{r}.pt", weights_only=False)
+            assert got["held"] == -(-window_samples // world) - (r >= window_samples % world > 0)
+            assert len(got["batches"]) == len(ref)
+            for a, b in zip(ref, got["batches"]):
+                for u, v in zip(a, b):
+                    assert (u is None and v is None) or (u.dtype == v.dtype and torch.equal(u, v))
+            assert got["state"] == ref_loader.state_dict()

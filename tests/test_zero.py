@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from cltrain.train import dictionary, trainer
+from cltrain.train import dictionary, engine, trainer
 from cltrain.train.clt import CLT
 from cltrain.train.config import TrainSettings, compose
 from cltrain.train.data import loader_from_config, write_synthetic_dataset
@@ -93,6 +93,9 @@ def reference(dataset, tmp_path_factory):
 def test_zero_stage_trains_on_the_reference_gradients(stage, dataset, reference, tmp_path, monkeypatch):
     ref_norms, ref_weights = reference
     assert ref_norms[0] > 10 * 0.5, "clipping must be active for this test to mean anything"
+    # One replica runs ZeRO-1/2 as stage 0 (engine.zero_stage): force DeepSpeed's stage here, so its ZeRO
+    # optimizer is what this test checks (as it runs with two replicas or more)
+    monkeypatch.setattr(engine, "run_stage", lambda configured, dp_size, precision: configured)
     norms, weights = deepspeed_run(config(dataset, tmp_path / stage, f"deepspeed={stage}"), monkeypatch)
     assert len(norms) == STEPS
     # The norm DeepSpeed clipped with, as the trainer logs it (not nan / None).
@@ -124,3 +127,30 @@ def test_zero0_in_bf16_is_refused(dataset, tmp_path):
     with pytest.raises(ConfigError, match=r"'deepspeed\.zero_stage' = 0 with precision=bf16.*deepspeed=zero1"):
         trainer.train(config(dataset, tmp_path / "bf", "deepspeed=zero0", "precision=bf16"))
     assert not (tmp_path / "bf").exists()
+
+
+def test_one_replica_runs_stage0_without_zero_copies(dataset, reference, tmp_path, monkeypatch):
+    """With one data-parallel replica ZeRO-1 (the default) has nothing to shard: the engine runs stage 0
+    (no fp32 master copy, no fp32 gradient partition, no flattened gradient copy for an all-reduce without
+    peers) and follows plain torch to the last bit, where DeepSpeed's ZeRO-1 matched it to fp32 rounding
+    (test_zero_stage_trains_on_the_reference_gradients)."""
+    ref_norms, ref_weights = reference
+    seen = {}
+    real_build = engine.build_engine
+
+    def build(*args, **kw):
+        eng, opt = real_build(*args, **kw)
+        seen.update(stage=eng.zero_optimization_stage(), allreduce=eng.enable_backward_allreduce,
+                    params=sum(p.numel() for p in eng.module.parameters()),
+                    master=hasattr(eng.optimizer, "single_partition_of_fp32_groups"))
+        return eng, opt
+
+    monkeypatch.setattr(dictionary, "build_engine", build)
+    norms, weights = deepspeed_run(config(dataset, tmp_path / "auto", "deepspeed=zero1"), monkeypatch)
+    assert seen["stage"] == 0 and not seen["allreduce"] and not seen["master"]
+    report = json.loads((tmp_path / "auto" / "memory" / "rank-00000.json").read_text())
+    # fp32 weights and Adam's two moments (and its step counts): no copies
+    assert report["state_bytes"] == pytest.approx(seen["params"] * 4 * 3, rel=0.01)
+    assert norms == ref_norms
+    for k, want in ref_weights.items():
+        assert torch.equal(weights[k], want), k

@@ -27,7 +27,7 @@ from . import run_folder
 from .clt import CLT, batch_metrics, loss_terms
 from .config import ModelSettings, TrainSettings
 from .data import ActivationLoader, DatasetInfo, reshard_loader_states
-from .engine import bucket_elements, build_engine, state_bytes
+from .engine import bucket_elements, build_engine, state_bytes, zero_stage
 from .eval_metrics import PooledMetrics
 from .memory import MemoryEstimate, PhasePeaks, estimate_rank_memory, memory_limit, peak_rss
 from .metrics import FeatureStats, RunLogger, StepReport, StepTimer, gpu_memory, peak_flops
@@ -178,7 +178,9 @@ class Dictionary:
             n_local, meta_clt.b_dec.numel(), self.full_cfg.n_layers, self.full_cfg.d_model,
             meta_clt.cfg.n_features, sh.layout.dp_size, s.deepspeed.zero_stage, sh.precision,
             s.batch_tokens, s.data.shuffle_buffer, s.data.num_workers,
-            sh.device.type == "cuda", bucket_elements(n_local), sh.generator_bytes)
+            sh.device.type == "cuda", bucket_elements(n_local, sh.layout.dp_size), sh.generator_bytes,
+            # shards: one window per FP group, 1/P per rank (data/loader.py); live (loader built already): whole
+            window_parts=sh.layout.fp_size if sh.loader is None else 1, live=sh.loader is not None)
         limit, source = memory_limit(sh.device, local_world_size())
         fits = limit is None or est.total <= limit or not s.check_memory
         if not ckpt.all_ranks_ok(fits, sh.device):
@@ -213,7 +215,9 @@ class Dictionary:
         self.logger.print(
             f"clt-train: {sh.info.source} N={f.n_layers} D={f.d_model} F={f.n_features} world={sh.world} "
             f"(data x feature parallel = {layout.dp_size} x {layout.fp_size}) ZeRO-{s.deepspeed.zero_stage} "
-            f"{sh.precision} kernels={self.kernel_impl} device={sh.device}"
+            + (f"(runs as ZeRO-{run} with one data-parallel replica: nothing to shard) "
+               if (run := zero_stage(s, layout.dp_size, sh.precision)) != s.deepspeed.zero_stage else "")
+            + f"{sh.precision} kernels={self.kernel_impl} device={sh.device}"
             + (f", resumed from {self.resume_from} at step {self.step}" if self.saved is not None else ""))
         self.logger.print(f"clt-train: memory per rank (estimated): {self.memory.describe()}; "
                           f"parameters + optimizer state on this rank: {state_bytes(self.engine) / 2**30:.3f} GiB")

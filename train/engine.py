@@ -37,7 +37,25 @@ from .grad_clip import ClippedAdam
 # Building the engine
 
 
-def deepspeed_overrides(s, precision: str) -> dict:
+def zero_stage(s, dp_size: int, precision: str) -> int:
+    """The ZeRO stage the engine runs: the configured one, except where there is nothing to shard.
+
+    With one data-parallel replica (dp_size 1, e.g. pure feature parallelism) ZeRO-1/2/3 shard over one
+    rank, yet DeepSpeed's ZeRO optimizer still keeps an fp32 master copy and an fp32 copy of the gradient
+    partition beside the fp32 weights and gradients (2 x the parameters: issue 26). In fp32 the run then
+    uses stage 0, where the client optimizer updates the weights in place (ClippedAdam), which gives the
+    same updates up to the clip's fp32 rounding (tests/test_zero.py). In bf16 the fp32 master copy is the
+    point of mixed precision and stage 0 bf16 is refused (config.check_zero_stage_precision), so the
+    configured stage stays. The configured stage still applies as soon as there is a second replica."""
+    return run_stage(int(s.deepspeed.zero_stage), dp_size, precision)
+
+
+def run_stage(configured: int, dp_size: int, precision: str) -> int:
+    """zero_stage's rule on plain values (train/memory.py's estimate uses it too)."""
+    return 0 if dp_size == 1 and precision == "fp32" else configured
+
+
+def deepspeed_overrides(s, precision: str, stage: int | None = None) -> dict:
     """Entries to merge into the DeepSpeed config the trainer builds (deepspeed_config).
 
     ZeRO stage 0 with fp32: DeepSpeed 0.19's engine clips with deepspeed.runtime.utils.clip_grad_norm_
@@ -45,31 +63,36 @@ def deepspeed_overrides(s, precision: str) -> dict:
     (logged as nan), and its clip arithmetic differs from torch's by rounding. There the trainer clips in
     the client optimizer instead (train/grad_clip.py: ClippedAdam, which DeepSpeed reads the norm from),
     so DeepSpeed's own clipping is turned off. `precision` is the resolved one (resolve_precision); stage 0
-    in bf16 is refused (config.TrainSettings.check_zero_stage_precision)."""
-    if s.deepspeed.zero_stage == 0 and precision == "fp32":
+    in bf16 is refused (config.TrainSettings.check_zero_stage_precision). `stage`: the stage the engine
+    runs (zero_stage), default the configured one."""
+    stage = s.deepspeed.zero_stage if stage is None else stage
+    if stage == 0 and precision == "fp32":
         return {"gradient_clipping": 0.0}
     return {}
 
 
-def clips_in_optimizer(s, precision: str) -> bool:
+def clips_in_optimizer(s, precision: str, stage: int | None = None) -> bool:
     """True where the client optimizer must clip (see deepspeed_overrides)."""
-    return "gradient_clipping" in deepspeed_overrides(s, precision)
+    return "gradient_clipping" in deepspeed_overrides(s, precision, stage)
 
 
-def bucket_elements(local_params: int) -> int:
+def bucket_elements(local_params: int, dp_size: int = 2) -> int:
     """Elements per ZeRO gradient-reduction / all-gather bucket. DeepSpeed's default (5e8) allocates
     a 2 GB fp32 buffer per bucket whatever the model's size -- more than a small rank's whole state; an
-    eighth of the rank's parameters (at least 1M, at most 5e7 elements) keeps collectives large."""
+    eighth of the rank's parameters (at least 1M, at most 5e7 elements) keeps collectives large. With one
+    replica (bf16 ZeRO-1/2 at dp_size 1) nothing is communicated: the minimum."""
+    if dp_size == 1:
+        return int(1e6)
     return int(min(5e7, max(1e6, local_params // 8)))
 
 
 def deepspeed_config(s, layout, local_params: int = 0, precision: str = "fp32") -> dict:
-    stage = s.deepspeed.zero_stage
+    stage = zero_stage(s, layout.dp_size, precision)
     zero = {"stage": stage, "overlap_comm": s.deepspeed.overlap_comm}
     if stage in (1, 2):
-        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket_elements(local_params)
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket_elements(local_params, layout.dp_size)
     for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_param_persistence_threshold"):
-        if getattr(s.deepspeed, key) is not None:
+        if getattr(s.deepspeed, key) is not None and stage >= 1:
             zero[key] = getattr(s.deepspeed, key)
     ds = {
         # DeepSpeed counts samples; ours are tokens, so a "sample" is a token.
@@ -84,7 +107,7 @@ def deepspeed_config(s, layout, local_params: int = 0, precision: str = "fp32") 
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Ignore"},
     }
-    ds.update(deepspeed_overrides(s, precision))
+    ds.update(deepspeed_overrides(s, precision, stage))
     return ds
 
 
@@ -97,7 +120,7 @@ def make_optimizer(params, s, device: torch.device, layout,
     fused = device.type in ("cpu", "cuda") if fused == "auto" else bool(fused)
     kwargs = dict(lr=float(s.optim.lr), betas=tuple(float(b) for b in s.optim.betas),
                   eps=float(s.optim.eps), weight_decay=float(s.optim.weight_decay), fused=fused)
-    if clips_in_optimizer(s, precision):
+    if clips_in_optimizer(s, precision, zero_stage(s, layout.dp_size, precision)):
         return ClippedAdam(params, float(s.optim.grad_clip), fp_group=layout.fp_group, **kwargs)
     return torch.optim.Adam(params, **kwargs)
 
@@ -130,7 +153,13 @@ def build_engine(deepspeed, step_module: torch.nn.Module, clt, s, layout, device
         model=step_module, optimizer=optimizer, mpu=layout.mpu(),
         config=deepspeed_config(s, layout, sum(p.numel() for p in clt.parameters()), precision),
         dist_init_required=False)
-    if s.deepspeed.zero_stage == 3:
+    stage = zero_stage(s, layout.dp_size, precision)
+    if stage == 0 and layout.dp_size == 1:
+        # Stage 0 all-reduces the gradients over data parallel through flattened copies of them (a whole
+        # extra gradient at its default bucket size): with one replica there is no peer, and the
+        # average over one replica is the gradient itself (x 1.0), so skip it.
+        engine.enable_backward_allreduce = False
+    if stage == 3:
         # TrainStep calls the CLT's pieces, not CLT.forward, so ZeRO-3 must gather the CLT's parameters
         # for TrainStep's forward/backward: register them as its external parameters.
         for p in clt.parameters():

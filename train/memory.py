@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .engine import bucket_elements as _bucket_elements
+from .engine import run_stage
+
 GiB = 2 ** 30
 # Interpreter, torch, DeepSpeed and their allocator pools before any tensor of ours (measured on CPU).
 RUNTIME_BYTES = int(0.75 * GiB)
@@ -47,11 +50,19 @@ class MemoryEstimate:
 def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: int, d_model: int,
                          local_features: int, dp_size: int, zero_stage: int, precision: str,
                          batch_tokens: int, window_tokens: int, n_workers: int, on_gpu: bool,
-                         bucket_elements: int = 0, generator_bytes: int = 0) -> MemoryEstimate:
+                         bucket_elements: int | None = None, generator_bytes: int = 0,
+                         window_parts: int = 1, live: bool = False) -> MemoryEstimate:
     """Bytes one rank needs. local_params: elements of this rank's slice (sharded + replicated);
-    replicated_params: the part every rank holds whole (b_dec); generator_bytes: live activations' base
-    model copies (train/live.py: one per generation process, or one in the training process)."""
+    replicated_params: the part every rank holds whole (b_dec); zero_stage: the configured stage (the
+    engine runs engine.run_stage of it: 0 in fp32 with one replica); generator_bytes: live activations'
+    base model copies (train/live.py: one per generation process, or one in the training process);
+    window_parts: how many ranks share one shuffle window (a feature-parallel group reading shards holds
+    1/P of it per rank, train/data/loader.py; live windows are whole on every rank, and each generation
+    process hands over a prefetched one)."""
     bf16 = precision == "bf16"
+    zero_stage = run_stage(zero_stage, dp_size, precision)
+    if bucket_elements is None:
+        bucket_elements = _bucket_elements(local_params, dp_size)
     weight_bytes = 2 if bf16 else 4
     p = local_params
     shard = lambda n, stage: n / dp_size if zero_stage >= stage else n  # noqa: E731
@@ -61,7 +72,7 @@ def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: in
     grads = shard(p, 2) * weight_bytes
     if zero_stage in (1, 2):
         grads += 2 * bucket_elements * 4 + shard(p, 1) * 4
-    elif zero_stage == 0:
+    elif zero_stage == 0 and dp_size > 1:
         grads += p * weight_bytes  # the flattened copy DeepSpeed all-reduces over data parallel
     # DeepSpeed keeps an fp32 master partition beside the module's weights whenever it wraps the
     # optimizer (ZeRO >= 1, or bf16); plain fp32 at ZeRO-0 updates the weights in place.
@@ -70,8 +81,13 @@ def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: in
     B, N, D, F = batch_tokens, n_layers, d_model, local_features
     act_bytes = 2 if bf16 else 4
     activations = STEP_FEATURE_TENSORS * B * N * F * act_bytes + 8 * B * N * D * 4
-    # the window being served and the next one prefetched: x and y in bf16 (on the host even for GPU runs)
-    loader = window_tokens * N * D * 2 * 2 * (2 if n_workers > 0 else 1)
+    # The window being served, x and y in bf16 (on the host even for GPU runs): this rank's 1/window_parts
+    # of it (each sample mapped on its own), plus the batch being assembled and the one being trained on.
+    # Shard workers read ahead by reference (SampleRef): the next window's pages are mapped in their own
+    # processes (page cache, shared by the group's workers), not in this one. Live generation processes
+    # hand over whole windows: one prefetched per process.
+    window = window_tokens * N * D * 2 * 2
+    loader = window / max(window_parts, 1) * (2 if live and n_workers > 0 else 1) + 2 * B * N * D * 2 * 2
     if on_gpu:
         loader = 0  # host memory, not the device's
         # live generation in the training process puts the base model on the device
@@ -80,6 +96,18 @@ def estimate_rank_memory(local_params: int, replicated_params: int, n_layers: in
         loader += generator_bytes
     return MemoryEstimate(int(params), int(grads), int(master), int(moments), int(activations), int(loader),
                           0 if on_gpu else RUNTIME_BYTES)
+
+
+def ideal_share(local_params: int, n_layers: int, d_model: int, local_features: int, batch_tokens: int,
+                precision: str) -> int:
+    """Issue 26's yardstick: this rank's parameters, gradients and optimizer state (Adam's two moments,
+    and the fp32 master copy in bf16) -- the whole CLT's divided by the feature-parallel size -- plus
+    the step's activations. No runtime, no loader."""
+    bf16 = precision == "bf16"
+    w = 2 if bf16 else 4
+    state = local_params * (w + w + 8 + (4 if bf16 else 0))
+    act = STEP_FEATURE_TENSORS * batch_tokens * n_layers * local_features * w + 8 * batch_tokens * n_layers * d_model * 4
+    return int(state + act)
 
 
 def _cgroup_limit() -> int | None:

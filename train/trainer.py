@@ -107,7 +107,10 @@ class Trainer:
         if not live:
             self.loader = sh.loader = loader_from_config(
                 s.data, s.batch_tokens, dp_rank=layout.dp_rank, dp_size=layout.dp_size, seed=s.seed, device=device,
-                normalize=False, verified=self._verify_shards())
+                normalize=False, verified=self._verify_shards(),
+                # one shuffle window per feature-parallel group, 1/P on each rank (data/loader.py)
+                fp_group=layout.fp_group if layout.fp_size > 1 else None, fp_rank=layout.fp_rank,
+                fp_size=layout.fp_size)
         for i, d in enumerate(self.dictionaries):
             d.start(progress=s.progress and i == 0)  # one progress bar per job
         at = {str(d.out_dir): d.step for d in self.dictionaries}

@@ -258,15 +258,25 @@ class ActivationLoader:
     verify=True checks each shard's sha256 as it is read; `verified` ({shard name: identity}, from
     `verify_shards(...)["identities"]`) exempts the local shards hashed up front, as long as the file's
     device, inode, size and mtime are the ones hashed (the training job passes it: one hash per shard).
-    Memory: the window being served holds shuffle_buffer x N x D x 4 bytes (x and y, bf16); workers
-    prefetch up to `prefetch` samples each (default: the next window's worth), as much again.
+    Memory: the window being served holds shuffle_buffer x N x D x 4 bytes (x and y, bf16), each sample
+    mapped on its own; workers prefetch up to `prefetch` samples each (default: the next window's worth)
+    by reference, in their own processes.
+
+    One window per feature-parallel group (fp_group, fp_rank, fp_size; docs/design.md section 3): the
+    ranks of a group read the same batches, so each rank runs the same schedule (its workers still read
+    and check every sample, and every rank knows the window's empty slots) but keeps only the present
+    samples whose index in the window is fp_rank modulo fp_size; each batch is assembled with zeros for
+    the other rows and summed over the group as bytes (each byte has one non-zero owner, so the sum is
+    the batch bit for bit). Per rank the window costs 1/fp_size, and the group's host memory for data
+    does not grow with fp_size. The iteration is then collective over the group.
     """
 
     def __init__(self, path_or_info, batch_tokens: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 16384, num_workers: int = 0, split: str = "train",
                  heldout_shards: int = 0, on_error: str = "raise", device="cpu", epochs: int | None = None,
                  drop_last: bool = False, prefetch: int | None = None, timeout: float = 600.0, verify: bool = True,
-                 mp_context: str = "fork", normalize: bool = True, verified: dict | None = None):
+                 mp_context: str = "fork", normalize: bool = True, verified: dict | None = None,
+                 fp_group=None, fp_rank: int = 0, fp_size: int = 1):
         self.info = DatasetInfo.load(path_or_info)
         for key, v in (("batch_tokens", batch_tokens), ("dp_size", dp_size), ("prefetch", prefetch or 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -283,6 +293,11 @@ class ActivationLoader:
         self.num_workers, self.split, self.heldout_shards = num_workers, split, heldout_shards
         self.on_error, self.device, self.epochs, self.drop_last = on_error, torch.device(device), epochs, drop_last
         self.timeout, self.mp_context, self.verify, self.normalize = timeout, mp_context, verify, normalize
+        if not 0 <= fp_rank < fp_size:
+            raise ValueError(f"ActivationLoader: fp_rank={fp_rank} is not in [0, fp_size={fp_size})")
+        if fp_size > 1 and fp_group is None:
+            raise ValueError("ActivationLoader: fp_size > 1 needs the feature-parallel group (fp_group)")
+        self.fp_group, self.fp_rank, self.fp_size = fp_group, fp_rank, fp_size
         self.records = self.info.shard_records(split, heldout_shards)
         if verified:  # shards verify_shards hashed: not hashed again while the file is the one it hashed
             self.records = [dict(r, verified_ident=tuple(verified[r["name"]])) if r["name"] in verified else r
@@ -422,17 +437,27 @@ class ActivationLoader:
         B, N, D = self.batch_tokens, self.info.n_layers, self.info.d_model
         pin = self.device.type == "cuda"
         dt = torch.float32 if self.normalize else self.info.torch_dtype
-        buf = {k: torch.empty((B, N, D), dtype=dt, pin_memory=pin) for k in ("x", "y")}
-        buf["token_ids"] = torch.empty(B, dtype=torch.int64, pin_memory=pin)
+        # zeros where the group assembles the batch: the rows other ranks hold must add nothing
+        new = torch.zeros if self.fp_size > 1 else torch.empty
+        buf = {k: new((B, N, D), dtype=dt, pin_memory=pin) for k in ("x", "y")}
+        buf["token_ids"] = new(B, dtype=torch.int64, pin_memory=pin)
         if self.info.quantized and not self.normalize:
             for k in ("x_scale", "y_scale"):
-                buf[k] = torch.empty((B, N), dtype=torch.float32, pin_memory=pin)
+                buf[k] = new((B, N), dtype=torch.float32, pin_memory=pin)
         return buf
 
     def _finish(self, buf: dict, have: int) -> Batch:
         b = Batch(**{k: v[:have] if have < self.batch_tokens else v for k, v in buf.items()})
         if self.device.type != "cpu":
             b = Batch(*(v.to(self.device, non_blocking=True) if v is not None else None for v in b))
+        if self.fp_size > 1:
+            import torch.distributed as dist
+
+            # Every byte is non-zero on at most one rank (the one holding its sample): an integer sum
+            # of the bytes is the whole batch, exactly, on every rank of the group.
+            for v in b:
+                if v is not None:
+                    dist.all_reduce(v.view(-1).view(torch.uint8), op=dist.ReduceOp.SUM, group=self.fp_group)
         return b
 
     def __iter__(self) -> Iterator[Batch]:
@@ -460,18 +485,21 @@ class ActivationLoader:
                     self._skipped_at_window = self.skipped
                     window, holes, excluded = [], [], []
                     for pos, (w, j) in enumerate(_window_slots(counts, k * S, min(S, M - k * S))):
-                        item = src.next(w)
+                        # a feature-parallel group: this rank holds present samples fp_rank, fp_rank + P, ...
+                        own = len(window) % self.fp_size == self.fp_rank
+                        item = src.next(w, keep=own)
                         if isinstance(item, EmptySlot):
                             self._skip(item.message)
                             holes.append(pos)
                             continue
                         if pieces is not None and (rows := slot_at(pieces[w], j)[2]):
                             excluded.extend(len(window) * T + r for r in rows)
-                        window.append(item)
+                        window.append(item if own else None)
                     self._holes = holes
                     n_all = len(window) * T
                     if n_all:
-                        wid = torch.cat([s.token_ids for s in window])
+                        wid = torch.cat([s.token_ids if s is not None else torch.zeros(T, dtype=torch.int64)
+                                         for s in window])
                         perm = window_order(n_all, excluded, sched.window_seed(epoch, k))
                         n = len(perm)
                         delivered += n
@@ -524,25 +552,28 @@ class ActivationLoader:
             flat = out.view(n, -1)
             start = 0
             for u, c in spans:
-                torch.index_select(tensors[u].reshape(T, -1), 0, row[start:start + c], out=flat[start:start + c])
+                if tensors[u] is not None:  # None: a sample another rank of the group holds (rows stay 0)
+                    torch.index_select(tensors[u].reshape(T, -1), 0, row[start:start + c],
+                                       out=flat[start:start + c])
                 start += c
 
         stored = self.info.torch_dtype
         bits_dtype = torch.int8 if quantized else torch.int16
         for key, scale_key, layer_scale in (("x", "x_scale", self.scale_x), ("y", "y_scale", self.scale_y)):
-            src = [getattr(s, key).view(bits_dtype) for s in window]
+            src = [getattr(s, key).view(bits_dtype) if s is not None else None for s in window]
             dest = buf[key][at:at + n]
             if not self.normalize:
                 rows_of(src, dest.view(bits_dtype))
                 if quantized:
-                    rows_of([getattr(s, scale_key) for s in window], buf[scale_key][at:at + n])
+                    rows_of([getattr(s, scale_key) if s is not None else None for s in window],
+                            buf[scale_key][at:at + n])
                 continue
-            raw = torch.empty(dest.shape, dtype=bits_dtype)
+            raw = (torch.zeros if self.fp_size > 1 else torch.empty)(dest.shape, dtype=bits_dtype)
             rows_of(src, raw)
             row_scale = None
             if quantized:
-                row_scale = torch.empty(dest.shape[:2], dtype=torch.float32)
-                rows_of([getattr(s, scale_key) for s in window], row_scale)
+                row_scale = (torch.zeros if self.fp_size > 1 else torch.empty)(dest.shape[:2], dtype=torch.float32)
+                rows_of([getattr(s, scale_key) if s is not None else None for s in window], row_scale)
             _normalize(raw.view(stored), row_scale, layer_scale, out=dest)
         buf["token_ids"][at:at + n] = wid[idx]
 

@@ -337,22 +337,48 @@ def _file_ident(fd: int) -> tuple:
 class SampleRef(NamedTuple):
     """A sample a loader worker checked, by reference: the shard file and, per Sample field, (byte
     offset in the file, dtype, shape) or None. The training process maps the file itself
-    (`map_shard`): the bytes stay in the page cache, with no copy into shared memory on the way."""
+    (`map_sample`): the bytes stay in the page cache, with no copy into shared memory on the way."""
     path: str
     ident: tuple  # (st_dev, st_ino, st_size, st_mtime_ns) of the file the worker checked
     tensors: tuple
 
-    def view(self, mapping: torch.Tensor) -> Sample:
+    def span(self) -> tuple[int, int]:
+        """(first byte, end byte) of the sample's tensors in the file."""
+        ends = [(at, at + math.prod(shape) * torch.empty((), dtype=_dtype(dtype)).element_size())
+                for at, dtype, shape in (t for t in self.tensors if t is not None)]
+        return min(a for a, _ in ends), max(b for _, b in ends)
+
+    def view(self, mapping: torch.Tensor, base: int = 0) -> Sample:
+        """The sample's tensors over `mapping`, a mapping of the file from byte `base` on."""
         out = []
         for t in self.tensors:
             if t is None:
                 out.append(None)
                 continue
             at, dtype, shape = t
-            dtype = getattr(torch, dtype.removeprefix("torch."))
+            dtype = _dtype(dtype)
             n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            out.append(mapping[at:at + n].view(dtype).view(shape))
+            out.append(mapping[at - base:at - base + n].view(dtype).view(shape))
         return Sample(*out)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def map_sample(ref: SampleRef) -> Sample:
+    """The sample over a copy-on-write mapping of its own bytes only (not the whole shard: a process then
+    maps, and the kernel's RLIMIT_DATA counts, only the samples it keeps), if the file is still the one
+    a worker checked (the same inode, size and mtime); DatasetError otherwise."""
+    lo, hi = ref.span()
+    base = lo - lo % mmap.ALLOCATIONGRANULARITY
+    with open(ref.path, "rb") as f:
+        if _file_ident(f.fileno()) != tuple(ref.ident):
+            raise DatasetError(f"{ref.path}: the shard file changed after a loader worker checked it "
+                               f"(rewritten while training reads it?)")
+        mapping = torch.frombuffer(mmap.mmap(f.fileno(), hi - base, offset=base, access=mmap.ACCESS_COPY),
+                                   dtype=torch.uint8)
+    return ref.view(mapping, base)
 
 
 def map_shard(path: str, ident: tuple) -> torch.Tensor:

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from .format import DatasetError, kill_pipes
-from .shards import SampleRef, map_shard
+from .shards import SampleRef, map_sample
 
 
 class WorkerFailed(NamedTuple):
@@ -109,7 +109,6 @@ class WorkerPool:
                  mp_context: str = "fork"):
         self.rank, self.timeout = rank, timeout
         self.procs, self.queues = [], []
-        self.maps: dict[int, tuple] = {}  # worker -> (path, ident, mapping) of the shard it reads now
         ctx = torch.multiprocessing.get_context(mp_context)
         self.stop = ctx.Event()
         for w, stream in enumerate(streams):
@@ -120,8 +119,9 @@ class WorkerPool:
             self.procs.append(p)
             self.queues.append(q)
 
-    def next(self, w: int):
-        """Worker w's next item, a local SampleRef as a Sample over the mapped shard. DatasetError if the
+    def next(self, w: int, keep: bool = True):
+        """Worker w's next item, a local SampleRef as a Sample over its mapped bytes (keep=False: left
+        unmapped, for a sample another rank of the feature-parallel group holds). DatasetError if the
         worker failed, died, or delivered nothing for `timeout` seconds."""
         q, p, t0 = self.queues[w], self.procs[w], time.monotonic()
         rank = self.rank
@@ -144,13 +144,9 @@ class WorkerPool:
             raise DatasetError(item.message)
         if isinstance(item, WorkerDone):
             raise DatasetError(f"loader worker {w} stopped before the end of its schedule (internal error)")
-        if isinstance(item, SampleRef):
-            # One mapping per shard a worker reads; samples still in a window keep older ones alive.
-            path, ident, mapping = self.maps.get(w, (None, None, None))
-            if (path, ident) != (item.path, item.ident):
-                mapping = map_shard(item.path, item.ident)
-                self.maps[w] = (item.path, item.ident, mapping)
-            item = item.view(mapping)
+        if isinstance(item, SampleRef) and keep:
+            # One mapping per sample, released with it: the process maps only the window's samples it keeps.
+            item = map_sample(item)
         return item
 
     def close(self):
@@ -165,7 +161,7 @@ class WorkerPool:
                 p.terminate()
         for p in self.procs:
             p.join(timeout=5)
-        self.procs, self.queues, self.maps = [], [], {}
+        self.procs, self.queues = [], []
 
 
 class InProcess:
@@ -176,7 +172,7 @@ class InProcess:
     def __init__(self, gens: list[Iterable]):
         self.gens = gens
 
-    def next(self, w: int):
+    def next(self, w: int, keep: bool = True):
         return next(self.gens[w])
 
     def close(self):
