@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint demo sweep-demo install clean bench bench-compile bench-gpu bench-parallel
+.PHONY: test lint demo sweep-demo reference install clean bench bench-compile bench-gpu bench-parallel
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m cltrain.train.demo
+
+# The reference CLT and its PLT twin on SmolLM2-135M (configs/reference.yaml, train/reference.py): it prints
+# its plan (measured rates, ETA, disk) first and is resumable: rerun it to continue. HOURS=2.5 ends this
+# sitting's training at a checkpoint before 2.5 h; ARGS passes more options (--until STAGE, --plan-only, ...).
+reference: $(STAMP)
+	$(VENV)/bin/python -m cltrain.train.reference $(if $(HOURS),--hours $(HOURS)) $(ARGS)
 
 # 3 sizes x CLT/PLT on the demo's activations, one data pass, then the sweep report (train/sweep_demo.py)
 sweep-demo: $(STAMP)

@@ -1,0 +1,160 @@
+"""`make reference` (train/reference.py) at a tiny scale: the real recipe (configs/reference.yaml) with its
+sizes shrunk (tiny-llama, F = 8, 256 tokens), through every stage.
+
+- the plan is printed with an ETA and the disk needed;
+- training stopped at its first checkpoint (--stop-at-step) and resumed by a second invocation ends with
+  the same weights as an uninterrupted run, bit for bit;
+- a rerun skips every stage whose result exists;
+- the held-out text shares no document with the training text, and each stage reads the text it should;
+- the report has its tables and curves.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from cltrain.train import reference
+
+
+def _sub(overrides, changes):
+    out = []
+    for o in overrides:
+        k = o.partition("=")[0]
+        out.append(f"{k}={changes.pop(k)}" if k in changes else o)
+    assert not changes, f"recipe keys not found: {changes}"  # the real recipe changed: update the test
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    r = yaml.safe_load(reference.RECIPE.read_text())
+    r["base_model"] = "tiny-llama"
+    r["text"]["sources"] = ["builtin"]
+    r["text"]["heldout_tokens"] = 2048
+    r["train"] = _sub(r["train"], {"data.live.context": 16, "model.n_features": 8, "train_tokens": 256,
+                                   "batch_tokens": 32, "checkpoint_every": 3, "log_every": 2,
+                                   "dead_after_tokens": 64}) + ["data.live.batch_size=4", "data.shuffle_buffer=64",
+                                                                "kernels=dense"]
+    r["plt_frontier_lambda_s"] = [2.5]
+    r["heldout"] = {"tokens": 256, "window": 64}
+    r["eval"]["common"] = _sub(r["eval"]["common"], {"max_tokens": 256, "replacement.n_sequences": 2,
+                                                     "replacement.seq_len": 16})
+    r["eval"]["clt"] = ["graphs.enabled=false", "features.enabled=true", "features.n_contexts=8",
+                        "features.context=16", "circuits.enabled=false"]
+    r["eval"]["plt"] = ["graphs.enabled=false"]
+    r["eval"]["heldout_prompts"] = 2
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(r, sort_keys=False))
+    return path
+
+
+def run(recipe, out: Path, *args) -> int:
+    return reference.main(["--recipe", str(recipe), "--out", str(out), "--report", str(out / "report.md"),
+                           "--no-wandb", *args])
+
+
+def weights(run_dir: Path) -> dict:
+    files = sorted((run_dir / "model").glob("*.safetensors"))
+    assert files, f"no weights in {run_dir / 'model'}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+def names(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "runs").iterdir() if (p / "checkpoints").is_dir())
+
+
+def test_reference_end_to_end(recipe, tmp_path, capsys):
+    # uninterrupted training
+    straight = tmp_path / "straight"
+    assert run(recipe, straight, "--until", "train") == 0
+    printed = capsys.readouterr().out
+    assert "=== plan" in printed and "ETA" in printed and "disk:" in printed and "GB" in printed
+    assert "base model forward" in printed and "CLT step" in printed and "PLT step" in printed
+    rates = json.loads((straight / "rates.json").read_text())
+    assert rates["generate_tok_s"] > 0 and rates["clt_step_s"] > 0 and rates["plt_step_s"] > 0
+    assert not (straight / "heldout").exists()  # --until train stopped there
+
+    # interrupted at the first checkpoint, then resumed by a second invocation
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(straight / "rates.json", cut / "rates.json")  # measured once
+    assert run(recipe, cut, "--stop-at-step", "3") == 0
+    printed = capsys.readouterr().out
+    assert "training stopped at step 3 of 8" in printed
+    assert not (cut / "heldout").exists()  # later stages wait for the whole training
+    assert all((cut / "runs" / n / "checkpoints" / "latest").read_text().strip() == "step-000003" for n in names(cut))
+    # a sitting whose time is up does not start training
+    assert run(recipe, cut, "--hours", "0") == 0
+    assert "time is up" in capsys.readouterr().out
+    assert run(recipe, cut, "--until", "train") == 0
+    capsys.readouterr()
+    assert names(cut) == names(straight) and len(names(cut)) == 3  # CLT, PLT twin, one frontier PLT
+    for n in names(cut):
+        a, b = weights(straight / "runs" / n), weights(cut / "runs" / n)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), f"{n} {k}: resumed run differs"
+
+    # held-out text: whole documents the training text never holds; each stage reads its own
+    train_docs = [json.loads(x) for x in (cut / "text" / "train.jsonl").read_text().splitlines()]
+    held_docs = [json.loads(x) for x in (cut / "text" / "heldout.jsonl").read_text().splitlines()]
+    assert train_docs and held_docs
+    assert not {d["doc"] for d in train_docs} & {d["doc"] for d in held_docs}
+    assert not {d["text"] for d in train_docs} & {d["text"] for d in held_docs}
+    assert all(d["doc"] % 10 == 9 for d in held_docs)
+    manifest = json.loads((cut / "text" / "manifest.json").read_text())
+    assert manifest["enough"] and manifest["train"]["tokens"] >= 1.1 * 256
+
+    # the rest: held-out activations, eval, export, report
+    assert run(recipe, cut) == 0
+    capsys.readouterr()
+    clt_run = cut / "runs" / names(cut)[0]
+    model_meta = json.loads((clt_run / "model" / "model.json").read_text())
+    trained_on = json.loads(model_meta["train"]["config"]) if model_meta["train"]["config"].startswith("{") else \
+        yaml.safe_load(model_meta["train"]["config"])
+    assert trained_on["data"]["live"]["text"]["source"] == str(cut / "text" / "train.jsonl")
+    held = json.loads((cut / "heldout" / "dataset.json").read_text())
+    assert held["harvest"]["live"]["text"]["source"] == str(cut / "text" / "heldout.jsonl")
+    assert held["scale_x"] == model_meta["dataset"]["scale_x"]  # normalized as the run was
+    clt_eval = json.loads((cut / "runs" / "clt-F8-ls5" / "model" / "eval" / "metrics.json").read_text())
+    assert clt_eval["replacement"]["text"]["source"] == str(cut / "text" / "heldout.jsonl")
+    assert (cut / "export_clt" / "config.yaml").is_file()
+    assert (cut / "export_clt" / "features").is_dir()  # the CLT's feature pages ship with its export
+
+    report = (cut / "report.md").read_text()
+    for section in ("## Machine and run", "## Held-out results", "## CLT against PLT at equal L0", "## Aims",
+                    "## The paper's anchors", "## Learning curves"):
+        assert section in report, section
+    assert "| CLT | " in report and "| PLT | " in report and "plt-F8-ls2.5" in report
+    assert "0.61" in report and "11.5%" in report  # the paper's anchors beside ours
+    for png in ("curve_nmse.png", "curve_l0.png", "curve_dead.png"):
+        assert (cut / "report" / png).stat().st_size > 1000
+        assert f"report/{png}" in report
+    assert (cut / "report" / "sweep.md").is_file()
+    assert (cut / "report" / "metrics_clt-F8-ls5.json").is_file()
+
+    # a rerun skips every stage whose result exists
+    stamp = {p: p.stat().st_mtime_ns for p in (cut / "runs").rglob("metrics.json")}
+    assert run(recipe, cut) == 0
+    printed = capsys.readouterr().out
+    for what in ("corpus already built", "training already done", "held-out activations already written",
+                 "clt already evaluated", "plt already evaluated", "CLT already exported"):
+        assert what in printed, what
+    assert stamp == {p: p.stat().st_mtime_ns for p in (cut / "runs").rglob("metrics.json")}
+
+
+def test_plan_stops_training_before_the_sitting_ends(recipe, tmp_path):
+    """--hours: the stop step is what fits in the time left after start-up and the last checkpoint."""
+    out = tmp_path / "o"
+    out.mkdir()
+    r = reference.Recipe(recipe, out, wandb=False)
+    settings = r.train_settings()
+    rates = {"batch_tokens": 32, "generate_tok_s": 32.0, "clt_step_s": 2.0, "plt_step_s": 0.5, "startup_s": 10.0,
+             "clt_params": 1000, "plt_params": 100, "n_layers": 4}
+    p = reference.plan(r, settings, rates)
+    assert p["step_s"] == pytest.approx(1.0 + 2.0 + 2 * 0.5)  # generation + CLT + two PLTs
+    assert p["steps"] == 8 and p["seconds"]["train"] > 8 * p["step_s"]
+    assert p["disk"]["checkpoints"] == (settings.keep_checkpoints + 1) * 12 * (1000 + 2 * 100)
