@@ -273,7 +273,14 @@ class SparseLayers:
         self.s, self.b, self.f = nbf.nonzero(as_tuple=True) if indices is None else indices
         self.values = nbf[self.s, self.b, self.f] if with_values else None
         self.counts = torch.bincount(self.s, minlength=self.N).tolist()
-        self._by_feature = None
+        self._by_feature = self._by_layer = None
+
+    def layer(self, s: int):
+        """Layer s's entries: (token index, feature index, value), in (token, feature) order."""
+        if self._by_layer is None:
+            self._by_layer = list(zip(self.b.split(self.counts), self.f.split(self.counts),
+                                      self.values.split(self.counts)))
+        return self._by_layer[s]
 
     def _ptr(self, key, n_rows: int):
         ptr = torch.zeros(self.N, n_rows + 1, dtype=torch.int64, device=key.device)
@@ -375,9 +382,7 @@ class TorchSparseDecode(torch.autograd.Function):
         ctx.nz, ctx.dense = nz, dense
         ctx.dense_grad_above = dense_grad_above
         ctx.grad_mask = grad_mask  # the object itself: it keys mask_positions (a bool tensor, no grad)
-        # acts: the dense products read it, and the fused backward reads the activations at the mask's
-        # pairs from it (it is the encode's output: saving it keeps nothing alive that the loss does not)
-        ctx.save_for_backward(acts, *W_dec)
+        ctx.save_for_backward(acts if any(dense) else None, *W_dec)
         return y.to(out_dtype)
 
     @staticmethod
@@ -405,7 +410,7 @@ class TorchSparseDecode(torch.autograd.Function):
                 dY_s = dY[:, s:s + n_slots].reshape(B, n_slots * D)
                 if fused[s]:
                     with record_function(PHASES["decode_grads"]):
-                        dw = _decode_grads(grad_acts[s], dY_s, w, acts[:, s], pairs[s], ctx.nz.counts[s],
+                        dw = _decode_grads(grad_acts[s], dY_s, w, ctx.nz.layer(s), pairs[s],
                                            None if coef is None else coef[s])
                     if dw is not None:
                         grad_W.append(dw)
@@ -443,20 +448,25 @@ def _fused_grads_apply(dY, w) -> bool:
     return dY.dtype == w.dtype == torch.float32 and w.device.type == "cpu" and cpu_native.available()
 
 
-def _decode_grads(out, dY_s, w, acts_s, pairs, n_active: int, coef):
+def _decode_grads(out, dY_s, w, active, pairs, coef):
     """One source layer's decode backward in one pass over its decoder rows (kernels/cpu_native.py,
     decode_grads): out [B, F] <- dY_s W_s^T at the mask's pairs (0 elsewhere); returns dW_s = a_s^T dY_s
-    (+ coef[f] W_s[f], the decoder norms' gradient). The activations a_s [B, F] are read at the mask's
-    pairs: exact when those include all `n_active` non-zero activations of the layer, as training's
-    masks do (grad_mask is active | window, or active | below it); None (nothing written) otherwise."""
+    (+ coef[f] W_s[f], the decoder norms' gradient). `active`: the layer's non-zero activations (token,
+    feature, value), read at the mask's pairs through `out` as scratch: exact when the pairs include all
+    of them, as training's masks do (grad_mask is active | window, or active | below it); None (out
+    zeroed, nothing else written) otherwise."""
     ccol, b_idx, _, f_idx = pairs
-    act = acts_s[b_idx, f_idx].to(torch.float32)
-    if int(torch.count_nonzero(act)) != n_active:
-        return None
+    a_b, a_f, a_v = active
     F, n_slots, D = w.shape
     W2 = w.detach().reshape(F, n_slots * D)
+    dw = torch.empty_like(W2)  # first: the step's large blocks then sit together in the heap
+    out.zero_()
+    out[a_b, a_f] = a_v.to(out.dtype)
+    act = out[b_idx, f_idx]
+    if int(torch.count_nonzero(act)) != a_v.numel():
+        out.zero_()
+        return None
     vals = dY_s.new_empty(b_idx.numel())
-    dw = torch.empty_like(W2)
     cpu_native.decode_grads(W2, dY_s, ccol, b_idx, act, None if coef is None else coef.float().contiguous(),
                             vals, dw)
     out.zero_()
