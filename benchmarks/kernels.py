@@ -34,6 +34,7 @@ import torch
 from torch.profiler import record_function
 
 from cltrain import kernels
+from cltrain.kernels import torch_ops
 from cltrain.train.clt import CLT, CLTConfig, LossWeights, loss_terms, reference_decode, reference_encode
 
 CUDA = torch.cuda.is_available()
@@ -631,7 +632,7 @@ def shape_report(N: int, D: int, F: int, B: int, reps: int = 3) -> list[str]:
              f"Floor: the encoder's forward and weight gradient {t_enc:.3g} s + fused Adam over all parameters "
              f"{t_adam:.3g} s = {floor:.3g} s. Best of {reps} steps after a warm-up.", "",
              f"| window | dense reference step | {fast} step | ours / dense | step / floor |", "|---|---|---|---|---|"]
-    splits = {}
+    splits, separate = {}, []
     for regime, eps in (("eps = 2", 2.0), ("trained-like", eps_trained)):
         clt.cfg.bandwidth = eps
         times = {}
@@ -641,6 +642,18 @@ def shape_report(N: int, D: int, F: int, B: int, reps: int = 3) -> list[str]:
         splits[regime] = phase_split(step, reps)
         lines.append(f"| {regime} | {times['dense']:.3g} s | {times[fast]:.3g} s | "
                      f"{times['dense'] / times[fast]:.2f}x faster | {times[fast] / floor:.2f}x |")
+        if not CUDA:  # the one-pass decode backward against the separate products, in this run
+            torch_ops.ONE_PASS_GRADS = False
+            try:
+                t_sep = timed(step, reps)
+            finally:
+                torch_ops.ONE_PASS_GRADS = True
+            separate.append(f"{regime}: {t_sep:.3g} s with the separate products, {t_sep / times[fast]:.2f}x "
+                            "the one-pass step")
+    if separate:
+        lines += ["", "The decode backward's decoder and activation gradients as separate products "
+                  "(`torch_ops.ONE_PASS_GRADS = False`) instead of one compiled pass per source layer: "
+                  + "; ".join(separate) + "."]
     lines += ["", f"Where a {fast} step goes (seconds, one profiled step; the profiler adds a little):", "",
               "| phase | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
     for key in next(iter(splits.values())):

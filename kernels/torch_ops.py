@@ -56,10 +56,15 @@ DENSE_GRAD_ABOVE = 0.08
 # at init) nearly half the activations can be non-zero.
 DENSE_ACTS_ABOVE = 0.05
 # Both switches where the compiled kernels run (kernels/cpu_native.py: float32 on CPU): whole steps
-# at 6-30% firing crossed over between 20% and 30% (benchmarks/kernels.md, "Early in training").
-COMPILED_DENSE_ABOVE = 0.25
+# at 3-30% firing crossed over at ~10% on the 2-core Xeon VM (2026-12-07, benchmarks/kernels.md "Early in
+# training": 1.00x at 10%, 0.54x at 20%), between 20% and 30% on an AMD EPYC VM (2026-12-06), whose
+# dense matmul reached 0.18 TFLOP/s against the Xeon's 0.33: the machine CI and these runs use decides.
+COMPILED_DENSE_ABOVE = 0.1
 # Column block of the sampled product (see acts_grad).
 SAMPLED_BLOCK = 256
+# The decoder gradient and the activation gradient of a source layer in one compiled pass where it applies
+# (TorchSparseDecode.backward); False takes the separate products (benchmarks/kernels.py's comparison).
+ONE_PASS_GRADS = True
 
 
 # Names of a step's phases as torch.profiler sees them (benchmarks/kernels.py's phase split reads them; a
@@ -445,7 +450,8 @@ class TorchSparseDecode(torch.autograd.Function):
 
 def _fused_grads_apply(dY, w) -> bool:
     """Whether a source layer's decoder and activation gradients can be one compiled pass (float32 on CPU)."""
-    return dY.dtype == w.dtype == torch.float32 and w.device.type == "cpu" and cpu_native.available()
+    return (ONE_PASS_GRADS and dY.dtype == w.dtype == torch.float32 and w.device.type == "cpu"
+            and cpu_native.available())
 
 
 def _decode_grads(out, dY_s, w, active, pairs, coef):

@@ -110,7 +110,7 @@ def test_csr_dense_checks_its_inputs():
 
 def _decode_float32(seed=0, B=37, N=3, D=20, F=50):
     g = torch.Generator().manual_seed(seed)
-    acts = (torch.rand(N, B, F, generator=g) + 0.1) * (torch.rand(N, B, F, generator=g) < 0.1)
+    acts = (torch.rand(N, B, F, generator=g) + 0.1) * (torch.rand(N, B, F, generator=g) < 0.06)  # below the switches
     acts = acts.transpose(0, 1)
     W = [torch.randn(F, N - s, D, generator=g) for s in range(N)]
     dY = torch.randn(B, N, D, generator=g)
@@ -272,7 +272,8 @@ def test_training_step_same_with_and_without_compiled_kernels(bandwidth, monkeyp
 
 def test_density_switch_follows_the_products(monkeypatch):
     """With the compiled kernels the sparse products pay up to COMPILED_DENSE_ABOVE: a float32 decode at
-    15% activity and a 15% mask takes them (by default), and still equals the reference."""
+    ~7% activity and a ~9% mask (above torch's products' switches, below the compiled one) takes them (by
+    default), and still equals the reference."""
     w32 = torch.zeros(2, 2)
     if NATIVE:
         assert torch_ops.default_dense_above(w32) == torch_ops.COMPILED_DENSE_ABOVE
@@ -281,11 +282,12 @@ def test_density_switch_follows_the_products(monkeypatch):
     assert torch_ops.default_dense_above(w32.double(), torch_ops.DENSE_ACTS_ABOVE) == torch_ops.DENSE_ACTS_ABOVE
     g = torch.Generator().manual_seed(5)
     B, N, D, F = 64, 3, 20, 200
-    acts = ((torch.rand(N, B, F, generator=g) + 0.1) * (torch.rand(N, B, F, generator=g) < 0.12)).transpose(0, 1)
+    acts = ((torch.rand(N, B, F, generator=g) + 0.1) * (torch.rand(N, B, F, generator=g) < 0.07)).transpose(0, 1)
     W = [torch.randn(F, N - s, D, generator=g) for s in range(N)]
     dY = torch.randn(B, N, D, generator=g)
-    mask = (acts != 0) | (torch.rand(B, N, F, generator=g) < 0.04)
-    assert 0.1 < mask.float().mean() < torch_ops.COMPILED_DENSE_ABOVE
+    mask = (acts != 0) | (torch.rand(B, N, F, generator=g) < 0.02)
+    assert torch_ops.DENSE_GRAD_ABOVE < mask.float().mean() < torch_ops.COMPILED_DENSE_ABOVE
+    assert torch_ops.DENSE_ACTS_ABOVE < (acts != 0).float().mean() < torch_ops.COMPILED_DENSE_ABOVE
     used = []
     real = cpu_native.decode_grads
     monkeypatch.setattr(cpu_native, "decode_grads", lambda *a: used.append(1) or real(*a))
