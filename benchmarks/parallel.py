@@ -20,7 +20,9 @@ Part 0 (issue 26; `python benchmarks/parallel.py --memory`, which rewrites only 
 memory against the ideal share (the rank's parameters, gradients and Adam state -- the whole CLT's / FP --
 plus the step's activations) for FP = 1, 2, 4 x DP = 1, 2 with default settings (ZeRO-1, one loader
 worker), and the headline case N=30, D=576, F=2048, FP=4, batch_tokens=128 with every other setting
-at its default under a 4 GiB cap per process (`--headline`: run it alone, it needs 4 x 4 GiB).
+at its default under a 4 GiB cap per process (`--headline`: run it alone, it needs 4 x 4 GiB). Section 0 is
+rewritten with what this invocation measured: `--memory --headline` for both parts (either flag alone leaves
+the other part out of the section).
 """
 from __future__ import annotations
 
