@@ -158,3 +158,34 @@ def test_plan_stops_training_before_the_sitting_ends(recipe, tmp_path):
     assert p["step_s"] == pytest.approx(1.0 + 2.0 + 2 * 0.5)  # generation + CLT + two PLTs
     assert p["steps"] == 8 and p["seconds"]["train"] > 8 * p["step_s"]
     assert p["disk"]["checkpoints"] == (settings.keep_checkpoints + 1) * 12 * (1000 + 2 * 100)
+
+
+def test_sitting_deadline_signals_only_under_the_trainers_handler(monkeypatch):
+    """--hours' hard stop: SIGUSR1 at the deadline, but only while clt-train's stop handler is installed
+    (SIGUSR1's default action would end the process); until then it waits, and cancel() ends it."""
+    import signal
+    import time
+
+    from cltrain.train.lifecycle import StopSignals
+    from cltrain.train.reference import SittingDeadline
+
+    monkeypatch.setattr(SittingDeadline, "RETRY_S", 0.05)
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        d = SittingDeadline(time.time())  # due now, no handler yet: must not signal (it would end pytest)
+        time.sleep(0.3)
+        stop = StopSignals()
+        with stop:  # the trainer's handler: the next retry signals it
+            for _ in range(100):
+                if stop.signum is not None:
+                    break
+                time.sleep(0.02)
+        assert stop.signum == signal.SIGUSR1
+        d.cancel()
+        late = SittingDeadline(time.time() + 0.2)
+        late.cancel()
+        with StopSignals() as quiet:
+            time.sleep(0.4)
+        assert quiet.signum is None  # cancelled before its time: no signal
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -30,9 +30,11 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from cltrain.errors import ConfigError
 from cltrain.files import atomic_write_bytes
 
 from .config import CONFIG_DIR, compose
+from .lifecycle import Preempted
 
 RECIPE = CONFIG_DIR / "reference.yaml"
 STAGES = ("text", "train", "heldout", "eval", "export", "report")
@@ -491,6 +494,38 @@ def trained(settings) -> bool:
     return all(finished_model(d) is not None for d in settings.dictionary_settings())
 
 
+class SittingDeadline:
+    """At `when` (time.time()), SIGUSR1 to this process: clt-train's time-limit signal, on which it checkpoints
+    and stops (lifecycle.StopSignals, raising Preempted). Why: the stop step comes from the planned step time,
+    and where steps run slower (early training, a busy machine) a sitting would overrun. The signal is sent
+    only while clt-train's handler is installed (elsewhere SIGUSR1 would end the process): until then it
+    waits, checking every few seconds."""
+
+    RETRY_S = 5.0
+
+    def __init__(self, when: float):
+        self.when, self.timer, self.cancelled = when, None, False
+        self._arm(max(when - time.time(), 0.0))
+
+    def _arm(self, seconds: float):
+        self.timer = threading.Timer(seconds, self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _fire(self):
+        if self.cancelled:
+            return
+        if callable(signal.getsignal(signal.SIGUSR1)):  # clt-train's handler (else SIG_DFL: would end us)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            self._arm(self.RETRY_S)
+
+    def cancel(self):
+        self.cancelled = True
+        if self.timer is not None:
+            self.timer.cancel()
+
+
 def stage_train(recipe: Recipe, settings, p: dict, deadline: float | None, stop_at_step: int | None) -> bool:
     """Train (or resume) until done, or until this sitting's stop; True when every dictionary is finished."""
     from .trainer import train
@@ -513,7 +548,14 @@ def stage_train(recipe: Recipe, settings, p: dict, deadline: float | None, stop_
     left_s = (p["steps"] - now_step) * p["step_s"]
     print(f"from step {now_step} to {stop} of {p['steps']}: ~{_hms((stop - now_step) * p['step_s'])} "
           f"(whole run left: ~{_hms(left_s)})", flush=True)
-    train(compose("train", overrides))
+    watchdog = None if deadline is None else SittingDeadline(deadline - p["checkpoint_s"])
+    try:
+        train(compose("train", overrides))
+    except Preempted:
+        print("\nclt-train checkpointed and stopped: this sitting's time (--hours) is up")
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     if trained(settings):
         return True
     print(f"\ntraining stopped at step {train_step_now(settings)} of {p['steps']} (checkpointed): run "
