@@ -19,6 +19,11 @@ sampled product over P on the 2-core CPU, 2026-11-29, with torch's products.)
 
 Elsewhere (straight-through to h on, d loss / d pre or d loss / d x asked for, a narrow window whose
 mask is already sparse, or P dense) the backward is exactly the encode's and the decode's composed.
+
+The Function also returns the decoder norms ||W_s[f]|| (Encoded.decoder_norms, which the sparsity and
+pre-activation terms read): their gradient is coef[s, f] W_s[f], which the CPU decode adds inside its
+one pass over the decoder rows (kernels/torch_ops.py) instead of a decoder-sized temporary and a second
+pass over every decoder gradient; where a decode does not, it is added here per source layer.
 Results and gradients equal train/clt.py's reference_encode followed by reference_decode.
 """
 from __future__ import annotations
