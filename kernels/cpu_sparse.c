@@ -54,13 +54,15 @@ static inline float hsum(v16a v) {  /* a tree of halves: a few vector adds, not 
 }
 
 typedef struct {
-    const float *A; int64_t lda;      /* sampled: W; CSR x dense: D */
-    const float *Y; int64_t ldy;      /* sampled: Y */
-    float *out; int64_t ldo;          /* CSR x dense: output rows */
+    const float *A; int64_t lda;      /* sampled, one pass: W; CSR x dense: D */
+    const float *Y; int64_t ldy;      /* sampled, one pass: Y */
+    float *out; int64_t ldo;          /* CSR x dense: output rows; one pass: dW */
     const int64_t *ptr, *idx;
-    const float *vals;                /* CSR x dense: entry values */
+    const float *vals;                /* CSR x dense: entry values; one pass: act per pair */
     int64_t K, block;
     int accumulate;
+    const float *coef;                /* one pass: per feature, or NULL */
+    float *pair_out;                  /* one pass: the dot product per pair */
     int64_t r0, r1;                   /* this thread's rows */
 } job_t;
 
@@ -169,16 +171,6 @@ static void *csr_job(void *arg) {
 #endif
 #endif
 
-typedef struct {
-    const float *W; int64_t ldw;
-    const float *Y; int64_t ldy;
-    float *dW; int64_t lddw;
-    const int64_t *ptr, *rows;
-    const float *act, *coef;          /* act: per pair, 0 where inactive; coef: per feature or NULL */
-    float *out;
-    int64_t K;
-    int64_t r0, r1;
-} grads_t;
 
 /* columns k0 .. k0 + n*16 of feature f, n <= GRAD_VECS vectors. GRAD_TOKENS pairs at a time: their dot
  * products are independent chains of FMAs (one chain per pair would wait on FMA latency). An inactive
@@ -189,16 +181,16 @@ typedef struct {
 #ifndef GRAD_TOKENS
 #define GRAD_TOKENS 4
 #endif
-static inline __attribute__((always_inline)) void grads_block(const grads_t *j, int64_t f, int64_t k0, int n, int first) {
-    const float *w = j->W + f * j->ldw + k0;
-    float *dw = j->dW + f * j->lddw + k0;
+static inline __attribute__((always_inline)) void grads_block(const job_t *j, int64_t f, int64_t k0, int n, int first) {
+    const float *w = j->A + f * j->lda + k0;
+    float *dw = j->out + f * j->ldo + k0;
     const float c = j->coef ? j->coef[f] : 0.0f;
     /* Features PREFETCH_AHEAD on, their decoder block and its gradient's: consecutive features' rows
      * lie tens of KB apart (a new page each), where the hardware prefetchers do not follow */
     if (f + PREFETCH_AHEAD < j->r1)
         for (int i = 0; i < n; i++) {
-            __builtin_prefetch(w + PREFETCH_AHEAD * j->ldw + 16 * i, 0, 3);
-            __builtin_prefetch(dw + PREFETCH_AHEAD * j->lddw + 16 * i, 1, 3);
+            __builtin_prefetch(w + PREFETCH_AHEAD * j->lda + 16 * i, 0, 3);
+            __builtin_prefetch(dw + PREFETCH_AHEAD * j->ldo + 16 * i, 1, 3);
         }
     v16a wv[GRAD_VECS], acc[GRAD_VECS];
     for (int i = 0; i < GRAD_VECS; i++) {
@@ -212,8 +204,8 @@ static inline __attribute__((always_inline)) void grads_block(const grads_t *j, 
         float a[GRAD_TOKENS];
         v16a dot[GRAD_TOKENS];
         for (int t = 0; t < GRAD_TOKENS; t++) {
-            y[t] = j->Y + j->rows[p + t] * j->ldy + k0;
-            a[t] = j->act[p + t];
+            y[t] = j->Y + j->idx[p + t] * j->ldy + k0;
+            a[t] = j->vals[p + t];
             dot[t] = (v16a){0};
         }
         for (int i = 0; i < GRAD_VECS; i++) if (i < n) {
@@ -225,12 +217,12 @@ static inline __attribute__((always_inline)) void grads_block(const grads_t *j, 
         }
         for (int t = 0; t < GRAD_TOKENS; t++) {
             const float s = hsum(dot[t]);
-            j->out[p + t] = first ? s : j->out[p + t] + s;
+            j->pair_out[p + t] = first ? s : j->pair_out[p + t] + s;
         }
     }
     for (; p < end; p++) {
-        const float *y = j->Y + j->rows[p] * j->ldy + k0;
-        const float a = j->act[p];
+        const float *y = j->Y + j->idx[p] * j->ldy + k0;
+        const float a = j->vals[p];
         v16a dot = {0};
         for (int i = 0; i < GRAD_VECS; i++) if (i < n) {
             const v16a yv = *(const v16 *)(y + 16 * i);
@@ -238,31 +230,31 @@ static inline __attribute__((always_inline)) void grads_block(const grads_t *j, 
             acc[i] += a * yv;
         }
         const float s = hsum(dot);
-        j->out[p] = first ? s : j->out[p] + s;
+        j->pair_out[p] = first ? s : j->pair_out[p] + s;
     }
     for (int i = 0; i < GRAD_VECS; i++) if (i < n) *(v16 *)(dw + 16 * i) = acc[i];
 }
 
 /* the last K % 16 columns, one at a time */
-static void grads_tail(const grads_t *j, int64_t f, int64_t k0, int first) {
-    const float *w = j->W + f * j->ldw;
-    float *dw = j->dW + f * j->lddw;
+static void grads_tail(const job_t *j, int64_t f, int64_t k0, int first) {
+    const float *w = j->A + f * j->lda;
+    float *dw = j->out + f * j->ldo;
     const float c = j->coef ? j->coef[f] : 0.0f;
     for (int64_t k = k0; k < j->K; k++) dw[k] = c * w[k];
     for (int64_t p = j->ptr[f]; p < j->ptr[f + 1]; p++) {
-        const float *y = j->Y + j->rows[p] * j->ldy;
-        const float a = j->act[p];
+        const float *y = j->Y + j->idx[p] * j->ldy;
+        const float a = j->vals[p];
         float s = 0.0f;
         for (int64_t k = k0; k < j->K; k++) {
             s += w[k] * y[k];
             dw[k] += a * y[k];
         }
-        j->out[p] = first ? s : j->out[p] + s;
+        j->pair_out[p] = first ? s : j->pair_out[p] + s;
     }
 }
 
 static void *grads_job(void *arg) {
-    const grads_t *j = (const grads_t *)arg;
+    const job_t *j = (const job_t *)arg;
     const int64_t width = GRAD_VECS * 16, vec_end = (j->K / 16) * 16;
     /* column blocks outermost: the Y block stays in cache for all of this thread's features */
     for (int64_t k0 = 0; k0 < vec_end; k0 += width) {
@@ -279,22 +271,25 @@ static void *grads_job(void *arg) {
 
 /* ---------------------------------------------------------------------------------------------- */
 
-/* Runs `fn` over rows 0..n_rows split into contiguous ranges of about equal entry counts; returns 0,
+/* Runs `fn` over rows 0..n_rows split into contiguous ranges of about equal cost (entries, plus per_row
+ * for each row); returns 0,
  * or -1 if a thread could not start (its rows then ran on the calling thread). */
-static int run_split(void *(*fn)(void *), job_t proto, int64_t n_rows, int n_threads) {
+static int run_split(void *(*fn)(void *), job_t proto, int64_t n_rows, int n_threads, int64_t per_row) {
     if (n_rows <= 0) return 0;
     if (n_threads < 1) n_threads = 1;
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     job_t jobs[MAX_THREADS];
     pthread_t tids[MAX_THREADS];
     const int64_t *ptr = proto.ptr;
-    const int64_t total = ptr[n_rows] - ptr[0];
+    /* row r's cost: its entries, plus per_row (work every row does whatever its entries) */
+    const int64_t total = ptr[n_rows] - ptr[0] + per_row * n_rows;
     int64_t r = 0;
     int used = 0;
     for (int t = 0; t < n_threads && r < n_rows; t++) {
         const int64_t target = ptr[0] + (total * (t + 1)) / n_threads;
         int64_t r1 = r + 1;
-        while (r1 < n_rows && ptr[r1 + 1] <= target) r1++;
+        while (r1 < n_rows && ptr[r1 + 1] + per_row * (r1 + 1) <= target) r1++;
+        if (t == n_threads - 1) r1 = n_rows;
         jobs[t] = proto;
         jobs[t].r0 = r;
         jobs[t].r1 = r1;
@@ -316,16 +311,18 @@ static int run_split(void *(*fn)(void *), job_t proto, int64_t n_rows, int n_thr
  * out [ccol[F]]; block: columns per cache block. */
 int cltrain_sampled_f32(const float *W, int64_t ldw, const float *Y, int64_t ldy, int64_t F, int64_t K,
                         const int64_t *ccol, const int64_t *rows, float *out, int64_t block, int n_threads) {
-    job_t proto = {W, ldw, Y, ldy, out, 0, ccol, rows, 0, K, block < 16 ? 16 : block, 0, 0, 0};
-    return run_split(sampled_job, proto, F, n_threads);
+    job_t proto = {.A = W, .lda = ldw, .Y = Y, .ldy = ldy, .out = out, .ptr = ccol, .idx = rows, .K = K,
+                   .block = block < 16 ? 16 : block};
+    return run_split(sampled_job, proto, F, n_threads, 0);
 }
 
 /* out [R, >= K] (row stride ldo) (+)= CSR (ptr [R + 1], idx, vals) x D [*, >= K] (row stride ldd). */
 int cltrain_csr_dense_f32(const int64_t *ptr, const int64_t *idx, const float *vals, int64_t R,
                           const float *D, int64_t ldd, int64_t K, float *out, int64_t ldo, int accumulate,
                           int n_threads) {
-    job_t proto = {D, ldd, 0, 0, out, ldo, ptr, idx, vals, K, 0, accumulate, 0, 0};
-    return run_split(csr_job, proto, R, n_threads);
+    job_t proto = {.A = D, .lda = ldd, .out = out, .ldo = ldo, .ptr = ptr, .idx = idx, .vals = vals, .K = K,
+                   .accumulate = accumulate};
+    return run_split(csr_job, proto, R, n_threads, 0);
 }
 
 /* Per feature f of W [F, >= K] (row stride ldw), its mask pairs ccol[f] .. ccol[f + 1] (token rows[p]
@@ -335,34 +332,8 @@ int cltrain_csr_dense_f32(const int64_t *ptr, const int64_t *idx, const float *v
 int cltrain_decode_grads_f32(const float *W, int64_t ldw, const float *Y, int64_t ldy, float *dW, int64_t lddw,
                              int64_t F, int64_t K, const int64_t *ccol, const int64_t *rows, const float *act,
                              const float *coef, float *out, int n_threads) {
-    if (F <= 0) return 0;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
-    /* split features by pairs plus a share for the dW row every feature writes */
-    grads_t jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    const grads_t proto = {W, ldw, Y, ldy, dW, lddw, ccol, rows, act, coef, out, K, 0, 0};
-    const int64_t per_row = 4, total = ccol[F] + per_row * F;
-    int64_t f = 0;
-    int used = 0;
-    for (int t = 0; t < n_threads && f < F; t++) {
-        const int64_t target = (total * (t + 1)) / n_threads;
-        int64_t f1 = f + 1;
-        while (f1 < F && ccol[f1 + 1] + per_row * (f1 + 1) <= target) f1++;
-        if (t == n_threads - 1) f1 = F;
-        jobs[t] = proto;
-        jobs[t].r0 = f;
-        jobs[t].r1 = f1;
-        f = f1;
-        used = t + 1;
-    }
-    int started = 0, failed = 0;
-    for (int t = 1; t < used; t++) {
-        if (pthread_create(&tids[t], NULL, grads_job, &jobs[t]) != 0) { failed = 1; break; }
-        started = t;
-    }
-    grads_job(&jobs[0]);
-    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
-    for (int t = started + 1; failed && t < used; t++) grads_job(&jobs[t]);
-    return failed ? -1 : 0;
+    job_t proto = {.A = W, .lda = ldw, .Y = Y, .ldy = ldy, .out = dW, .ldo = lddw, .ptr = ccol, .idx = rows,
+                   .vals = act, .K = K, .coef = coef, .pair_out = out};
+    /* features split by pairs plus a share for the dW row every feature writes */
+    return run_split(grads_job, proto, F, n_threads, 4);
 }
