@@ -10,7 +10,6 @@ Writes benchmarks/checkpoint_hash.md.
 """
 import argparse
 import hashlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,14 +21,8 @@ import torch
 from cltrain.train import trainer
 from cltrain.train.checkpoint import read_trainer_state, verify_hashes
 from cltrain.train.config import compose
+from cltrain.machine import cpu_model as cpu_name
 from cltrain.train.data import write_synthetic_dataset
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main():

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from features import cpu_name, run_sizes, setup  # noqa: E402  (the same CLTs, contexts and runner)
+from features import run_sizes, setup  # noqa: E402  (the same CLTs, contexts and runner)
 
+from cltrain.machine import cpu_model  # noqa: E402
 from cltrain.train import circuits, features as fp  # noqa: E402
 from cltrain.train.memory import peak_rss  # noqa: E402
 
@@ -71,7 +72,7 @@ def main():
         print("RESULT " + json.dumps(measure(a.one, a.contexts, a.k)), flush=True)
         return 0
     rows = run_sizes(__file__, a.features, ["--contexts", str(a.contexts), "--k", str(a.k)])
-    cpu = cpu_name()
+    cpu = cpu_model()
     mb, gib = 1e6, 2 ** 30
     lines = ["# Global weights: SmolLM2-135M (30 layers, D=576), CPU", "",
              f"Machine: {cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}. "

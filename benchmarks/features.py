@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cltrain.machine import cpu_model
 from cltrain.train import features as fp
 from cltrain.train.capture import Capture, CaptureSpec
 from cltrain.train.clt import CLT, CLTConfig, inference_encode_layer
@@ -136,13 +136,6 @@ def run_sizes(script: str, sizes: list[int], args: list[str]) -> list[dict]:
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        return next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--features", type=int, nargs="+", default=[128, 1024])
@@ -155,7 +148,7 @@ def main():
             print("RESULT " + json.dumps(measure(a.one, a.contexts, Path(tmp))), flush=True)
         return 0
     rows = run_sizes(__file__, a.features, ["--contexts", str(a.contexts)])
-    cpu = cpu_name()
+    cpu = cpu_model()
     mb, gib = 1e6, 2 ** 30
     lines = ["# Feature pages: SmolLM2-135M (30 layers, D=576), CPU", "",
              f"Machine: {cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}. "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 from torch.profiler import record_function
 
 from cltrain import kernels
+from cltrain.machine import cpu_model
 from cltrain.kernels import torch_ops
 from cltrain.train.clt import CLT, CLTConfig, LossWeights, loss_terms, reference_decode, reference_encode
 
@@ -65,15 +65,7 @@ def timed(fn, reps: int, warmup: int = 1) -> float:
 def device_name() -> str:
     if CUDA:
         return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def load_avg() -> str:

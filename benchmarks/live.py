@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from cltrain.machine import cpu_model
 from cltrain.train.config import compose
 from cltrain.train.memory import peak_rss
 from cltrain.train.trainer import Trainer
@@ -139,11 +139,7 @@ def main():
             r = json.loads(line[0][7:])
             print(f"F={f} workers={w}: {r}", flush=True)
             rows.append((f, w, r))
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     lines = ["# Live activations: SmolLM2-135M (30 layers, D=576), CPU", "",
              f"Machine: {cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}. "
              f"`python benchmarks/live.py` ({a.steps} steps of {BATCH} tokens after a warm-up step; windows of "

@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 
 from cltrain.errors import ConfigError
 from cltrain.files import atomic_write_bytes
+from cltrain.machine import cpu_model
 
 from .config import CONFIG_DIR, compose
 from .lifecycle import Preempted
@@ -445,14 +446,7 @@ def print_plan(recipe: Recipe, settings, rates: dict, p: dict, done: dict):
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": cores, "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__,
