@@ -47,7 +47,7 @@ from .config import CONFIG_DIR, HarvestSettings
 from cltrain.errors import ConfigError
 from .data import (DATASET_JSON, QUANTIZED_DTYPES, STORAGE_DTYPES, DatasetError, DatasetInfo, ShardWriter,
                    seed_mix, shard_name)
-from .lifecycle import run_command
+from .lifecycle import ctrl_c_at_safe_points, run_command, stop_if_ctrl_c
 from .lm import TINY, tiny_config
 from cltrain.files import atomic_write_bytes
 from cltrain.rank_env import dist_env
@@ -443,8 +443,10 @@ def _run(cfg: HarvestSettings, out: Path, rank: int, size: int, prog: dict):
     capture = Capture(CaptureSpec.of(cfg), device)
     _record_meta(out, rank, prog, capture.meta)
     shards = ShardBuffer(cfg, out, rank, size, prog, n_layers=len(capture.sites))
-    with capture.hooked(), _progress_bar(cfg, rank, size, prog) as bar, torch.inference_mode():
+    with (capture.hooked(), _progress_bar(cfg, rank, size, prog) as bar, torch.inference_mode(),
+          ctrl_c_at_safe_points()):
         for batch in rank_batches(cfg, capture.tok, rank, size, prog):
+            stop_if_ctrl_c()  # between batches: a Ctrl-C inside the model's forward can break torch's vmap
             rows = capture(batch)
             shards.add(rows)
             bar.update(rows.fed)

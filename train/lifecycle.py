@@ -16,10 +16,15 @@ Only the scope that created the process group ends it: a caller that started its
 
 Signals: SIGTERM, SIGUSR1, SIGUSR2 (preemption, a time limit ahead) and SIGINT (Ctrl-C) all ask the
 training loop to finish its step, checkpoint on every rank together and exit 75 (`StopSignals`). A second
-SIGINT stops at once (exit 130), without a checkpoint.
+SIGINT stops at once (exit 130), without a checkpoint. Every other command stops on Ctrl-C (exit 130);
+inside `ctrl_c_at_safe_points()` (the harvest's batch loop) the first one waits for the job's next
+`stop_if_ctrl_c()`, because a KeyboardInterrupt raised inside a library can break it: in torch's vmap
+(transformers' attention masks) it becomes an internal-assert RuntimeError plus tracebacks printed from
+finalizers. An error that follows a Ctrl-C is reported as the interrupt, and those finalizers are silenced.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -64,6 +69,70 @@ class PeerLeft(RankLost):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Ctrl-C outside the training loop
+
+
+class _CtrlC:
+    """The process's Ctrl-C presses (module docstring): `count` seen since the command began; `deferring`
+    while inside ctrl_c_at_safe_points(); `active` while a command's handler is installed."""
+
+    def __init__(self):
+        self.count, self.deferring, self.active = 0, 0, False
+
+    def note(self):
+        self.count += 1
+        if self.active:
+            # Once interrupted, a library's objects finalized mid-operation ("Exception ignored in: <generator
+            # vmap_increment_nesting>") are a consequence of the Ctrl-C, not news: do not print them.
+            sys.unraisablehook = _quiet
+
+    def handle(self, signum, frame):
+        self.note()
+        if not self.deferring or self.count > 1:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The command's SIGINT handler, for the duration of one command (main thread only)."""
+        self.count, self.deferring = 0, 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous, unraisable = signal.signal(signal.SIGINT, self.handle), sys.unraisablehook
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            signal.signal(signal.SIGINT, previous)
+            if not self.count:  # after a Ctrl-C the finalizers run later, as the exception is freed
+                sys.unraisablehook = unraisable
+
+
+def _quiet(unraisable):
+    pass
+
+
+CTRL_C = _CtrlC()
+
+
+@contextlib.contextmanager
+def ctrl_c_at_safe_points():
+    """Inside: the first Ctrl-C only sets a flag, which `stop_if_ctrl_c()` raises as KeyboardInterrupt at the
+    job's next safe point (between batches); a second one raises at once."""
+    CTRL_C.deferring += 1
+    try:
+        yield
+    finally:
+        CTRL_C.deferring -= 1
+
+
+def stop_if_ctrl_c():
+    if CTRL_C.count:
+        raise KeyboardInterrupt
+
+
+# ----------------------------------------------------------------------------------------------------
 # Stop signals
 
 
@@ -93,6 +162,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            CTRL_C.note()
             raise KeyboardInterrupt  # the second Ctrl-C
         if self.signum is None or signum == signal.SIGINT:
             self.signum = signum
@@ -204,7 +274,7 @@ def outcome(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT
         sys.stderr.flush()
 
     try:
-        with Teardown():
+        with CTRL_C.installed(), Teardown():
             job()
         return EXIT_OK, False
     except SystemExit as e:  # a job's own exit (Hydra's, a skipped sweep run): its code, already reported
@@ -217,10 +287,13 @@ def outcome(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT
     except KeyboardInterrupt:
         say(f"interrupted: {interrupted}")
         return EXIT_INTERRUPTED, False
-    except bad_input as e:
-        say(f"error: {e}")
-        return EXIT_BAD_INPUT, False
-    except BaseException:
+    except BaseException as e:
+        if CTRL_C.count:  # an error the Ctrl-C caused inside a library (module docstring)
+            say(f"interrupted: {interrupted}")
+            return EXIT_INTERRUPTED, False
+        if isinstance(e, bad_input):
+            say(f"error: {e}")
+            return EXIT_BAD_INPUT, False
         traceback.print_exc()
         return EXIT_BUG, False
 
