@@ -186,6 +186,33 @@ def test_write_through_shards_hold_the_served_rows(tmp_path):
                                     "data.num_workers=0", "data.shuffle_buffer=64", f"out_dir={tmp_path / 's'}"]))
 
 
+def test_int8_write_through_stores_the_served_rows_quantized_as_harvest_does(tmp_path):
+    """data.live.write_dtype=int8 (the reference recipe's --write-through): each window's shard holds its
+    served rows quantized per row exactly as clt-harvest's int8 shards, dataset.json says int8, and a run
+    trains from them."""
+    from cltrain.train.data.format import quantize_rows
+
+    out = tmp_path / "written"
+    trainer.train(compose("train", COMMON + ["steps=5", "data.num_workers=0", f"out_dir={tmp_path / 'r'}",
+                                             f"data.live.write_to={out}", "data.live.write_dtype=int8"]))
+    info = DatasetInfo.load(out)
+    assert info.dtype == "int8" and info.quantized and info.n_tokens > 0
+    windows = _windows(_loader(["data.num_workers=0"]), len(info.shards))
+    for record, window in zip(info.shards, windows):
+        samples = [t for _, t, _ in read_samples(str(out / record["name"]))]
+        n = len(window["ids"]) // 16 * 16
+        assert sum(len(t["token_ids"]) for t in samples) == n == record["n_tokens"]
+        for key in ("x", "y"):
+            q, scale = quantize_rows(window[key][:n])
+            assert torch.equal(torch.cat([t[key] for t in samples]), q)
+            assert torch.equal(torch.cat([t[f"{key}_scale"] for t in samples]), scale)
+        assert torch.equal(torch.cat([t["token_ids"] for t in samples]), window["ids"][:n])
+    trainer.train(compose("train", [f"data.path={out}", "data.heldout_shards=0", "steps=2", "model.n_features=16",
+                                    "batch_tokens=64", "logger.mode=disabled", "progress=false", "kernels=dense",
+                                    "data.num_workers=0", "data.shuffle_buffer=64", f"out_dir={tmp_path / 's'}"]))
+    assert (tmp_path / "s" / "model" / "model.json").is_file()
+
+
 def test_text_that_runs_out_starts_again_and_says_so(tmp_path, caplog):
     text = tmp_path / "short.txt"
     text.write_text("a short text of a few words.\n\nanother one.\n")

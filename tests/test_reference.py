@@ -158,6 +158,13 @@ def test_plan_stops_training_before_the_sitting_ends(recipe, tmp_path):
     assert p["step_s"] == pytest.approx(1.0 + 2.0 + 2 * 0.5)  # generation + CLT + two PLTs
     assert p["steps"] == 8 and p["seconds"]["train"] > 8 * p["step_s"]
     assert p["disk"]["checkpoints"] == (settings.keep_checkpoints + 1) * 12 * (1000 + 2 * 100)
+    assert not any("write-through" in k for k in p["disk"])
+    # --write-through: int8 shards of every training token, in the plan's disk
+    w = reference.Recipe(recipe, out, write_through=True, wandb=False)
+    ws = w.train_settings()
+    assert ws.data.live.write_to == str(out / "shards") and ws.data.live.write_dtype == "int8"
+    wp = reference.plan(w, ws, rates)
+    assert wp["disk"]["write-through shards (int8)"] == wp["steps"] * 32 * reference.INT8_BYTES_PER_TOKEN
 
 
 def test_sitting_deadline_signals_only_under_the_trainers_handler(monkeypatch):

@@ -459,6 +459,7 @@ class LiveSettings(Settings):
     scale_tokens: int = setting(Int(1).optional(), 4096)
     threads: int | None = setting(Int(1, none=True).optional(), None)
     write_to: str | None = setting(PathLike(none=True).optional(), None)
+    write_dtype: str | None = setting(Choice("bfloat16", "float16", "int8", None).optional(), None)
     name: str = setting(ShardPrefix.optional(), "live")
 
 

@@ -23,8 +23,9 @@ the first `scale_tokens` tokens of the text (rank 0's estimate, sent to every ra
 (model.json's dataset block) and reused by a resume.
 
 data.live.write_to=DIR also writes every window as a shard (the replica's rows in served order, whole
-samples of WRITE_TOKENS_PER_SAMPLE tokens) with a sidecar record, and `finish` writes DIR/dataset.json over
-all of them at the end of the run, so later runs (a sweep, clt-eval) read the same activations as shards.
+samples of WRITE_TOKENS_PER_SAMPLE tokens; in data.live.write_dtype, default the live dtype, int8 as
+clt-harvest quantizes) with a sidecar record, and `finish` writes DIR/dataset.json over all of them at the
+end of the run, so later runs (a sweep, clt-eval) read the same activations as shards.
 """
 from __future__ import annotations
 
@@ -299,13 +300,17 @@ class LiveLoader:
 
     # --- write-through ---
 
+    @property
+    def write_dtype(self) -> str:
+        return self.live.write_dtype or self.live.dtype
+
     def _write_window(self, k: int, rows: dict[str, torch.Tensor]):
         """Window k of this replica, in served order, as one shard NAME-<k * R + r>.tar of samples of
         WRITE_TOKENS_PER_SAMPLE tokens (replicas never collide; a resumed run rewrites a window with the same
         bytes), then its dataset.json entry beside it."""
         folder = Path(self.live.write_to)
         name = f"{self.live.name}-{k * self.dp_size + self.dp_rank:06d}.tar"
-        writer = ShardWriter(folder, name)
+        writer = ShardWriter(folder, name, dtype=self.write_dtype)
         try:
             T, C = WRITE_TOKENS_PER_SAMPLE, self.live.context
             for s in range(0, rows["ids"].shape[0] // T * T, T):
@@ -332,7 +337,7 @@ class LiveLoader:
         records = sorted((json.loads(p.read_text()) for p in folder.glob(f"{self.live.name}-*.tar{RECORD_SUFFIX}")),
                          key=lambda r: r["name"])
         info = DatasetInfo(**{**self.info.to_json(), "shards": records, "n_tokens": sum(r["n_tokens"] for r in records),
-                              "tokens_per_sample": WRITE_TOKENS_PER_SAMPLE})
+                              "tokens_per_sample": WRITE_TOKENS_PER_SAMPLE, "dtype": self.write_dtype})
         info.save(folder)
         log.info("live activations: %d shards, %d tokens in %s", len(records), info.n_tokens, folder / DATASET_JSON)
 

@@ -115,7 +115,7 @@ class Recipe:
         self.text = raw["text"]
         self.train_overrides = [sub(v) for v in raw["train"]]
         if write_through:
-            self.train_overrides.append(f"data.live.write_to={self.out / 'shards'}")
+            self.train_overrides += [f"data.live.write_to={self.out / 'shards'}", "data.live.write_dtype=int8"]
         if not wandb:  # a key, not the group: the recipe's logger.mode would apply to logger=none too
             self.train_overrides = merge_overrides(self.train_overrides, ["logger.mode=disabled"])
         dicts = [dict(d) for d in raw["dictionaries"]]
@@ -381,7 +381,7 @@ def plan(recipe: Recipe, settings, rates: dict) -> dict:
         "text": 10e6,
     }
     if settings.data.live.write_to:
-        disk["write-through shards (bf16)"] = steps * B * BF16_BYTES_PER_TOKEN
+        disk["write-through shards (int8)"] = steps * B * INT8_BYTES_PER_TOKEN
     return {"steps": steps, "step_s": step_s, "startup_s": rates["startup_s"], "checkpoint_s": ckpt_s, "tokens_per_s": B / step_s, "checkpoint_every": settings.checkpoint_every,
             "checkpoint_minutes": settings.checkpoint_every * step_s / 60, "checkpoint_bytes": ckpt_bytes,
             "seconds": {"text": 30, "train": train_s, "heldout": heldout_s, "eval": sum(eval_s.values()),
@@ -432,9 +432,8 @@ def print_plan(recipe: Recipe, settings, rates: dict, p: dict, done: dict):
     print(f"disk: {_gb(need)} at most (" + ", ".join(f"{k} {_gb(v)}" for k, v in p["disk"].items())
           + f"); {_gb(free)} free")
     if not settings.data.live.write_to:
-        print(f"  write-through (--write-through, off): +{_gb(p['steps'] * B * BF16_BYTES_PER_TOKEN)} of bf16 shards "
-              f"({BF16_BYTES_PER_TOKEN:,} bytes a token; int8 would be {INT8_BYTES_PER_TOKEN:,}, not offered by live "
-              f"write-through)")
+        print(f"  write-through (--write-through, off): +{_gb(p['steps'] * B * INT8_BYTES_PER_TOKEN)} of int8 shards "
+              f"({INT8_BYTES_PER_TOKEN:,} bytes a token; bfloat16 would be {BF16_BYTES_PER_TOKEN:,})")
     if need > free:
         print("WARNING: the plan needs more disk than is free")
     hours_per_sitting = 2.5
@@ -892,8 +891,8 @@ def main(argv=None):
     p.add_argument("--remeasure", action="store_true", help="measure the rates again (else rates.json is reused)")
     p.add_argument("--measure-batch", type=int, default=512, help="batch tokens of the measured steps (below the "
                    "run's 1,024 to keep the measurement under ~8 GiB; the plan scales per token)")
-    p.add_argument("--write-through", action="store_true", help="also write the training activations as bf16 "
-                   "shards in OUT/shards (see the plan for the disk)")
+    p.add_argument("--write-through", action="store_true", help="also write the training activations as int8 "
+                   "shards in OUT/shards, for later sweeps on the same tokens (see the plan for the disk)")
     p.add_argument("--no-wandb", action="store_true", help="no W&B (default: offline runs in the run folders)")
     args = p.parse_args(argv)
 
