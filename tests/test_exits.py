@@ -137,6 +137,7 @@ def test_a_second_ctrl_c_raises_and_the_command_exits_130_with_one_line(capsys):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+    assert lifecycle.CTRL_C.count == 0  # outside a command no press is kept (it would stop a later harvest)
 
     def interrupted():
         raise KeyboardInterrupt
@@ -209,6 +210,8 @@ def test_the_harvests_first_ctrl_c_waits_for_the_forward_to_end(tmp_path, monkey
     assert calls == ["start", "end"] * 3
     assert capsys.readouterr().err.splitlines()[-1] == f"clt-harvest: interrupted: {said}"
     assert harvest_mod.read_progress(tmp_path / "acts", 0)["shards"]  # the flush after batch 2 is kept
+    # the press ended with its command: the same harvest called again (no command around it) runs to its end
+    assert lifecycle.CTRL_C.count == 0 and harvest_mod.harvest(cfg).n_tokens > 0
 
 
 def test_teardown_ends_in_reverse_order_and_only_the_group_it_started(tmp_path, monkeypatch):

@@ -73,18 +73,19 @@ class PeerLeft(RankLost):
 
 
 class _CtrlC:
-    """The process's Ctrl-C presses (module docstring): `count` seen since the command began; `deferring`
-    while inside ctrl_c_at_safe_points(); `active` while a command's handler is installed."""
+    """Ctrl-C presses during one command (module docstring): counted only while `installed` (a command
+    runs), so no press outlives its command; `interrupted`: whether the last command saw one."""
 
     def __init__(self):
-        self.count, self.deferring, self.active = 0, 0, False
+        self.count, self.deferring, self.active, self.interrupted = 0, 0, False, False
 
     def note(self):
+        if not self.active:
+            return
         self.count += 1
-        if self.active:
-            # Once interrupted, a library's objects finalized mid-operation ("Exception ignored in: <generator
-            # vmap_increment_nesting>") are a consequence of the Ctrl-C, not news: do not print them.
-            sys.unraisablehook = _quiet
+        # Once interrupted, a library's objects finalized mid-operation ("Exception ignored in: <generator
+        # vmap_increment_nesting>") are a consequence of the Ctrl-C, not news: do not print them.
+        sys.unraisablehook = _quiet
 
     def handle(self, signum, frame):
         self.note()
@@ -94,7 +95,7 @@ class _CtrlC:
     @contextlib.contextmanager
     def installed(self):
         """The command's SIGINT handler, for the duration of one command (main thread only)."""
-        self.count, self.deferring = 0, 0
+        self.count, self.interrupted = 0, False
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -103,9 +104,9 @@ class _CtrlC:
         try:
             yield
         finally:
-            self.active = False
+            self.active, self.interrupted, self.count = False, self.count > 0, 0
             signal.signal(signal.SIGINT, previous)
-            if not self.count:  # after a Ctrl-C the finalizers run later, as the exception is freed
+            if not self.interrupted:  # after a Ctrl-C the finalizers run later, as the exception is freed
                 sys.unraisablehook = unraisable
 
 
@@ -288,7 +289,7 @@ def outcome(job, prog: str, bad_input: tuple = (), interrupted: str = STOPPED_AT
         say(f"interrupted: {interrupted}")
         return EXIT_INTERRUPTED, False
     except BaseException as e:
-        if CTRL_C.count:  # an error the Ctrl-C caused inside a library (module docstring)
+        if CTRL_C.interrupted:  # an error the Ctrl-C caused inside a library (module docstring)
             say(f"interrupted: {interrupted}")
             return EXIT_INTERRUPTED, False
         if isinstance(e, bad_input):
