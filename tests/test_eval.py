@@ -77,6 +77,42 @@ def test_shard_metrics_match_hand_computation(tmp_path, make_dataset):
     assert flat["eval/features/dead_fraction"] == m["features"]["dead_fraction"]
 
 
+def test_nmse_without_massive_tokens_equals_the_pooled_nmse_of_the_rest():
+    """A few tokens with hundreds of times the typical energy (an attention sink's MLP output) dominate the
+    pooled NMSE; nmse_without_massive is the pooled NMSE over the other tokens, per layer, with their count
+    and share of sum ||y||^2; the full NMSE is unchanged by the split."""
+    from cltrain.train.eval_metrics import MASSIVE_NORM, PooledMetrics
+
+    g = torch.Generator().manual_seed(3)
+    T = 300
+    y = torch.randn(T, N, D, generator=g)  # normalized: E||y_l||^2 = D
+    massive = {(7, 0), (123, 0), (123, 2), (250, 1)}  # (token, layer)
+    for t, layer in massive:
+        y[t, layer] *= 40.0  # ||y_l|| ~ 40 sqrt(D), over the cut of MASSIVE_NORM sqrt(D)
+    y_hat = y * 0.7 + 0.3 * torch.randn(T, N, D, generator=g)
+    acts = (torch.rand(T, N, F, generator=g) < 0.2).float()
+    pooled = PooledMetrics(N, F, D, "cpu")
+    for lo in range(0, T, 64):  # in batches: the sums pool
+        pooled.add(y_hat[lo:lo + 64], y[lo:lo + 64], acts[lo:lo + 64])
+    m = pooled.summary()
+
+    def nmse(a, b):
+        a, b = a.double(), b.double()
+        return float(((a - b) ** 2).sum(-1).mean() / ((b - b.mean(0)) ** 2).sum(-1).mean())
+
+    assert MASSIVE_NORM < 40 * 0.8
+    wm = m["nmse_without_massive"]
+    for layer in range(N):
+        rest = torch.tensor([t for t in range(T) if (t, layer) not in massive])
+        assert m["nmse"]["per_layer"][layer] == pytest.approx(nmse(y_hat[:, layer], y[:, layer]), rel=1e-9)
+        assert wm["per_layer"][layer] == pytest.approx(nmse(y_hat[rest, layer], y[rest, layer]), rel=1e-9)
+        assert wm["massive_tokens_per_layer"][layer] == T - len(rest)
+        share = 1 - float(y[rest, layer].double().pow(2).sum() / y[:, layer].double().pow(2).sum())
+        assert wm["massive_share_per_layer"][layer] == pytest.approx(share, rel=1e-9)
+    assert wm["massive_share_per_layer"][0] > 0.5  # two tokens of 300 hold most of layer 0's energy
+    assert wm["mean"] == pytest.approx(sum(wm["per_layer"]) / N)
+
+
 def test_config_entry_point(tmp_path, make_dataset):
     info = make_dataset(n_layers=N, d_model=D, n_tokens=256, shard_tokens=128)
     model_dir = save(tmp_path, make_clt(), info)

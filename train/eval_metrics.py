@@ -2,7 +2,14 @@
 and dense features), pooled over all evaluated tokens. clt-eval (train/evaluate.py) and the trainer's
 periodic evaluation (train/dictionary.py, eval_every) both use `PooledMetrics`, so `eval/nmse` means the
 same number in both: per layer, sum over tokens of ||y_hat - y||^2 divided by sum over tokens of
-||y - mean(y)||^2 (the mean over the evaluated tokens), then averaged over layers."""
+||y - mean(y)||^2 (the mean over the evaluated tokens), then averaged over layers.
+
+Massive activations: a few tokens carry hundreds to thousands of times a typical token's ||y_l||^2 (in
+SmolLM2-135M, some first tokens after BOS, the attention sink: 17,000x the median at one token in 16k).
+Pooled, one such token can hold half of a layer's variance, and the NMSE then mostly measures it. So the
+summary also gives `nmse_without_massive`: the same pooled NMSE over the tokens with ||y_l|| <= MASSIVE_NORM *
+sqrt(D) at that layer (normalized activations have E||y_l|| = sqrt(D), so the cut is 100x the mean energy),
+with how many tokens and what share of sum ||y_l||^2 were left out."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -15,6 +22,7 @@ from .clt import CLT, inference_forward
 
 
 DENSE_THRESHOLD = 0.1  # a feature firing on more than this fraction of tokens counts as dense
+MASSIVE_NORM = 10.0  # a token's ||y_l|| above this many sqrt(D) is massive at layer l (module docstring)
 
 
 class PooledMetrics:
@@ -24,17 +32,25 @@ class PooledMetrics:
 
     def __init__(self, n_layers: int, n_features: int, d_model: int, device):
         f64 = dict(dtype=torch.float64, device=device)
-        self.sse = torch.zeros(n_layers, **f64)
-        self.sum_y = torch.zeros(n_layers, d_model, **f64)
-        self.sum_y2 = torch.zeros(n_layers, **f64)
+        # [2, ...]: index 0 over every token, index 1 over the tokens that are not massive at that layer
+        self.sse = torch.zeros(2, n_layers, **f64)
+        self.sum_y = torch.zeros(2, n_layers, d_model, **f64)
+        self.sum_y2 = torch.zeros(2, n_layers, **f64)
+        self.count = torch.zeros(2, n_layers, **f64)
         self.fired = torch.zeros(n_layers, n_features, **f64)
         self.tokens = 0
+        self.massive_y2 = MASSIVE_NORM ** 2 * d_model
 
     def add(self, y_hat: torch.Tensor, y: torch.Tensor, acts: torch.Tensor):
         """One batch: y_hat, y [B, N, D] (normalized), acts [B, N, F]."""
-        self.sse += (y_hat - y).double().pow(2).sum(-1).sum(0)
-        self.sum_y += y.double().sum(0)
-        self.sum_y2 += y.double().pow(2).sum(-1).sum(0)
+        y = y.double()
+        y2, err2 = y.pow(2).sum(-1), (y_hat.double() - y).pow(2).sum(-1)  # [B, N]
+        kept = (y2 <= self.massive_y2).double()
+        for i, w in enumerate((torch.ones_like(kept), kept)):
+            self.sse[i] += (err2 * w).sum(0)
+            self.sum_y[i] += torch.einsum("bn,bnd->nd", w, y)  # no [B, N, D] temporary
+            self.sum_y2[i] += (y2 * w).sum(0)
+            self.count[i] += w.sum(0)
         self.fired += (acts != 0).sum(0).double()
         self.tokens += y.shape[0]
 
@@ -43,8 +59,9 @@ class PooledMetrics:
         n = self.tokens
         if n == 0:
             raise ValueError("no evaluation tokens: the held-out split is empty")
-        var = (self.sum_y2 / n - (self.sum_y / n).pow(2).sum(-1)).clamp_min(1e-12)  # E||y - mean(y)||^2
-        nmse = (self.sse / n) / var
+        m = self.count.clamp_min(1)
+        var = (self.sum_y2 / m - (self.sum_y / m.unsqueeze(-1)).pow(2).sum(-1)).clamp_min(1e-12)  # E||y - mean(y)||^2
+        nmse, typical = (self.sse / m / var).unbind(0)
         density = self.fired / n
         counts = torch.stack([self.fired.sum(-1) / n, (self.fired == 0).sum(-1).double(),
                               (density > dense_threshold).sum(-1).double()])  # [3, N]: l0, dead, dense
@@ -58,6 +75,10 @@ class PooledMetrics:
             "tokens": n,
             "nmse": {"per_layer": nmse.tolist(), "mean": float(nmse.mean())},
             "explained_variance": {"per_layer": (1 - nmse).tolist(), "mean": float((1 - nmse).mean())},
+            "nmse_without_massive": {
+                "per_layer": typical.tolist(), "mean": float(typical.mean()), "massive_norm": MASSIVE_NORM,
+                "massive_tokens_per_layer": (self.count[0] - self.count[1]).long().tolist(),
+                "massive_share_per_layer": (1 - self.sum_y2[1] / self.sum_y2[0].clamp_min(1e-12)).tolist()},
             "l0": {"per_layer": l0.tolist(), "total": float(l0.sum()), "mean": float(l0.mean())},
             "features": {"total": total, "dead_count": dead, "dead_fraction": dead / total,
                          "dense_count": dense, "dense_fraction": dense / total,

@@ -276,6 +276,11 @@ def _print_summary(metrics: dict):
              f"(per layer {' '.join(f'{v:.3f}' for v in metrics['nmse']['per_layer'])}), "
              f"L0 total {metrics['l0']['total']:.1f}, dead {metrics['features']['dead_fraction']:.2%}, "
              f"dense {metrics['features']['dense_fraction']:.2%}"]
+    wm = metrics.get("nmse_without_massive")
+    if wm and any(wm["massive_tokens_per_layer"]):
+        lines.append(f"  without massive activations (||y_l|| > {wm['massive_norm']:g} sqrt(D): "
+                     f"{sum(wm['massive_tokens_per_layer'])} token-layers, up to {max(wm['massive_share_per_layer']):.0%} "
+                     f"of a layer's sum ||y||^2): NMSE mean {wm['mean']:.4f}")
     rep = metrics.get("replacement") or {}
     for mode in ("mode_a", "mode_b"):
         if mode in rep:

@@ -779,7 +779,12 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
         return ((m.get("replacement") or {}).get(mode) or {}).get(key)
 
     def per_layer(m, key):
-        return " ".join(f"{v:.3f}" if key == "nmse" else f"{v:.1f}" for v in m[key]["per_layer"])
+        if key not in m:
+            return "n/a"
+        return " ".join(f"{v:.1f}" if key == "l0" else f"{v:.3f}" for v in m[key]["per_layer"])
+
+    def massive(m, key):  # metrics.json of clt-eval before eval_metrics' massive split: None
+        return (m.get("nmse_without_massive") or {}).get(key)
 
     L = [f"# Reference run: {recipe.base_model}, CLT and PLT of {settings.model.n_features:,} features per layer",
          "",
@@ -811,19 +816,31 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
          f"{float(_override(recipe.eval['common'], 'dense_threshold', 0.1)):.0%} of the evaluated tokens; dead = "
          f"never fires on them).",
          "",
-         "| | NMSE mean | L0 per layer (mean) | dead | dense | top-1 (a) | top-1 (b) | KL (a) | KL (b) | "
-         "CE recovered (a) | CE recovered (b) | graph replacement (mean / sd / min) | graph completeness (mean / sd / min) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| | NMSE mean | NMSE without massive | L0 per layer (mean) | dead | dense | top-1 (a) | top-1 (b) | KL (a) | "
+         "KL (b) | CE recovered (a) | CE recovered (b) | graph replacement (mean / sd / min) | "
+         "graph completeness (mean / sd / min) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in (("CLT", clt), ("PLT", plt_)):
         g = m.get("graphs") or {}
-        L.append(f"| {name} | {m['nmse']['mean']:.4f} | {m['l0']['mean']:.1f} | {m['features']['dead_fraction']:.1%} | "
+        L.append(f"| {name} | {m['nmse']['mean']:.4f} | {_f(massive(m, 'mean'), '{:.4f}')} | {m['l0']['mean']:.1f} | "
+                 f"{m['features']['dead_fraction']:.1%} | "
                  f"{m['features']['dense_fraction']:.1%} | {_f(rep(m, 'mode_a', 'top1_agreement'))} | "
                  f"{_f(rep(m, 'mode_b', 'top1_agreement'))} | {_f(rep(m, 'mode_a', 'kl'))} | {_f(rep(m, 'mode_b', 'kl'))} | "
                  f"{_f(rep(m, 'mode_a', 'ce_recovered'))} | {_f(rep(m, 'mode_b', 'ce_recovered'))} | "
                  f"{_spread(g, 'replacement_score')} | {_spread(g, 'completeness_score')} |")
+    shares = massive(clt, "massive_share_per_layer") or []
     L += ["", f"Graphs: {(clt.get('graphs') or {}).get('n_prompts', 0)} prompts per model (built-in prompts and "
-          "windows of held-out text).", "", "NMSE per layer:", "",
-          f"- CLT: {per_layer(clt, 'nmse')}", f"- PLT: {per_layer(plt_, 'nmse')}", "", "L0 per layer:", "",
+          "windows of held-out text).", "",
+          "NMSE without massive: the same pooled NMSE over the tokens whose ||y_l|| is at most "
+          f"{massive(clt, 'massive_norm') or 10:g} sqrt(D) at that layer (100x the mean energy of normalized "
+          "activations; train/eval_metrics.py). SmolLM2-135M gives a few tokens (some first tokens after BOS, "
+          "the attention sink) thousands of times a typical token's energy, and pooled, one of them can hold most "
+          f"of a layer's variance: here {sum(massive(clt, 'massive_tokens_per_layer') or [0])} token-layers, "
+          f"at most {max(shares or [0]):.0%} of a layer's sum ||y||^2.", "", "NMSE per layer:", "",
+          f"- CLT: {per_layer(clt, 'nmse')}", f"- PLT: {per_layer(plt_, 'nmse')}", "",
+          "NMSE without massive, per layer:", "",
+          f"- CLT: {per_layer(clt, 'nmse_without_massive')}", f"- PLT: {per_layer(plt_, 'nmse_without_massive')}", "",
+          "L0 per layer:", "",
           f"- CLT: {per_layer(clt, 'l0')}", f"- PLT: {per_layer(plt_, 'l0')}", ""]
     g = clt.get("graphs") or {}
     if "edges_checked" in g:
@@ -834,7 +851,8 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
     a_top1 = rep(clt, "mode_a", "top1_agreement")
     cg, pg = (clt.get("graphs") or {}).get("replacement_score"), (plt_.get("graphs") or {}).get("replacement_score")
     aims = [("held-out NMSE <= 0.25 at mean L0 <= 30 per layer",
-             clt["nmse"]["mean"] <= 0.25 and clt["l0"]["mean"] <= 30, f"{clt['nmse']['mean']:.3f} at {clt['l0']['mean']:.1f}"),
+             clt["nmse"]["mean"] <= 0.25 and clt["l0"]["mean"] <= 30, f"{clt['nmse']['mean']:.3f} at {clt['l0']['mean']:.1f}"
+             + (f" ({massive(clt, 'mean'):.3f} without massive activations)" if massive(clt, "mean") is not None else "")),
             ("dead <= 10%", clt["features"]["dead_fraction"] <= 0.10, f"{clt['features']['dead_fraction']:.1%}"),
             ("dense <= 5%", clt["features"]["dense_fraction"] <= 0.05, f"{clt['features']['dense_fraction']:.1%}"),
             ("CLT below the PLT in NMSE at equal L0", better, "see above"),
