@@ -167,6 +167,28 @@ def test_plan_stops_training_before_the_sitting_ends(recipe, tmp_path):
     assert wp["disk"]["write-through shards (int8)"] == wp["steps"] * 32 * reference.INT8_BYTES_PER_TOKEN
 
 
+def test_a_sitting_is_not_cut_at_the_planned_step_time(recipe, tmp_path, monkeypatch):
+    """--hours: the planned step time (measured at initialization, where activations are dense) was 2x the
+    trained steps' time and stopped a sitting an hour early; training now runs to its end or its stop step,
+    and only the deadline (SittingDeadline) ends it. A sitting where not even one planned step fits does not
+    start."""
+    import time
+
+    from cltrain.train import trainer
+
+    out = tmp_path / "o"
+    out.mkdir()
+    r = reference.Recipe(recipe, out, wandb=False)
+    settings = r.train_settings()
+    p = {"steps": 100, "step_s": 60.0, "startup_s": 0.0, "checkpoint_s": 0.0}
+    calls = []
+    monkeypatch.setattr(trainer, "train", lambda cfg: calls.append(cfg.get("stop_at_step")))
+    assert reference.stage_train(r, settings, p, time.time() + 600, None) is False  # 10 planned steps fit
+    assert calls == [None]  # no stop step: the deadline decides
+    assert reference.stage_train(r, settings, p, time.time() + 600, 40) is False and calls[-1] == 40
+    assert reference.stage_train(r, settings, p, time.time() + 30, None) is False and len(calls) == 2
+
+
 def test_sitting_deadline_signals_only_under_the_trainers_handler(monkeypatch):
     """--hours' hard stop: SIGUSR1 at the deadline, but only while clt-train's stop handler is installed
     (SIGUSR1's default action would end the process); until then it waits, and cancel() ends it."""

@@ -489,8 +489,8 @@ def trained(settings) -> bool:
 
 class SittingDeadline:
     """At `when` (time.time()), SIGUSR1 to this process: clt-train's time-limit signal, on which it checkpoints
-    and stops (lifecycle.StopSignals, raising Preempted). Why: the stop step comes from the planned step time,
-    and where steps run slower (early training, a busy machine) a sitting would overrun. The signal is sent
+    and stops (lifecycle.StopSignals, raising Preempted). Why: the step time varies several-fold over a run
+    (dense early activations, a busy machine), so no step planned in advance ends a sitting on time. The signal is sent
     only while clt-train's handler is installed (elsewhere SIGUSR1 would end the process): until then it
     waits, checking every few seconds."""
 
@@ -529,18 +529,20 @@ def stage_train(recipe: Recipe, settings, p: dict, deadline: float | None, stop_
     now_step = train_step_now(settings)
     stop = p["steps"] if stop_at_step is None else min(p["steps"], stop_at_step)
     if deadline is not None:
-        # the start-up and the checkpoint at the stop come out of the sitting's time too
+        # the start-up and the checkpoint at the stop come out of the sitting's time too. The sitting is not
+        # cut at a step from the planned step time: that is measured at initialization, where activations are
+        # dense, and was 2x the trained steps' time (a sitting stopped an hour early). SittingDeadline stops it.
         left = deadline - time.time() - p["startup_s"] - p["checkpoint_s"]
-        fit = int(left // p["step_s"])
-        if fit < 1:
+        if left < p["step_s"]:
             print(f"this sitting's time is up (--hours): training stays at step {now_step} of {p['steps']}")
             return False
-        stop = min(stop, now_step + fit)
     overrides = recipe.train_overrides_full() + ([f"stop_at_step={stop}"] if stop < p["steps"] else [])
     print("clt-train " + " ".join(overrides))
     left_s = (p["steps"] - now_step) * p["step_s"]
-    print(f"from step {now_step} to {stop} of {p['steps']}: ~{_hms((stop - now_step) * p['step_s'])} "
-          f"(whole run left: ~{_hms(left_s)})", flush=True)
+    print(f"from step {now_step} to {stop} of {p['steps']}: ~{_hms((stop - now_step) * p['step_s'])} at the planned "
+          f"step time (whole run left: ~{_hms(left_s)})"
+          + ("" if deadline is None else f"; this sitting checkpoints and stops at "
+             f"{time.strftime('%H:%M', time.localtime(deadline - p['checkpoint_s']))} if not done"), flush=True)
     watchdog = None if deadline is None else SittingDeadline(deadline - p["checkpoint_s"])
     try:
         train(compose("train", overrides))
