@@ -187,6 +187,13 @@ def test_a_sitting_is_not_cut_at_the_planned_step_time(recipe, tmp_path, monkeyp
     assert calls == [None]  # no stop step: the deadline decides
     assert reference.stage_train(r, settings, p, time.time() + 600, 40) is False and calls[-1] == 40
     assert reference.stage_train(r, settings, p, time.time() + 30, None) is False and len(calls) == 2
+    # the plan's time left comes from the run's own pace once it has one: the median of its last logged steps
+    assert reference.measured_step_s(settings, 32) is None
+    first = reference.dictionary_dirs(settings)[0]
+    first.mkdir(parents=True)
+    rows = [{"step": i, "tokens_per_s": v} for i, v in enumerate([1.0] * 20 + [8.0, 4.0, 16.0, 2.0, 4.0])]
+    (first / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    assert reference.measured_step_s(settings, 32, last=5) == 32 / 4.0
 
 
 def test_sitting_deadline_signals_only_under_the_trainers_handler(monkeypatch):

@@ -420,8 +420,15 @@ def print_plan(recipe: Recipe, settings, rates: dict, p: dict, done: dict):
     for stage in STAGES:
         s_ = p["seconds"][stage]
         status = done.get(stage, "")
+        left = s_
+        if stage == "train" and status != "done" and train_step_now(settings):
+            now, pace = train_step_now(settings), measured_step_s(settings, B)
+            step_s = pace if pace is not None else p["step_s"]
+            left = (p["steps"] - now) * step_s + p["startup_s"]
+            status = (f"at step {now} of {p['steps']}: {_hms(left)} left at "
+                      + (f"{pace:.1f} s a step (the run's last logged steps)" if pace is not None else "the planned step time"))
         if status != "done":
-            total += s_
+            total += left
         print(f"{stage:10}{_hms(s_):>10}   {status}")
     print(f"{'total':10}{_hms(sum(p['seconds'].values())):>10}   still to run: {_hms(total)} "
           f"(ETA {time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + total))})")
@@ -466,6 +473,19 @@ def _git_commit() -> str | None:
 
 def dictionary_dirs(settings) -> list[Path]:
     return [Path(str(d.out_dir)) for d in settings.dictionary_settings()]
+
+
+def measured_step_s(settings, batch_tokens: int, last: int = 16) -> float | None:
+    """Seconds a step over the training run's last `last` logged steps (median; from the first dictionary's
+    metrics.jsonl, whose tokens_per_s is the whole pass's), or None before any: the planned step time is
+    measured at initialization, where activations are dense, and is ~2x a trained step's."""
+    path = dictionary_dirs(settings)[0] / "metrics.jsonl"
+    try:
+        rates = [json.loads(line).get("tokens_per_s") for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    rates = sorted(r for r in rates[-last:] if r)
+    return batch_tokens / rates[len(rates) // 2] if rates else None
 
 
 def train_step_now(settings) -> int:
