@@ -146,6 +146,51 @@ def test_reference_end_to_end(recipe, tmp_path, capsys):
     assert stamp == {p: p.stat().st_mtime_ns for p in (cut / "runs").rglob("metrics.json")}
 
 
+class _WordTokenizer:
+    def encode(self, text, **_):
+        return text.split()
+
+
+def test_training_documents_are_shuffled_across_sources_and_held_out_documents_stay_out(recipe, tmp_path,
+                                                                                        monkeypatch):
+    # three sources of 40 documents each, read one after the other: in source order a live run (which reads
+    # its text once, front to back) met one domain, then the next; the reference CLT's features of the
+    # earlier domains went dead. The training text must mix them from its first documents on.
+    def fake_source(source):
+        return "1", (f"{source} document {k} " + "word " * 20 for k in range(40))
+
+    monkeypatch.setattr(reference, "source_documents", fake_source)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["text"].update(sources=["alpha", "beta", "gamma"], heldout_every=10, train_margin=1.0, heldout_tokens=50)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    def build(out, seed):
+        raw["text"]["shuffle_seed"] = seed
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        manifest = reference.build_corpus(reference.Recipe(path, out), 100 * 24, _WordTokenizer())
+        docs = [json.loads(x) for x in (out / "text" / "train.jsonl").read_text().splitlines()]
+        held = [json.loads(x) for x in (out / "text" / "heldout.jsonl").read_text().splitlines()]
+        return manifest, docs, held
+
+    manifest, docs, held = build(tmp_path / "a", 0)
+    assert manifest["enough"] and manifest["train"]["order"] == "documents shuffled (seed 0)"
+    assert [s["source"] for s in manifest["sources"]] == ["alpha", "beta", "gamma"]
+    # the same documents as the source-order split (every 10th held out), in another order
+    train_ids = [d["doc"] for d in docs]
+    assert sorted(train_ids) == [i for i in range(max(train_ids) + 1) if i % 10 != 9]
+    assert train_ids != sorted(train_ids)
+    assert max(train_ids) >= 80  # the quota reaches into the third source
+    assert all(d["doc"] % 10 == 9 for d in held) and not {d["doc"] for d in docs} & {d["doc"] for d in held}
+    # every source in the first quarter of the training text
+    quarter = docs[: len(docs) // 4]
+    assert {d["source"] for d in quarter} == {"alpha", "beta", "gamma"}
+    # seeded: the same seed gives the same file, another seed another order
+    assert build(tmp_path / "b", 0)[1] == docs
+    other = build(tmp_path / "c", 1)[1]
+    assert other != docs and sorted(d["doc"] for d in other) == sorted(train_ids)
+
+
 def test_plan_stops_training_before_the_sitting_ends(recipe, tmp_path):
     """--hours: the stop step is what fits in the time left after start-up and the last checkpoint."""
     out = tmp_path / "o"

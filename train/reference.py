@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import signal
 import subprocess
@@ -197,7 +198,12 @@ def source_documents(source: str):
 
 def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int = 0) -> dict:
     """Write {out}/text/train.jsonl and heldout.jsonl (documents split by index: i % heldout_every ==
-    heldout_every - 1 is held out) until both quotas are met, then manifest.json. Returns the manifest."""
+    heldout_every - 1 is held out) until both quotas are met, then manifest.json. Returns the manifest.
+
+    The training documents are written in a seeded random order (text.shuffle_seed): the sources come one
+    after the other, and a live run reads its text once, front to back, shuffling only within a window. In
+    source order the stream changed domain three times (stdlib, numpy, torch), and a feature of an earlier
+    domain stopped firing: 24% of the reference CLT's features were dead at the end, against 1.6% early."""
     t = recipe.text
     every = int(t["heldout_every"])
     # the scale estimate reads the first scale_tokens too: a tiny run's text must hold them without wrapping
@@ -205,34 +211,36 @@ def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int
     need_held = int(t["heldout_tokens"])
     folder = recipe.text_dir
     folder.mkdir(parents=True, exist_ok=True)
+    seed = int(t.get("shuffle_seed", 0))
     files = {"train": folder / "train.jsonl.tmp", "heldout": folder / "heldout.jsonl.tmp"}
-    handles = {k: open(p, "w", encoding="utf-8") for k, p in files.items()}
+    lines = {"train": [], "heldout": []}
     counts = {"train": [0, 0], "heldout": [0, 0]}  # documents, tokens (BOS included, as contexts count them)
     used, i = [], 0
-    try:
-        for source in t["sources"]:
-            version, docs = source_documents(source)
-            used.append({"source": source, "version": version, "from_document": i})
-            for text in docs:
-                split = "heldout" if i % every == every - 1 else "train"
-                if counts[split][1] < (need_held if split == "heldout" else need_train):
-                    n = len(tokenizer.encode(text, add_special_tokens=False, verbose=False)) + 1
-                    handles[split].write(json.dumps({"text": text, "doc": i, "source": source}) + "\n")
-                    counts[split][0] += 1
-                    counts[split][1] += n
-                i += 1
-                if counts["train"][1] >= need_train and counts["heldout"][1] >= need_held:
-                    break
-            used[-1]["to_document"] = i
+    for source in t["sources"]:
+        version, docs = source_documents(source)
+        used.append({"source": source, "version": version, "from_document": i})
+        for text in docs:
+            split = "heldout" if i % every == every - 1 else "train"
+            if counts[split][1] < (need_held if split == "heldout" else need_train):
+                n = len(tokenizer.encode(text, add_special_tokens=False, verbose=False)) + 1
+                lines[split].append(json.dumps({"text": text, "doc": i, "source": source}) + "\n")
+                counts[split][0] += 1
+                counts[split][1] += n
+            i += 1
             if counts["train"][1] >= need_train and counts["heldout"][1] >= need_held:
                 break
-    finally:
-        for h in handles.values():
-            h.close()
+        used[-1]["to_document"] = i
+        if counts["train"][1] >= need_train and counts["heldout"][1] >= need_held:
+            break
+    random.Random(seed).shuffle(lines["train"])
+    for k, p in files.items():
+        with open(p, "w", encoding="utf-8") as f:
+            f.writelines(lines[k])
     for k, p in files.items():
         os.replace(p, folder / f"{k}.jsonl")
     manifest = {"sources": used, "heldout_every": every, "documents_seen": i,
                 "train": {"documents": counts["train"][0], "tokens": counts["train"][1],
+                          "order": f"documents shuffled (seed {seed})",
                           "sha256": _sha256(folder / "train.jsonl")},
                 "heldout": {"documents": counts["heldout"][0], "tokens": counts["heldout"][1],
                             "sha256": _sha256(folder / "heldout.jsonl")},
@@ -269,7 +277,7 @@ def _print_corpus(m: dict):
           + ", ".join(f"{s['source']} {s['version']}" for s in m["sources"])
           + f"; training text {m['train']['tokens']:,} tokens in {m['train']['documents']} documents, held-out text "
           f"{m['heldout']['tokens']:,} tokens in {m['heldout']['documents']} documents (every "
-          f"{m['heldout_every']}th document)")
+          f"{m['heldout_every']}th document); training documents {m['train'].get('order', 'in source order')}")
     if not m["enough"]:
         print(f"WARNING: the sources ran out before the quotas ({m['quota']}): the live stream will wrap around "
               f"the training text (add a source to text.sources)")
@@ -830,7 +838,8 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
          f"- text: {corpus.get('train', {}).get('tokens', 0):,} training tokens and "
          f"{corpus.get('heldout', {}).get('tokens', 0):,} held-out tokens ("
          + ", ".join(f"{s['source']} {s['version']}" for s in corpus.get("sources", []))
-         + f"); held out: every {corpus.get('heldout_every')}th document, never in the training text",
+         + f"); held out: every {corpus.get('heldout_every')}th document, never in the training text; training "
+         f"documents {corpus.get('train', {}).get('order', 'in source order (built before the shuffle)')}",
          "",
          "## Held-out results",
          "",
