@@ -212,7 +212,7 @@ def test_plan_stops_training_before_the_sitting_ends(recipe, tmp_path):
     assert wp["disk"]["write-through shards (int8)"] == wp["steps"] * 32 * reference.INT8_BYTES_PER_TOKEN
 
 
-def test_a_sitting_is_not_cut_at_the_planned_step_time(recipe, tmp_path, monkeypatch):
+def test_a_sitting_is_not_cut_at_the_planned_step_time(recipe, tmp_path, monkeypatch, capsys):
     """--hours: the planned step time (measured at initialization, where activations are dense) was 2x the
     trained steps' time and stopped a sitting an hour early; training now runs to its end or its stop step,
     and only the deadline (SittingDeadline) ends it. A sitting where not even one planned step fits does not
@@ -232,6 +232,17 @@ def test_a_sitting_is_not_cut_at_the_planned_step_time(recipe, tmp_path, monkeyp
     assert calls == [None]  # no stop step: the deadline decides
     assert reference.stage_train(r, settings, p, time.time() + 600, 40) is False and calls[-1] == 40
     assert reference.stage_train(r, settings, p, time.time() + 30, None) is False and len(calls) == 2
+    # a stop signal from elsewhere (a scheduler's SIGTERM) before the deadline is not called the sitting's time
+    from cltrain.train.lifecycle import Preempted
+
+    def preempted(cfg):
+        raise Preempted("SIGTERM")
+
+    monkeypatch.setattr(trainer, "train", preempted)
+    capsys.readouterr()
+    assert reference.stage_train(r, settings, p, time.time() + 600, None) is False
+    printed = capsys.readouterr().out
+    assert "sent a stop signal" in printed and "--hours" not in printed
     # the plan's time left comes from the run's own pace once it has one: the median of its last logged steps
     assert reference.measured_step_s(settings, 32) is None
     first = reference.dictionary_dirs(settings)[0]
@@ -261,12 +272,12 @@ def test_sitting_deadline_signals_only_under_the_trainers_handler(monkeypatch):
                 if stop.signum is not None:
                     break
                 time.sleep(0.02)
-        assert stop.signum == signal.SIGUSR1
+        assert stop.signum == signal.SIGUSR1 and d.fired  # the driver then says the sitting's time is up
         d.cancel()
         late = SittingDeadline(time.time() + 0.2)
         late.cancel()
         with StopSignals() as quiet:
             time.sleep(0.4)
-        assert quiet.signum is None  # cancelled before its time: no signal
+        assert quiet.signum is None and not late.fired  # cancelled before its time: no signal
     finally:
         signal.signal(signal.SIGUSR1, previous)

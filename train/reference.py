@@ -525,7 +525,7 @@ class SittingDeadline:
     RETRY_S = 5.0
 
     def __init__(self, when: float):
-        self.when, self.timer, self.cancelled = when, None, False
+        self.when, self.timer, self.cancelled, self.fired = when, None, False, False
         self._arm(max(when - time.time(), 0.0))
 
     def _arm(self, seconds: float):
@@ -537,6 +537,7 @@ class SittingDeadline:
         if self.cancelled:
             return
         if callable(signal.getsignal(signal.SIGUSR1)):  # clt-train's handler (else SIG_DFL: would end us)
+            self.fired = True
             os.kill(os.getpid(), signal.SIGUSR1)
         else:
             self._arm(self.RETRY_S)
@@ -575,7 +576,9 @@ def stage_train(recipe: Recipe, settings, p: dict, deadline: float | None, stop_
     try:
         train(compose("train", overrides))
     except Preempted:
-        print("\nclt-train checkpointed and stopped: this sitting's time (--hours) is up")
+        why = ("this sitting's time (--hours) is up" if watchdog is not None and watchdog.fired
+               else "it was sent a stop signal (SIGTERM or SIGUSR1)")
+        print(f"\nclt-train checkpointed and stopped: {why}")
     finally:
         if watchdog is not None:
             watchdog.cancel()
