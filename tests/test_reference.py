@@ -161,7 +161,7 @@ def test_training_documents_are_shuffled_across_sources_and_held_out_documents_s
 
     monkeypatch.setattr(reference, "source_documents", fake_source)
     raw = yaml.safe_load(recipe.read_text())
-    raw["text"].update(sources=["alpha", "beta", "gamma"], heldout_every=10, train_margin=1.0, heldout_tokens=50)
+    raw["text"].update(sources=["alpha", "beta", "gamma"], heldout_every=10, train_margin=1.0, heldout_tokens=250)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
@@ -182,6 +182,9 @@ def test_training_documents_are_shuffled_across_sources_and_held_out_documents_s
     assert train_ids != sorted(train_ids)
     assert max(train_ids) >= 80  # the quota reaches into the third source
     assert all(d["doc"] % 10 == 9 for d in held) and not {d["doc"] for d in docs} & {d["doc"] for d in held}
+    # held-out text is shuffled too: clt-eval reads only its first max_tokens
+    assert {d["source"] for d in held} == {"alpha", "beta", "gamma"} and manifest["heldout"]["order"]
+    assert [d["doc"] for d in held] != sorted(d["doc"] for d in held)
     # every source in the first quarter of the training text
     quarter = docs[: len(docs) // 4]
     assert {d["source"] for d in quarter} == {"alpha", "beta", "gamma"}

@@ -200,7 +200,7 @@ def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int
     """Write {out}/text/train.jsonl and heldout.jsonl (documents split by index: i % heldout_every ==
     heldout_every - 1 is held out) until both quotas are met, then manifest.json. Returns the manifest.
 
-    The training documents are written in a seeded random order (text.shuffle_seed): the sources come one
+    Both files' documents are written in a seeded random order (text.shuffle_seed): the sources come one
     after the other, and a live run reads its text once, front to back, shuffling only within a window. In
     source order the stream changed domain three times (stdlib, numpy, torch), and a feature of an earlier
     domain stopped firing: 24% of the reference CLT's features were dead at the end, against 1.6% early."""
@@ -232,7 +232,10 @@ def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int
         used[-1]["to_document"] = i
         if counts["train"][1] >= need_train and counts["heldout"][1] >= need_held:
             break
-    random.Random(seed).shuffle(lines["train"])
+    rng = random.Random(seed)
+    rng.shuffle(lines["train"])
+    # held-out text too: clt-eval reads its first max_tokens, which in source order held only the first sources
+    rng.shuffle(lines["heldout"])
     for k, p in files.items():
         with open(p, "w", encoding="utf-8") as f:
             f.writelines(lines[k])
@@ -243,6 +246,7 @@ def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int
                           "order": f"documents shuffled (seed {seed})",
                           "sha256": _sha256(folder / "train.jsonl")},
                 "heldout": {"documents": counts["heldout"][0], "tokens": counts["heldout"][1],
+                            "order": f"documents shuffled (seed {seed})",
                             "sha256": _sha256(folder / "heldout.jsonl")},
                 "quota": {"train": need_train, "heldout": need_held},
                 "enough": counts["train"][1] >= need_train and counts["heldout"][1] >= need_held}
@@ -841,8 +845,9 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
          f"- text: {corpus.get('train', {}).get('tokens', 0):,} training tokens and "
          f"{corpus.get('heldout', {}).get('tokens', 0):,} held-out tokens ("
          + ", ".join(f"{s['source']} {s['version']}" for s in corpus.get("sources", []))
-         + f"); held out: every {corpus.get('heldout_every')}th document, never in the training text; training "
-         f"documents {corpus.get('train', {}).get('order', 'in source order (built before the shuffle)')}",
+         + f"); held out: every {corpus.get('heldout_every')}th document, never in the training text; documents "
+         + ("in source order (built before the shuffle: clt-eval's first held-out tokens are the first sources')"
+            if "order" not in corpus.get("train", {}) else corpus["train"]["order"]),
          "",
          "## Held-out results",
          "",
