@@ -134,6 +134,18 @@ def test_reference_end_to_end(recipe, tmp_path, capsys):
         assert (cut / "report" / png).stat().st_size > 1000
         assert f"report/{png}" in report
     assert (cut / "report" / "sweep.md").is_file()
+    # dead features by when they last fired, read from each run's last checkpoint: the same features the
+    # trainer's last logged dead fraction counted
+    assert "### Dead features by when they died" in report and "report/dead_last_fired.png" in report
+    assert (cut / "report" / "dead_last_fired.png").stat().st_size > 1000
+    from cltrain.train.checkpoint import feature_last_fired, latest_checkpoint
+
+    for n in names(cut):
+        last, tokens = feature_last_fired(latest_checkpoint(cut / "runs" / n / "checkpoints"))
+        assert tokens == 256 and last.shape[1] == 8 and 0 <= last.min() and last.max() <= tokens
+        logged = [json.loads(x) for x in (cut / "runs" / n / "metrics.jsonl").read_text().splitlines()]
+        final = [r for r in logged if r.get("step") == 8 and "features/dead_fraction" in r][-1]
+        assert (last <= tokens - 64).double().mean().item() == pytest.approx(final["features/dead_fraction"])
     assert (cut / "report" / "metrics_clt-F8-ls5.json").is_file()
 
     # a rerun skips every stage whose result exists
@@ -144,6 +156,42 @@ def test_reference_end_to_end(recipe, tmp_path, capsys):
                  "clt already evaluated", "plt already evaluated", "CLT already exported"):
         assert what in printed, what
     assert stamp == {p: p.stat().st_mtime_ns for p in (cut / "runs").rglob("metrics.json")}
+
+
+def test_dead_features_are_read_by_when_they_last_fired_from_the_last_checkpoint(tmp_path):
+    """The report's 'dead features by when they died': a checkpoint's tokens_since_fire, over feature shards
+    of two ranks, gives the tokens at which each feature last fired; dead = not fired in dead_after_tokens."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cltrain.train.checkpoint import FORMAT, CheckpointError
+
+    tokens = 1000
+    since = torch.tensor([[0.0, 999.0, 300.0, 1000.0], [50.0, 700.0, 20.0, 400.0]], dtype=torch.float64)
+    step = tmp_path / "run" / "checkpoints" / "step-000010"
+    (step / "optim").mkdir(parents=True)
+    (step / "trainer.json").write_text(json.dumps({"format": FORMAT, "tokens": tokens, "step": 10}))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000010")
+    shards = []
+    for r, (a, b) in enumerate(((0, 2), (2, 4))):
+        save_file({"stats/tokens_since_fire": since[:, a:b].contiguous()}, str(step / "optim" / f"o{r}.safetensors"))
+        shards.append({"file": f"o{r}.safetensors", "features": [a, b]})
+    (step / "optim" / "index.json").write_text(json.dumps({"n_features": 4, "shards": shards}))
+    (tmp_path / "none" / "checkpoints").mkdir(parents=True)  # a run without a checkpoint is left out
+
+    dead = reference.dead_when([tmp_path / "run", tmp_path / "none"], dead_after_tokens=400)
+    assert list(dead) == ["run"]
+    v = dead["run"]
+    assert v["tokens"] == tokens and v["features"] == 8
+    # dead: since >= 400, i.e. last fired at 1, 0 (never), 300 and 600 tokens
+    assert sorted(v["last_fired"]) == [0.0, 1.0, 300.0, 600.0]
+    assert v["per_layer"] == [0.5, 0.5]
+    assert reference.plot_dead_when(dead, tmp_path).stat().st_size > 1000
+
+    (step / "optim" / "o1.safetensors").unlink()  # a broken checkpoint is named
+    with pytest.raises(CheckpointError, match="o1.safetensors"):
+        from cltrain.train.checkpoint import feature_last_fired
+        feature_last_fired(step)
 
 
 class _WordTokenizer:

@@ -127,6 +127,20 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
+def feature_last_fired(path: Path) -> tuple[torch.Tensor, int]:
+    """(last, tokens) of a checkpoint: last[l, f] = the training tokens seen when feature f of layer l last
+    fired (0: not since the run began), over all features of every rank's shards, and the tokens trained on.
+    For reading a finished run's dead features by when they died (train/reference.py's report)."""
+    state = read_trainer_state(path)
+    try:
+        index = json.loads((path / "optim" / "index.json").read_text())
+        since = FeatureShards(path / "optim", index, str(path / "optim" / "index.json")).read("stats/tokens_since_fire")
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot read the feature statistics ({e})") from None
+    tokens = int(state["tokens"])
+    return (tokens - since.double()).clamp_(min=0), tokens
+
+
 def fingerprint_diff(saved: dict, current: dict) -> list[str]:
     """The fingerprint keys that differ, the layout keys (which a resume may change) left out, and keys
     newer than the checkpoint (NEWER_KEYS, absent from what an older version saved) not compared."""

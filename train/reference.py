@@ -778,6 +778,56 @@ def plot_curves(series: dict[str, list[dict]], folder: Path) -> list[Path]:
     return paths
 
 
+def dead_when(run_dirs: list[Path], dead_after_tokens: int) -> dict[str, dict]:
+    """For each run, its dead features at its last checkpoint (not fired in dead_after_tokens) and the
+    training tokens at which each last fired: a run whose features die in a burst at one point of the
+    stream (a change of text, a threshold that jumps) shows it here, where the dead fraction's curve does not
+    say which features. Runs without a checkpoint are left out."""
+    from .checkpoint import CheckpointError, feature_last_fired, latest_checkpoint
+
+    out = {}
+    for d in run_dirs:
+        try:
+            path = latest_checkpoint(d / "checkpoints")
+            if path is None:
+                continue
+            last, tokens = feature_last_fired(path)
+        except CheckpointError as e:
+            print(f"report: {d.name}: dead features by when they died left out ({e})")
+            continue
+        dead = last <= tokens - dead_after_tokens
+        out[d.name] = {"tokens": tokens, "features": last.numel(), "last_fired": last[dead].tolist(),
+                       "per_layer": dead.double().mean(1).tolist()}
+    return out
+
+
+def plot_dead_when(dead: dict[str, dict], folder: Path) -> Path | None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not dead:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    top = max(v["tokens"] for v in dead.values())
+    bins = [top * i / 32 for i in range(33)]
+    for i, (name, v) in enumerate(dead.items()):
+        ax.hist(v["last_fired"], bins=bins, histtype="step", linestyle="-" if name.startswith("clt") else "--",
+                label=f"{name}: {len(v['last_fired']) / v['features']:.1%} dead")
+    ax.set_xlabel("training tokens when the feature last fired")
+    ax.set_ylabel("dead features at the end")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(folder / "dead_last_fired.png", buf.getvalue())
+    return folder / "dead_last_fired.png"
+
+
 def _f(v, fmt="{:.3f}") -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
@@ -805,6 +855,8 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
     lines_eq, better = verdict(rows)
     series = curves([m.parent for _, m, _ in roles])
     pngs = plot_curves(series, assets)
+    dead = dead_when([m.parent for _, m, _ in roles], settings.dead_after_tokens)
+    dead_png = plot_dead_when(dead, assets)
     clt, plt_ = metrics["clt"], metrics["plt"]
     corpus = _read_json(recipe.text_dir / "manifest.json", {})
     mach = rates["machine"]
@@ -920,6 +972,21 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
           "activations of text not yet seen, so each point is an estimate on unseen tokens (not the held-out text). "
           "Dead: not fired in the last dead_after_tokens training tokens.", ""]
     L += [f"![{p_.stem}]({rel(p_)})" for p_ in pngs]
+    if dead_png is not None:
+        L += ["", "### Dead features by when they died", "",
+              f"At the last checkpoint, each dead feature (not fired in the last {settings.dead_after_tokens:,} "
+              "training tokens) by the training tokens at which it last fired. Features that die together at one "
+              "point of the stream mark a change there (of text, of a threshold); a steady trickle is the "
+              "sparsity penalty's ramp.", ""]
+        for name, v in dead.items():
+            q = [sum(1 for t in v["last_fired"] if a * v["tokens"] / 4 < t <= (a + 1) * v["tokens"] / 4)
+                 for a in range(4)]
+            never = sum(1 for t in v["last_fired"] if t <= 0)
+            L.append(f"- {name}: {len(v['last_fired']):,} of {v['features']:,} dead; last fired in the 1st / 2nd / "
+                     f"3rd / 4th quarter of training: {q[0]:,} / {q[1]:,} / {q[2]:,} / {q[3]:,}"
+                     + (f" ({never:,} never fired)" if never else "") + "; per layer "
+                     + " ".join(f"{x:.0%}" for x in v["per_layer"]))
+        L += ["", f"![dead_last_fired]({rel(dead_png)})"]
     pages = (clt.get("feature_pages") or {})
     L += ["", "## Files", "",
           "- metrics: " + ", ".join(f"[{f.name}]({rel(f)})" for f in sorted(assets.glob('metrics_*.json'))),
