@@ -205,11 +205,15 @@ def test_training_documents_are_shuffled_across_sources_and_held_out_documents_s
     # its text once, front to back) met one domain, then the next; the reference CLT's features of the
     # earlier domains went dead. The training text must mix them from its first documents on.
     def fake_source(source):
-        return "1", (f"{source} document {k} " + "word " * 20 for k in range(40))
+        # one long document in the second source: it is cut into parts, scattered like the rest
+        return "1", (f"{source} document {k} " + ("word " * 20 if (source, k) != ("beta", 3) else
+                                                  "\n\n".join(f"paragraph {j} " + "long " * 30 for j in range(12)))
+                     for k in range(40))
 
     monkeypatch.setattr(reference, "source_documents", fake_source)
     raw = yaml.safe_load(recipe.read_text())
-    raw["text"].update(sources=["alpha", "beta", "gamma"], heldout_every=10, train_margin=1.0, heldout_tokens=250)
+    raw["text"].update(sources=["alpha", "beta", "gamma"], heldout_every=10, train_margin=1.0, heldout_tokens=250,
+                       part_chars=400)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
@@ -222,11 +226,19 @@ def test_training_documents_are_shuffled_across_sources_and_held_out_documents_s
         return manifest, docs, held
 
     manifest, docs, held = build(tmp_path / "a", 0)
-    assert manifest["enough"] and manifest["train"]["order"] == "documents shuffled (seed 0)"
+    assert manifest["enough"] and "shuffled (seed 0)" in manifest["train"]["order"]
     assert [s["source"] for s in manifest["sources"]] == ["alpha", "beta", "gamma"]
+    # the long document (document 43) in parts of at most 400 characters, not next to each other, which
+    # joined give it back
+    long = [d for d in docs if d["doc"] == 43]
+    assert len(long) == 6 and all(len(d["text"]) <= 400 for d in long) and manifest["train"]["parts"] == len(docs)
+    assert "\n\n".join(d["text"] for d in sorted(long, key=lambda d: d["part"])) == "beta document 3 " + \
+        "\n\n".join(f"paragraph {j} " + "long " * 30 for j in range(12))
+    at = sorted(docs.index(d) for d in long)
+    assert max(b - a for a, b in zip(at, at[1:])) > 1
     # the same documents as the source-order split (every 10th held out), in another order
     train_ids = [d["doc"] for d in docs]
-    assert sorted(train_ids) == [i for i in range(max(train_ids) + 1) if i % 10 != 9]
+    assert sorted(set(train_ids)) == [i for i in range(max(train_ids) + 1) if i % 10 != 9]
     assert train_ids != sorted(train_ids)
     assert max(train_ids) >= 80  # the quota reaches into the third source
     assert all(d["doc"] % 10 == 9 for d in held) and not {d["doc"] for d in docs} & {d["doc"] for d in held}
@@ -240,6 +252,16 @@ def test_training_documents_are_shuffled_across_sources_and_held_out_documents_s
     assert build(tmp_path / "b", 0)[1] == docs
     other = build(tmp_path / "c", 1)[1]
     assert other != docs and sorted(d["doc"] for d in other) == sorted(train_ids)
+
+
+def test_split_text_cuts_at_blank_lines_within_the_limit():
+    text = "\n\n".join(["a" * 50, "b" * 30, "c" * 10, "d " * 60, "e" * 130])
+    parts = reference.split_text(text, 100)
+    assert all(len(p) <= 100 for p in parts)
+    assert parts[0] == "a" * 50 + "\n\n" + "b" * 30 + "\n\n" + "c" * 10  # whole paragraphs while they fit
+    assert parts[1].startswith("d d") and parts[-1] == "e" * 30 and len(parts) == 5  # cut at a space, else at the limit
+    assert "".join(parts).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
+    assert reference.split_text("short", 100) == ["short"]
 
 
 def test_plan_stops_training_before_the_sitting_ends(recipe, tmp_path):

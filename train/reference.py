@@ -196,14 +196,40 @@ def source_documents(source: str):
     return version, (t for t in map(_docstring_text, files) if t)
 
 
+def split_text(text: str, limit: int) -> list[str]:
+    """`text` in consecutive parts of at most `limit` characters, cut at blank lines where it can (a
+    paragraph longer than the limit is cut at a space, else at the limit). The parts joined by blank lines
+    give back the text's words in order."""
+    parts, cur = [], ""
+    for para in text.split("\n\n"):
+        while len(para) > limit:
+            cut = para.rfind(" ", 0, limit + 1)
+            cut = cut if cut > 0 else limit
+            if cur:
+                parts.append(cur)
+                cur = ""
+            parts.append(para[:cut])
+            para = para[cut:].lstrip(" ")
+        if cur and len(cur) + 2 + len(para) > limit:
+            parts.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{para}" if cur else para
+    if cur:
+        parts.append(cur)
+    return parts or [text]
+
+
 def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int = 0) -> dict:
     """Write {out}/text/train.jsonl and heldout.jsonl (documents split by index: i % heldout_every ==
     heldout_every - 1 is held out) until both quotas are met, then manifest.json. Returns the manifest.
 
-    Both files' documents are written in a seeded random order (text.shuffle_seed): the sources come one
-    after the other, and a live run reads its text once, front to back, shuffling only within a window. In
-    source order the stream changed domain three times (stdlib, numpy, torch), and a feature of an earlier
-    domain stopped firing: 24% of the reference CLT's features were dead at the end, against 1.6% early."""
+    The training documents are cut into parts of at most text.part_chars characters (at blank lines where
+    it can) and the parts written in a seeded random order (text.shuffle_seed); the held-out documents,
+    whole, in a seeded order too (clt-eval reads the first max_tokens). Why: a live run reads its text once,
+    front to back, shuffling only within a window of data.shuffle_buffer tokens, so the text's order is the
+    stream's. The first reference run read its sources one after the other and each module's docstrings
+    whole: 1,874 of its CLT's features last fired within one 35K-token module (34 steps of numpy's
+    function_base docstrings) and never again, not even on held-out text of the same sources."""
     t = recipe.text
     every = int(t["heldout_every"])
     # the scale estimate reads the first scale_tokens too: a tiny run's text must hold them without wrapping
@@ -212,6 +238,7 @@ def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int
     folder = recipe.text_dir
     folder.mkdir(parents=True, exist_ok=True)
     seed = int(t.get("shuffle_seed", 0))
+    part_chars = int(t.get("part_chars", 0)) or None
     files = {"train": folder / "train.jsonl.tmp", "heldout": folder / "heldout.jsonl.tmp"}
     lines = {"train": [], "heldout": []}
     counts = {"train": [0, 0], "heldout": [0, 0]}  # documents, tokens (BOS included, as contexts count them)
@@ -222,10 +249,13 @@ def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int
         for text in docs:
             split = "heldout" if i % every == every - 1 else "train"
             if counts[split][1] < (need_held if split == "heldout" else need_train):
-                n = len(tokenizer.encode(text, add_special_tokens=False, verbose=False)) + 1
-                lines[split].append(json.dumps({"text": text, "doc": i, "source": source}) + "\n")
+                parts = [text] if split == "heldout" or part_chars is None else split_text(text, part_chars)
+                for k, part in enumerate(parts):
+                    n = len(tokenizer.encode(part, add_special_tokens=False, verbose=False)) + 1
+                    lines[split].append(json.dumps({"text": part, "doc": i, "source": source}
+                                                   | ({"part": k} if len(parts) > 1 else {})) + "\n")
+                    counts[split][1] += n
                 counts[split][0] += 1
-                counts[split][1] += n
             i += 1
             if counts["train"][1] >= need_train and counts["heldout"][1] >= need_held:
                 break
@@ -234,7 +264,6 @@ def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int
             break
     rng = random.Random(seed)
     rng.shuffle(lines["train"])
-    # held-out text too: clt-eval reads its first max_tokens, which in source order held only the first sources
     rng.shuffle(lines["heldout"])
     for k, p in files.items():
         with open(p, "w", encoding="utf-8") as f:
@@ -242,8 +271,9 @@ def build_corpus(recipe: Recipe, train_tokens: int, tokenizer, scale_tokens: int
     for k, p in files.items():
         os.replace(p, folder / f"{k}.jsonl")
     manifest = {"sources": used, "heldout_every": every, "documents_seen": i,
-                "train": {"documents": counts["train"][0], "tokens": counts["train"][1],
-                          "order": f"documents shuffled (seed {seed})",
+                "train": {"documents": counts["train"][0], "tokens": counts["train"][1], "parts": len(lines["train"]),
+                          "order": (f"documents cut into parts of at most {part_chars:,} characters, " if part_chars
+                                    else "documents ") + f"shuffled (seed {seed})",
                           "sha256": _sha256(folder / "train.jsonl")},
                 "heldout": {"documents": counts["heldout"][0], "tokens": counts["heldout"][1],
                             "order": f"documents shuffled (seed {seed})",
