@@ -354,3 +354,18 @@ def test_sitting_deadline_signals_only_under_the_trainers_handler(monkeypatch):
         assert quiet.signum is None and not late.fired  # cancelled before its time: no signal
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_make_reference_reports_bad_input_in_one_line(tmp_path):
+    """`python -m cltrain.train.reference` (make reference) runs under the console commands' exit handling:
+    a recipe missing a key (here; as for a checkpoint of another config) is one line naming it, exit 2."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: tiny-llama\n")
+    r = subprocess.run([sys.executable, "-m", "cltrain.train.reference", "--recipe", str(bad), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"make reference: error: {bad}: recipe key 'text' is missing"

@@ -33,7 +33,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import sysconfig
 import threading
 import time
@@ -46,7 +45,7 @@ from cltrain.files import atomic_write_bytes
 from cltrain.machine import cpu_model
 
 from .config import CONFIG_DIR, compose
-from .lifecycle import Preempted
+from .lifecycle import Preempted, run_command
 
 RECIPE = CONFIG_DIR / "reference.yaml"
 STAGES = ("text", "train", "heldout", "eval", "export", "report")
@@ -311,7 +310,7 @@ def _print_corpus(m: dict):
           + ", ".join(f"{s['source']} {s['version']}" for s in m["sources"])
           + f"; training text {m['train']['tokens']:,} tokens in {m['train']['documents']} documents, held-out text "
           f"{m['heldout']['tokens']:,} tokens in {m['heldout']['documents']} documents (every "
-          f"{m['heldout_every']}th document); training documents {m['train'].get('order', 'in source order')}")
+          f"{m['heldout_every']}th document); training text: {m['train'].get('order', 'documents in source order')}")
     if not m["enough"]:
         print(f"WARNING: the sources ran out before the quotas ({m['quota']}): the live stream will wrap around "
               f"the training text (add a source to text.sources)")
@@ -927,9 +926,9 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
          f"- text: {corpus.get('train', {}).get('tokens', 0):,} training tokens and "
          f"{corpus.get('heldout', {}).get('tokens', 0):,} held-out tokens ("
          + ", ".join(f"{s['source']} {s['version']}" for s in corpus.get("sources", []))
-         + f"); held out: every {corpus.get('heldout_every')}th document, never in the training text; documents "
-         + ("in source order (built before the shuffle: clt-eval's first held-out tokens are the first sources')"
-            if "order" not in corpus.get("train", {}) else corpus["train"]["order"]),
+         + f"); held out: every {corpus.get('heldout_every')}th document, never in the training text; training text: "
+         + corpus.get("train", {}).get("order", "documents in source order, modules whole (built before the shuffle; "
+                                      "clt-eval read the held-out text's first tokens, so its first sources)"),
          "",
          "## Held-out results",
          "",
@@ -1098,5 +1097,19 @@ def main(argv=None):
     return 0
 
 
+def cli():
+    """`make reference`: main() under the console commands' exit handling (lifecycle.run_command): bad input
+    (a recipe, a checkpoint of another config, a dataset) is one line and exit 2, not a traceback."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+
+    def job():
+        code = main()
+        if code:
+            raise SystemExit(code)
+
+    run_command(job, "make reference", bad_input=(ConfigError, DatasetError, CheckpointError))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
