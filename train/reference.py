@@ -777,8 +777,6 @@ def curves(run_dirs: list[Path]) -> dict[str, list[dict]]:
 
 
 def plot_curves(series: dict[str, list[dict]], folder: Path) -> list[Path]:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -800,12 +798,20 @@ def plot_curves(series: dict[str, list[dict]], folder: Path) -> list[Path]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(folder / fname, buf.getvalue())
-        paths.append(folder / fname)
+        paths.append(_save_png(fig, folder / fname))
     return paths
+
+
+def _save_png(fig, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def dead_when(run_dirs: list[Path], dead_after_tokens: int) -> dict[str, dict]:
@@ -832,8 +838,6 @@ def dead_when(run_dirs: list[Path], dead_after_tokens: int) -> dict[str, dict]:
 
 
 def plot_dead_when(dead: dict[str, dict], folder: Path) -> Path | None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -851,11 +855,7 @@ def plot_dead_when(dead: dict[str, dict], folder: Path) -> Path | None:
     ax.set_ylabel("dead features at the end")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(folder / "dead_last_fired.png", buf.getvalue())
-    return folder / "dead_last_fired.png"
+    return _save_png(fig, folder / "dead_last_fired.png")
 
 
 def _f(v, fmt="{:.3f}") -> str:
