@@ -848,7 +848,7 @@ def plot_dead_when(dead: dict[str, dict], folder: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     top = max(v["tokens"] for v in dead.values())
     bins = [top * i / 32 for i in range(33)]
-    for i, (name, v) in enumerate(dead.items()):
+    for name, v in dead.items():
         ax.hist(v["last_fired"], bins=bins, histtype="step", linestyle="-" if name.startswith("clt") else "--",
                 label=f"{name}: {len(v['last_fired']) / v['features']:.1%} dead")
     ax.set_xlabel("training tokens when the feature last fired")
