@@ -914,7 +914,7 @@ def write_report(recipe: Recipe, settings, report: Path, rates: dict, p: dict, s
          "## Machine and run",
          "",
          f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB; Python {mach['python']}, torch "
-         f"{mach['torch']}, transformers {mach['transformers']}; cltrain {mach.get('commit')}",
+         f"{mach['torch']}, transformers {mach['transformers']}; cltrain {mach.get('commit')} (at the run's start)",
          f"- base model {recipe.base_model}, layers {clt['layers'][0]}..{clt['layers'][-1]} ({len(clt['layers'])}); "
          f"F = {settings.model.n_features:,} per layer ({settings.model.n_features * len(clt['layers']):,} features); "
          f"{len(rows)} dictionaries trained on one live pass of {tokens:,} tokens each "
